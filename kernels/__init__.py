@@ -1,0 +1,9 @@
+"""Low-level kernels of lqframe.
+
+Every kernel has a plain-torch reference here; Triton versions (added later) must match the
+reference exactly and read the same packed layout (see docs/formats.md).
+"""
+
+from lqframe.kernels.packing import pack_bits, packed_nbytes, unpack_bits
+
+__all__ = ["pack_bits", "unpack_bits", "packed_nbytes"]

@@ -1,0 +1,472 @@
+"""Core value types: packed quantized weights, low-rank terms, decompositions, statistics,
+cost tables and allocation choices.
+
+Everything a quantizer produces is a :class:`QuantizedWeight`: codes packed in their real bit
+width (``lqframe.kernels.packing`` layout), one scale per block of ``block_size`` consecutive
+elements along the last axis (blocks never span two rows), and either a codebook (NormalFloat and
+other lookup formats) or an integer grid with a zero point. Scales may themselves be a
+``QuantizedWeight`` (double quantisation). One decoding rule covers every format::
+
+    value = lut(q) * scale[block] + offset
+    lut(q) = codebook[q]            (codebook formats)
+           = q - zero[block]        (integer formats; zero a constant or packed per block)
+
+so kernels and checkpoints need to know nothing about the method that produced the codes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+
+from lqframe.errors import MissingStatisticError
+from lqframe.kernels.packing import pack_bits, packed_nbytes, unpack_bits
+
+__all__ = [
+    "QuantizedWeight",
+    "LowRank",
+    "Decomposition",
+    "LayerStats",
+    "StatsAccumulator",
+    "CostTable",
+    "Choice",
+    "STAT_NAMES",
+    "average_bits",
+]
+
+
+def _shape(value: Iterable[int]) -> tuple[int, ...]:
+    return tuple(int(v) for v in value)
+
+
+def _tensor_bits(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size() * 8
+
+
+@attrs.frozen(eq=False)
+class QuantizedWeight:
+    """A tensor stored as packed low-bit codes with blockwise scales (see module doc)."""
+
+    codes: torch.Tensor = attrs.field()
+    bits: int = attrs.field(converter=int)
+    shape: tuple[int, ...] = attrs.field(converter=_shape)
+    block_size: int = attrs.field(converter=int)
+    scale: torch.Tensor | QuantizedWeight = attrs.field()
+    zero: int | torch.Tensor | None = attrs.field(default=None)
+    codebook: torch.Tensor | None = attrs.field(default=None)
+    offset: torch.Tensor | None = attrs.field(default=None)
+    format: str = attrs.field(default="")
+    meta: Mapping[str, Any] = attrs.field(factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        if not 1 <= self.bits <= 8:
+            raise ValueError(f"bits must be 1..8, got {self.bits}")
+        if self.codes.dtype != torch.uint8 or self.codes.dim() != 1:
+            raise ValueError("codes must be a flat uint8 tensor of packed codes")
+        if len(self.shape) < 1 or min(self.shape) < 0:
+            raise ValueError(f"bad logical shape {self.shape}")
+        if self.codes.numel() != packed_nbytes(self.numel, self.bits):
+            raise ValueError(
+                f"{self.numel} codes of {self.bits} bits need {packed_nbytes(self.numel, self.bits)} "
+                f"bytes, got {self.codes.numel()}"
+            )
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        scale_numel = self.scale.numel if isinstance(self.scale, QuantizedWeight) else self.scale.numel()
+        if scale_numel != self.nblocks_total:
+            raise ValueError(f"expected {self.nblocks_total} scales, got {scale_numel}")
+        if self.codebook is not None and self.codebook.numel() != (1 << self.bits):
+            raise ValueError(f"codebook must have {1 << self.bits} entries, got {self.codebook.numel()}")
+        if self.codebook is not None and self.zero is not None:
+            raise ValueError("a codebook format has no zero point")
+        if isinstance(self.zero, torch.Tensor):
+            if self.zero.dtype != torch.uint8 or self.zero.numel() != packed_nbytes(
+                self.nblocks_total, self.bits
+            ):
+                raise ValueError("zero points must be packed uint8, one per block")
+
+    # ----------------------------------------------------------------- geometry
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def rows(self) -> int:
+        return math.prod(self.shape[:-1])
+
+    @property
+    def cols(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def blocks_per_row(self) -> int:
+        return -(-self.cols // self.block_size) if self.cols else 0
+
+    @property
+    def nblocks_total(self) -> int:
+        return self.rows * self.blocks_per_row
+
+    # ----------------------------------------------------------------- decoding
+    def unpacked_codes(self) -> torch.Tensor:
+        """Codes as int64 in the logical shape."""
+        return unpack_bits(self.codes, self.bits, self.numel).reshape(self.shape)
+
+    def block_scales(self) -> torch.Tensor:
+        """Decoded scales, float32, shape ``(rows, blocks_per_row)``."""
+        s = self.scale.dequantize() if isinstance(self.scale, QuantizedWeight) else self.scale
+        return s.to(torch.float32).reshape(self.rows, self.blocks_per_row)
+
+    def block_zeros(self) -> torch.Tensor | None:
+        """Zero points as float32, shape ``(rows, blocks_per_row)``, or None for codebook formats."""
+        if self.codebook is not None:
+            return None
+        if isinstance(self.zero, torch.Tensor):
+            z = unpack_bits(self.zero, self.bits, self.nblocks_total).to(torch.float32)
+            return z.reshape(self.rows, self.blocks_per_row)
+        z = float(self.zero or 0)
+        return torch.full((self.rows, self.blocks_per_row), z, dtype=torch.float32)
+
+    def _expand(self, per_block: torch.Tensor) -> torch.Tensor:
+        full = per_block.repeat_interleave(self.block_size, dim=1)[:, : self.cols]
+        return full.reshape(self.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense tensor these codes represent."""
+        q = self.unpacked_codes()
+        scale = self._expand(self.block_scales())
+        if self.codebook is not None:
+            values = self.codebook.to(torch.float32)[q] * scale
+        else:
+            values = (q.to(torch.float32) - self._expand(self.block_zeros())) * scale
+        if self.offset is not None:
+            values = values + self.offset.to(torch.float32)
+        return values.to(dtype)
+
+    def error_bound(self, reference: torch.Tensor) -> torch.Tensor:
+        """Largest error nearest-value rounding of ``reference`` onto this grid can make, per element.
+
+        Per block the representable values are ``lut * scale + offset``; an element inside their
+        range is at most half the widest gap away from one, an element outside is clipped to the
+        nearest end.
+        """
+        scale = self.block_scales()
+        if self.codebook is not None:
+            lut = torch.sort(self.codebook.to(torch.float32)).values
+            lo_l, hi_l = lut[0], lut[-1]
+            gap = (lut[1:] - lut[:-1]).max() if lut.numel() > 1 else torch.tensor(0.0)
+            lo = torch.minimum(lo_l * scale, hi_l * scale)
+            hi = torch.maximum(lo_l * scale, hi_l * scale)
+            half = gap * scale.abs() / 2
+        else:
+            z = self.block_zeros()
+            top = float((1 << self.bits) - 1)
+            a, b = (0.0 - z) * scale, (top - z) * scale
+            lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+            half = scale.abs() / 2
+        lo, hi, half = self._expand(lo), self._expand(hi), self._expand(half)
+        if self.offset is not None:
+            lo, hi = lo + self.offset.float(), hi + self.offset.float()
+        x = reference.to(torch.float32).reshape(self.shape)
+        return half + torch.relu(lo - x) + torch.relu(x - hi)
+
+    # ----------------------------------------------------------------- storage
+    def storage_bits(self) -> int:
+        """Exact number of bits this weight occupies on disk: packed codes, scales (recursively),
+        zero points and offsets. A codebook is a format constant shared by every matrix of the
+        format and is not counted per matrix."""
+        bits = self.codes.numel() * 8
+        bits += self.scale.storage_bits() if isinstance(self.scale, QuantizedWeight) else _tensor_bits(
+            self.scale
+        )
+        if isinstance(self.zero, torch.Tensor):
+            bits += self.zero.numel() * 8
+        if self.offset is not None:
+            bits += _tensor_bits(self.offset)
+        return bits
+
+    def bits_per_param(self) -> float:
+        return self.storage_bits() / max(self.numel, 1)
+
+    # ----------------------------------------------------------------- (de)serialisation
+    def to_state(self, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Flatten into named tensors (as stored, no conversion) and a JSON-able header."""
+        tensors: dict[str, torch.Tensor] = {prefix + "codes": self.codes}
+        header: dict[str, Any] = {
+            "bits": self.bits,
+            "shape": list(self.shape),
+            "block_size": self.block_size,
+            "format": self.format,
+            "meta": dict(self.meta),
+        }
+        if isinstance(self.scale, QuantizedWeight):
+            sub_t, sub_h = self.scale.to_state(prefix + "scale.")
+            tensors.update(sub_t)
+            header["scale"] = sub_h
+        else:
+            tensors[prefix + "scale"] = self.scale
+        if isinstance(self.zero, torch.Tensor):
+            tensors[prefix + "zero"] = self.zero
+        else:
+            header["zero"] = self.zero
+        if self.codebook is not None:
+            tensors[prefix + "codebook"] = self.codebook
+        if self.offset is not None:
+            tensors[prefix + "offset"] = self.offset
+        return tensors, header
+
+    @classmethod
+    def from_state(
+        cls, tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any], prefix: str = ""
+    ) -> QuantizedWeight:
+        if "scale" in header:
+            scale: torch.Tensor | QuantizedWeight = cls.from_state(tensors, header["scale"], prefix + "scale.")
+        else:
+            scale = tensors[prefix + "scale"]
+        zero = tensors.get(prefix + "zero", header.get("zero"))
+        return cls(
+            codes=tensors[prefix + "codes"],
+            bits=header["bits"],
+            shape=header["shape"],
+            block_size=header["block_size"],
+            scale=scale,
+            zero=zero,
+            codebook=tensors.get(prefix + "codebook"),
+            offset=tensors.get(prefix + "offset"),
+            format=header.get("format", ""),
+            meta=header.get("meta", {}),
+        )
+
+    # ----------------------------------------------------------------- construction helper
+    @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        bits: int,
+        block_size: int,
+        scale: torch.Tensor | QuantizedWeight,
+        **kwargs: Any,
+    ) -> QuantizedWeight:
+        """Build from unpacked integer codes of the logical shape (packs them)."""
+        zero = kwargs.pop("zero", None)
+        if isinstance(zero, torch.Tensor):
+            zero = pack_bits(zero.reshape(-1), bits)
+        return cls(
+            codes=pack_bits(codes, bits),
+            bits=bits,
+            shape=tuple(codes.shape),
+            block_size=block_size,
+            scale=scale,
+            zero=zero,
+            **kwargs,
+        )
+
+
+@attrs.frozen(eq=False)
+class LowRank:
+    """The low-rank term ``L·R`` with ``left`` (n×r) and ``right`` (r×m)."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    def __attrs_post_init__(self) -> None:
+        if self.left.dim() != 2 or self.right.dim() != 2 or self.left.shape[1] != self.right.shape[0]:
+            raise ValueError(
+                f"low-rank factors do not chain: left {tuple(self.left.shape)}, right {tuple(self.right.shape)}"
+            )
+
+    @property
+    def rank(self) -> int:
+        return self.left.shape[1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.left.shape[0], self.right.shape[1])
+
+    def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.left.to(torch.float32) @ self.right.to(torch.float32)).to(dtype)
+
+    def storage_bits(self) -> int:
+        return _tensor_bits(self.left) + _tensor_bits(self.right)
+
+
+@attrs.frozen(eq=False)
+class Decomposition:
+    """``W ≈ Q + L·R``: the packed part and an optional low-rank part, plus solver diagnostics."""
+
+    qweight: QuantizedWeight
+    lowrank: LowRank | None = None
+    info: Mapping[str, Any] = attrs.field(factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        if self.lowrank is not None and tuple(self.lowrank.shape) != tuple(self.qweight.shape):
+            raise ValueError(f"low-rank shape {self.lowrank.shape} != quantized shape {self.qweight.shape}")
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.lowrank is None else self.lowrank.rank
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        w = self.qweight.dequantize(torch.float32)
+        if self.lowrank is not None:
+            w = w + self.lowrank.to_dense()
+        return w.to(dtype)
+
+    def storage_bits(self, include_lowrank: bool = True) -> int:
+        bits = self.qweight.storage_bits()
+        if include_lowrank and self.lowrank is not None:
+            bits += self.lowrank.storage_bits()
+        return bits
+
+
+# --------------------------------------------------------------------------- statistics
+
+#: Statistics a plugin may declare in ``needs``:
+#: ``rxx`` Σ xxᵀ (m×m, float64) — QERA-exact, and GPTQ's Hessian ``2·rxx/n``;
+#: ``sq_sum`` Σ x² per input channel (float64) — QERA-approx;
+#: ``abs_mean_max`` running max over batches of the per-batch mean |x| per channel — LQER;
+#: ``abs_sum`` Σ |x| per channel (float64);
+#: ``fisher`` Σ grad² of the weight (n×m, float64) — data-aware LQ-LoRA.
+STAT_NAMES = frozenset({"rxx", "sq_sum", "abs_sum", "abs_mean_max", "fisher"})
+
+
+@attrs.frozen(eq=False)
+class LayerStats:
+    """Calibration statistics of one linear layer's input (and optionally its weight gradient)."""
+
+    n_tokens: int = 0
+    rxx: torch.Tensor | None = None
+    sq_sum: torch.Tensor | None = None
+    abs_sum: torch.Tensor | None = None
+    abs_mean_max: torch.Tensor | None = None
+    fisher: torch.Tensor | None = None
+
+    def available(self) -> frozenset[str]:
+        return frozenset(n for n in STAT_NAMES if getattr(self, n) is not None)
+
+    def require(self, needs: Iterable[str], who: str) -> None:
+        missing = sorted(set(needs) - self.available())
+        if missing:
+            raise MissingStatisticError(
+                f"{who} needs calibration statistics {missing}, which were not captured "
+                f"(available: {sorted(self.available()) or 'none'})"
+            )
+
+    def hessian(self) -> torch.Tensor:
+        """GPTQ's ``H = 2/N Σ xxᵀ`` (float64)."""
+        self.require({"rxx"}, "hessian()")
+        return self.rxx * (2.0 / max(self.n_tokens, 1))
+
+    def second_moment(self) -> torch.Tensor:
+        """``E[xxᵀ]`` (float64)."""
+        self.require({"rxx"}, "second_moment()")
+        return self.rxx / max(self.n_tokens, 1)
+
+    def rms(self) -> torch.Tensor:
+        """Per-channel ``sqrt(E[x²])`` (float64), from ``sq_sum`` or the diagonal of ``rxx``."""
+        if self.sq_sum is not None:
+            total = self.sq_sum
+        elif self.rxx is not None:
+            total = torch.diagonal(self.rxx)
+        else:
+            self.require({"sq_sum"}, "rms()")
+        return (total / max(self.n_tokens, 1)).sqrt()
+
+
+class StatsAccumulator:
+    """Accumulates exactly the statistics in ``needs`` from batches of activations, in float64."""
+
+    def __init__(self, in_features: int, needs: Iterable[str]):
+        needs = frozenset(needs)
+        unknown = needs - STAT_NAMES
+        if unknown:
+            raise MissingStatisticError(f"unknown statistics {sorted(unknown)}; known: {sorted(STAT_NAMES)}")
+        self.in_features = in_features
+        self.needs = needs - {"fisher"}  # gradients are not activations
+        self.n_tokens = 0
+        self._acc: dict[str, torch.Tensor] = {}
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self.in_features)
+        if x.shape[0] == 0:
+            return
+        x64 = x.detach().to(torch.float64)
+        self.n_tokens += x64.shape[0]
+        for name in self.needs:
+            if name == "rxx":
+                value = x64.T @ x64
+            elif name == "sq_sum":
+                value = (x64 * x64).sum(0)
+            elif name == "abs_sum":
+                value = x64.abs().sum(0)
+            else:  # abs_mean_max
+                value = x64.abs().mean(0)
+                if name in self._acc:
+                    self._acc[name] = torch.maximum(self._acc[name], value)
+                    continue
+            self._acc[name] = self._acc[name] + value if name in self._acc else value
+
+    def finalize(self) -> LayerStats:
+        return LayerStats(n_tokens=self.n_tokens, **self._acc)
+
+
+# --------------------------------------------------------------------------- allocation
+
+
+@attrs.frozen(eq=False)
+class CostTable:
+    """Candidate configurations per matrix: ``cost[i, c]`` the error of matrix ``i`` under config
+    ``c`` (any non-negative scale; ``inf`` marks an impossible pair) and ``bits[i, c]`` its exact
+    storage in bits. ``numel[i]`` counts the matrix's parameters."""
+
+    layers: tuple[str, ...] = attrs.field(converter=tuple)
+    configs: tuple[Mapping[str, Any], ...] = attrs.field(converter=tuple)
+    cost: np.ndarray = attrs.field(converter=lambda a: np.asarray(a, dtype=np.float64))
+    bits: np.ndarray = attrs.field(converter=lambda a: np.asarray(a, dtype=np.float64))
+    numel: np.ndarray = attrs.field(converter=lambda a: np.asarray(a, dtype=np.int64))
+
+    def __attrs_post_init__(self) -> None:
+        shape = (len(self.layers), len(self.configs))
+        for name in ("cost", "bits"):
+            if getattr(self, name).shape != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {getattr(self, name).shape}")
+        if self.numel.shape != (len(self.layers),):
+            raise ValueError(f"numel must have shape ({len(self.layers)},), got {self.numel.shape}")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError("layer names in a cost table must be unique")
+        if np.isnan(self.cost).any() or (self.cost < 0).any():
+            raise ValueError("costs must be non-negative numbers (inf marks an impossible choice)")
+
+    @property
+    def total_params(self) -> int:
+        return int(self.numel.sum())
+
+    def choice(self, layer_index: int, config_index: int) -> Choice:
+        return Choice(
+            layer=self.layers[layer_index],
+            index=config_index,
+            config=self.configs[config_index],
+            bits=float(self.bits[layer_index, config_index]),
+            cost=float(self.cost[layer_index, config_index]),
+        )
+
+
+@attrs.frozen
+class Choice:
+    """The configuration an allocator picked for one matrix."""
+
+    layer: str
+    index: int
+    config: Mapping[str, Any]
+    bits: float
+    cost: float
+
+
+def average_bits(choices: Mapping[str, Choice] | Sequence[Choice], table: CostTable) -> float:
+    """Storage bits per parameter of an allocation over the table's matrices."""
+    values = choices.values() if isinstance(choices, Mapping) else choices
+    return sum(c.bits for c in values) / max(table.total_params, 1)

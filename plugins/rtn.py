@@ -1,0 +1,95 @@
+"""Round-to-nearest uniform integer quantization, per group of ``group_size`` input columns.
+
+* asymmetric (default, GPTQ's convention): ``scale = (max − min)/(2^b − 1)`` with ``min ≤ 0 ≤ max``,
+  zero point ``round(−min/scale)`` stored as a packed b-bit integer per group;
+* symmetric: ``scale = 2·absmax/(2^b − 1)``, zero point the constant ``2^{b−1}`` (not stored).
+
+``value = (q − zero) · scale``. Storage per parameter: ``b + (s + b)/G`` asymmetric,
+``b + s/G`` symmetric, with ``s`` the bits of ``scale_dtype`` (float16: W4 g64 asym = 4.3125).
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+from attrs import validators as v
+
+from lqframe import QuantizedWeight, Quantizer, hookimpl
+from lqframe.numerics import check_weight
+from lqframe.quantization import SCALE_DTYPES, blockify, scale_dtype, store_scales, unblockify
+
+
+@attrs.frozen
+class RoundToNearest(Quantizer):
+    """Uniform int-k quantizer (``rtn``). ``group_size: -1`` means one group per row."""
+
+    bits: int = attrs.field(default=4, validator=v.and_(v.instance_of(int), v.ge(1), v.le(8)))
+    group_size: int = attrs.field(default=64, validator=v.instance_of(int))
+    symmetric: bool = attrs.field(default=False, validator=v.instance_of(bool))
+    scale_dtype: str = attrs.field(default="float16", validator=v.in_(tuple(SCALE_DTYPES)))
+
+    def __attrs_post_init__(self) -> None:
+        if self.group_size < 1 and self.group_size != -1:
+            raise ValueError(f"group_size must be >= 1, or -1 for one group per row; got {self.group_size}")
+
+    @classmethod
+    def test_configs(cls):
+        return [
+            {"bits": 4, "group_size": 64},
+            {"bits": 3, "group_size": 16, "symmetric": True},
+            {"bits": 2, "group_size": 32, "scale_dtype": "bfloat16"},
+            {"bits": 8, "group_size": -1, "scale_dtype": "float32"},
+        ]
+
+    def _group(self, cols: int) -> int:
+        return max(cols, 1) if self.group_size == -1 else self.group_size
+
+    def _encode(self, weight: torch.Tensor):
+        w = check_weight(weight, f"rtn int{self.bits} quantizer")
+        group = self._group(w.shape[1])
+        blocks = blockify(w, group)
+        maxq = (1 << self.bits) - 1
+        if blocks.numel():
+            hi = blocks.amax(dim=2).clamp_min(0)
+            lo = blocks.amin(dim=2).clamp_max(0)
+        else:
+            hi = lo = blocks.new_zeros(blocks.shape[:2])
+        if self.symmetric:
+            raw = 2 * torch.maximum(hi, -lo) / maxq
+        else:
+            raw = (hi - lo) / maxq
+        stored = store_scales(raw, scale_dtype(self.scale_dtype), "group scale")
+        scale = stored.to(torch.float32)
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        if self.symmetric:
+            zero = torch.full_like(scale, float(1 << (self.bits - 1)))
+        else:
+            zero = torch.clamp(torch.round(-lo / safe), 0, maxq)
+        codes = torch.clamp(torch.round(blocks / safe[..., None]) + zero[..., None], 0, maxq)
+        return w, group, unblockify(codes, w.shape[1]).to(torch.int64), stored, zero
+
+    def quantize(self, weight, stats=None) -> QuantizedWeight:
+        _, group, codes, stored, zero = self._encode(weight)
+        return QuantizedWeight.from_codes(
+            codes, self.bits, group, stored,
+            zero=(1 << (self.bits - 1)) if self.symmetric else zero.to(torch.int64),
+            format=f"int{self.bits}-{'sym' if self.symmetric else 'asym'}",
+        )
+
+    def roundtrip(self, weight, stats=None) -> torch.Tensor:
+        w, group, codes, stored, zero = self._encode(weight)
+        expand = lambda t: t.repeat_interleave(group, dim=1)[:, : w.shape[1]]  # noqa: E731
+        return (codes.to(torch.float32) - expand(zero)) * expand(stored.to(torch.float32))
+
+    def storage_bits(self, shape) -> int:
+        n, m = shape
+        groups = n * (-(-m // self._group(m)) if m else 0)
+        bits = -(-n * m * self.bits // 8) * 8 + groups * torch.finfo(SCALE_DTYPES[self.scale_dtype]).bits
+        if not self.symmetric:
+            bits += -(-groups * self.bits // 8) * 8
+        return bits
+
+
+@hookimpl
+def lqframe_register(registry):
+    registry.add_quantizer("rtn", RoundToNearest)
