@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import attrs
 import torch
 
-from lqframe.types import CostTable, Choice, Decomposition, LayerStats, QuantizedWeight
+from lqframe.types import Choice, CostTable, Decomposition, LayerStats, QuantizedWeight
 
 __all__ = ["Component", "Quantizer", "ErrorReconstructor", "BudgetAllocator", "LossObjective"]
 

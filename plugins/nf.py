@@ -26,16 +26,32 @@ import attrs
 import torch
 from attrs import validators as v
 
-from lqframe import Quantizer, QuantizedWeight, hookimpl
+from lqframe import QuantizedWeight, Quantizer, hookimpl
 from lqframe.numerics import check_weight
 from lqframe.quantization import SCALE_DTYPES, codebook_quantize, scale_dtype, store_scales
 
 NF_OFFSET = 0.9677083
 
+# bitsandbytes' NF4 values as published (float32). The formula below reproduces them to one ulp;
+# using the published constants keeps NF4 codes bit-compatible with bitsandbytes checkpoints.
+NF4_VALUES = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+
 
 @functools.cache
 def normal_float_codebook(bits: int) -> torch.Tensor:
     """The 2^bits NormalFloat values in increasing order, from -1 to 1 (float32)."""
+    if bits == 4:
+        return torch.tensor(NF4_VALUES, dtype=torch.float32)
+    return normal_float_formula(bits)
+
+
+def normal_float_formula(bits: int) -> torch.Tensor:
+    """NF-k from the quantile formula (computed in float64)."""
     half = 2 ** (bits - 1)
     sigma = 1.0 / (math.sqrt(2.0) * float(torch.special.erfinv(torch.tensor(2 * NF_OFFSET - 1, dtype=torch.float64))))
     neg = torch.linspace(1 - NF_OFFSET, 0.5, half, dtype=torch.float64)[:-1]
