@@ -15,10 +15,14 @@ from importlib.metadata import PackageNotFoundError, version
 
 from lqframe.errors import (
     BudgetError,
+    CheckpointError,
+    DataError,
     LqframeError,
     MissingStatisticError,
+    ModelError,
     OptionError,
     PluginError,
+    RecipeError,
     UnknownComponentError,
     WeightError,
 )
@@ -68,4 +72,8 @@ __all__ = [
     "WeightError",
     "MissingStatisticError",
     "BudgetError",
+    "DataError",
+    "ModelError",
+    "RecipeError",
+    "CheckpointError",
 ]

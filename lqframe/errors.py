@@ -11,6 +11,10 @@ __all__ = [
     "WeightError",
     "MissingStatisticError",
     "BudgetError",
+    "DataError",
+    "ModelError",
+    "RecipeError",
+    "CheckpointError",
 ]
 
 
@@ -43,3 +47,19 @@ class MissingStatisticError(LqframeError):
 
 class BudgetError(LqframeError, ValueError):
     """A memory budget that no allocation can meet."""
+
+
+class DataError(LqframeError, ValueError):
+    """Calibration or evaluation data that cannot be read or is too small."""
+
+
+class ModelError(LqframeError):
+    """A model that cannot be found, loaded or compressed."""
+
+
+class RecipeError(LqframeError, ValueError):
+    """A recipe with unknown keys, bad values or patterns that match nothing."""
+
+
+class CheckpointError(LqframeError):
+    """A saved checkpoint that is missing, incomplete or inconsistent."""
