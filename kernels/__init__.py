@@ -5,5 +5,6 @@ reference exactly and read the same packed layout (see docs/formats.md).
 """
 
 from lqframe.kernels.packing import pack_bits, packed_nbytes, unpack_bits
+from lqframe.kernels.reference import decode_blocks, expand_blocks, lq_linear
 
-__all__ = ["pack_bits", "unpack_bits", "packed_nbytes"]
+__all__ = ["pack_bits", "unpack_bits", "packed_nbytes", "decode_blocks", "expand_blocks", "lq_linear"]

@@ -29,6 +29,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             entry["options"] = {k: v for k, v in option_defaults(info.cls).items()}
             entries.append(entry)
         entries += [f.as_dict() for f in reg.failures]
+        entries += [{"kind": "blocked", "name": name, "plugin": name, "distribution": None, "version": None}
+                    for name in reg.blocked]
         print(json.dumps(entries, indent=2, default=str))
         return 0
     rows = [[i.kind, i.name, i.plugin, i.distribution or "-", i.version or "-"] for i in reg.components()]

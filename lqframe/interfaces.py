@@ -24,17 +24,11 @@ __all__ = ["Component", "Quantizer", "ErrorReconstructor", "BudgetAllocator", "L
 class Component:
     """Behaviour shared by all components: option introspection and a description for reports."""
 
-    #: set by the registry: the name the component was registered under
-    registered_name: ClassVar[str] = ""
-
     def options(self) -> dict[str, Any]:
         """The component's configuration (its attrs fields) as plain values."""
         if attrs.has(type(self)):
             return attrs.asdict(self, recurse=False)
         return {}
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.registered_name or type(self).__name__, **self.options()}
 
     @classmethod
     def test_configs(cls) -> list[dict[str, Any]]:

@@ -13,6 +13,8 @@ from lqframe.errors import OptionError, WeightError
 __all__ = [
     "SCALE_DTYPES",
     "scale_dtype",
+    "scale_bits",
+    "integer",
     "blockify",
     "unblockify",
     "store_scales",
@@ -26,6 +28,25 @@ SCALE_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float32": torch.float32,
 }
+
+
+def scale_bits(name: str) -> int:
+    """Bits of one scale stored as ``name`` (a key of :data:`SCALE_DTYPES`)."""
+    return torch.finfo(scale_dtype(name)).bits
+
+
+def integer(min_value: int | None = None, max_value: int | None = None):
+    """attrs validator: an ``int`` (not a ``bool``) within ``[min_value, max_value]``."""
+
+    def check(instance, attribute, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{attribute.name} must be an integer, got {value!r}")
+        if min_value is not None and value < min_value:
+            raise ValueError(f"{attribute.name} must be >= {min_value}, got {value}")
+        if max_value is not None and value > max_value:
+            raise ValueError(f"{attribute.name} must be <= {max_value}, got {value}")
+
+    return check
 
 
 def scale_dtype(name: str, who: str = "scale_dtype") -> torch.dtype:
@@ -47,8 +68,8 @@ def blockify(w: torch.Tensor, block_size: int) -> torch.Tensor:
 
 def unblockify(blocks: torch.Tensor, cols: int) -> torch.Tensor:
     """Inverse of :func:`blockify`."""
-    rows = blocks.shape[0]
-    return blocks.reshape(rows, -1)[:, :cols]
+    rows, nblocks, block_size = blocks.shape
+    return blocks.reshape(rows, nblocks * block_size)[:, :cols]
 
 
 def store_scales(values: torch.Tensor, dtype: torch.dtype, who: str = "scale") -> torch.Tensor:
@@ -58,18 +79,18 @@ def store_scales(values: torch.Tensor, dtype: torch.dtype, who: str = "scale") -
     out = values.to(dtype)
     if dtype == torch.float32:
         return out
-    if not bool(torch.isfinite(out).all()):
-        big = float(values.max())
-        raise WeightError(
-            f"{who} {big:.4g} does not fit in {str(dtype).removeprefix('torch.')}; "
-            "use scale_dtype: float32 for this weight"
-        )
     low = out.to(torch.float32) < values
     if bool(low.any()):
         # for positive finite values the next representable number is the next bit pattern
         bits = out.view(torch.int16)
         bits = torch.where(low, bits + 1, bits)
         out = bits.view(dtype)
+    if not bool(torch.isfinite(out).all()):  # checked after rounding up: the step may overflow
+        big = float(values.max())
+        raise WeightError(
+            f"{who} {big:.6g} does not fit in {str(dtype).removeprefix('torch.')}; "
+            "use scale_dtype: float32 for this weight"
+        )
     return out
 
 

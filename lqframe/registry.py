@@ -111,9 +111,14 @@ def _suggest(name: str, known: Iterable[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+def _normalise(name: str) -> str:
+    """Distribution names compare as pip does: case-insensitive, '-', '_' and '.' alike."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def _blocked_names() -> set[str]:
     raw = os.environ.get(BLOCK_ENV, "")
-    return {part.strip() for part in raw.split(",") if part.strip()}
+    return {_normalise(part.strip()) for part in raw.split(",") if part.strip()}
 
 
 class Registry:
@@ -164,7 +169,6 @@ class Registry:
                 f"plugin {plugin!r}: {kind} {name!r} is already registered by plugin {existing.plugin!r}"
                 f" ({existing.distribution or 'no distribution'})"
             )
-        cls.registered_name = name
         self._components[(kind, name)] = ComponentInfo(kind, name, cls, plugin, dist, version)
 
     # ------------------------------------------------------------------ loading
@@ -174,7 +178,7 @@ class Registry:
         for ep in eps:
             dist = ep.dist.metadata["Name"] if ep.dist is not None else None
             version = ep.dist.version if ep.dist is not None else None
-            if ep.name in blocked or (dist is not None and dist in blocked):
+            if _normalise(ep.name) in blocked or (dist is not None and _normalise(dist) in blocked):
                 self._blocked.append(ep.name)
                 continue
             if self._pm.has_plugin(ep.name):
@@ -194,7 +198,7 @@ class Registry:
     ) -> bool:
         """Register a plugin object (module or instance with a ``lqframe_register`` hookimpl) and run
         its registration. Returns False (and records a failure) if it could not be registered."""
-        if name in self._blocked or name in _blocked_names():
+        if name in self._blocked or _normalise(name) in _blocked_names():
             return False
         try:
             self._pm.register(plugin, name=name)

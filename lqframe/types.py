@@ -26,6 +26,7 @@ import torch
 
 from lqframe.errors import MissingStatisticError
 from lqframe.kernels.packing import pack_bits, packed_nbytes, unpack_bits
+from lqframe.kernels.reference import decode_blocks, expand_blocks
 
 __all__ = [
     "QuantizedWeight",
@@ -132,20 +133,19 @@ class QuantizedWeight:
         return torch.full((self.rows, self.blocks_per_row), z, dtype=torch.float32)
 
     def _expand(self, per_block: torch.Tensor) -> torch.Tensor:
-        full = per_block.repeat_interleave(self.block_size, dim=1)[:, : self.cols]
-        return full.reshape(self.shape)
+        return expand_blocks(per_block, self.block_size, self.cols).reshape(self.shape)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense tensor these codes represent."""
-        q = self.unpacked_codes()
-        scale = self._expand(self.block_scales())
-        if self.codebook is not None:
-            values = self.codebook.to(torch.float32)[q] * scale
-        else:
-            values = (q.to(torch.float32) - self._expand(self.block_zeros())) * scale
-        if self.offset is not None:
-            values = values + self.offset.to(torch.float32)
-        return values.to(dtype)
+        values = decode_blocks(
+            self.unpacked_codes().reshape(self.rows, self.cols),
+            self.block_size,
+            self.block_scales(),
+            codebook=self.codebook,
+            zero=self.block_zeros(),
+            offset=self.offset,
+        )
+        return values.reshape(self.shape).to(dtype)
 
     def error_bound(self, reference: torch.Tensor) -> torch.Tensor:
         """Largest error nearest-value rounding of ``reference`` onto this grid can make, per element.

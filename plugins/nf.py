@@ -28,7 +28,7 @@ from attrs import validators as v
 
 from lqframe import QuantizedWeight, Quantizer, hookimpl
 from lqframe.numerics import check_weight
-from lqframe.quantization import SCALE_DTYPES, codebook_quantize, scale_dtype, store_scales
+from lqframe.quantization import SCALE_DTYPES, codebook_quantize, integer, scale_bits, scale_dtype, store_scales
 
 NF_OFFSET = 0.9677083
 
@@ -77,20 +77,16 @@ def dynamic_map() -> torch.Tensor:
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
-def _float_bits(name: str) -> int:
-    return torch.finfo(SCALE_DTYPES[name]).bits
-
-
 @attrs.frozen
 class NormalFloat(Quantizer):
     """NF-k blockwise quantizer (``nf``)."""
 
-    bits: int = attrs.field(default=4, validator=v.and_(v.instance_of(int), v.ge(2), v.le(8)))
-    group_size: int = attrs.field(default=64, validator=v.and_(v.instance_of(int), v.ge(1)))
+    bits: int = attrs.field(default=4, validator=integer(2, 8))
+    group_size: int = attrs.field(default=64, validator=integer(1))
     double_quant: str = attrs.field(default="none", validator=v.in_(("none", "qlora", "lqlora")))
     scale_dtype: str = attrs.field(default="float16", validator=v.in_(tuple(SCALE_DTYPES)))
-    dq_bits: int = attrs.field(default=8, validator=v.and_(v.instance_of(int), v.ge(2), v.le(8)))
-    dq_group_size: int = attrs.field(default=256, validator=v.and_(v.instance_of(int), v.ge(1)))
+    dq_bits: int = attrs.field(default=8, validator=integer(2, 8))
+    dq_group_size: int = attrs.field(default=256, validator=integer(1))
     dq_scale_dtype: str = attrs.field(default="float32", validator=v.in_(tuple(SCALE_DTYPES)))
 
     def __attrs_post_init__(self) -> None:
@@ -170,11 +166,11 @@ class NormalFloat(Quantizer):
         nscales = n * (-(-m // self.group_size) if m else 0)
         bits = -(-n * m * self.bits // 8) * 8
         if self.double_quant == "none":
-            return bits + nscales * _float_bits(self.scale_dtype)
+            return bits + nscales * scale_bits(self.scale_dtype)
         ngroups = -(-nscales // self.dq_group_size)
         dq_code_bits = 8 if self.double_quant == "qlora" else self.dq_bits
         bits += -(-nscales * dq_code_bits // 8) * 8
-        bits += ngroups * _float_bits(self.dq_scale_dtype)
+        bits += ngroups * scale_bits(self.dq_scale_dtype)
         return bits + 32  # the float32 offset
 
 

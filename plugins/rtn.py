@@ -16,15 +16,15 @@ from attrs import validators as v
 
 from lqframe import QuantizedWeight, Quantizer, hookimpl
 from lqframe.numerics import check_weight
-from lqframe.quantization import SCALE_DTYPES, blockify, scale_dtype, store_scales, unblockify
+from lqframe.quantization import SCALE_DTYPES, blockify, integer, scale_bits, scale_dtype, store_scales, unblockify
 
 
 @attrs.frozen
 class RoundToNearest(Quantizer):
     """Uniform int-k quantizer (``rtn``). ``group_size: -1`` means one group per row."""
 
-    bits: int = attrs.field(default=4, validator=v.and_(v.instance_of(int), v.ge(1), v.le(8)))
-    group_size: int = attrs.field(default=64, validator=v.instance_of(int))
+    bits: int = attrs.field(default=4, validator=integer(1, 8))
+    group_size: int = attrs.field(default=64, validator=integer())
     symmetric: bool = attrs.field(default=False, validator=v.instance_of(bool))
     scale_dtype: str = attrs.field(default="float16", validator=v.in_(tuple(SCALE_DTYPES)))
 
@@ -84,7 +84,7 @@ class RoundToNearest(Quantizer):
     def storage_bits(self, shape) -> int:
         n, m = shape
         groups = n * (-(-m // self._group(m)) if m else 0)
-        bits = -(-n * m * self.bits // 8) * 8 + groups * torch.finfo(SCALE_DTYPES[self.scale_dtype]).bits
+        bits = -(-n * m * self.bits // 8) * 8 + groups * scale_bits(self.scale_dtype)
         if not self.symmetric:
             bits += -(-groups * self.bits // 8) * 8
         return bits

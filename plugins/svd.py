@@ -10,6 +10,7 @@ from attrs import validators as v
 
 from lqframe import Decomposition, ErrorReconstructor, LowRank, hookimpl
 from lqframe.numerics import check_weight, lowrank_solve
+from lqframe.quantization import integer
 
 FACTOR_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -18,12 +19,12 @@ FACTOR_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 class SVDReconstructor(ErrorReconstructor):
     """Rank-``rank`` SVD of ``W − Q``; factors stored in ``factor_dtype``."""
 
-    rank: int = attrs.field(default=32, validator=v.and_(v.instance_of(int), v.ge(0)))
+    rank: int = attrs.field(default=32, validator=integer(0))
     method: str = attrs.field(default="exact", validator=v.in_(("exact", "randomized")))
     factor_dtype: str = attrs.field(default="float16", validator=v.in_(tuple(FACTOR_DTYPES)))
-    oversample: int = attrs.field(default=10, validator=v.and_(v.instance_of(int), v.ge(0)))
-    niter: int = attrs.field(default=2, validator=v.and_(v.instance_of(int), v.ge(0)))
-    seed: int = attrs.field(default=0, validator=v.instance_of(int))
+    oversample: int = attrs.field(default=10, validator=integer(0))
+    niter: int = attrs.field(default=2, validator=integer(0))
+    seed: int = attrs.field(default=0, validator=integer())
 
     @classmethod
     def test_configs(cls):

@@ -9,6 +9,7 @@ directory, so this process (and lqframe itself) never sees it.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -28,14 +29,26 @@ DIST_NAME = "lqframe-example-plugin"
 MODULE_NAME = "lqframe_example_plugin"
 
 
-def _run(cmd: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+def _run(cmd: list[str], env: dict[str, str], cwd: Path, hint: str = "") -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         pytest.fail(
-            f"command failed with exit code {proc.returncode}: {cmd}\n"
+            f"command failed with exit code {proc.returncode}: {cmd}\n{hint}"
             f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
         )
     return proc
+
+
+def _setuptools_hint() -> str:
+    """Why an offline, non-isolated build may fail: it uses the environment's own setuptools."""
+    try:
+        found = f"setuptools {importlib.metadata.version('setuptools')}"
+    except importlib.metadata.PackageNotFoundError:
+        found = "no setuptools"
+    return (
+        f"(the build runs without isolation and offline, with {found} from this environment; "
+        "it needs setuptools>=70.1, or an older setuptools>=64 plus the 'wheel' package)\n"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +69,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
          "--target", str(target), str(source)],
         env,
         root,
+        hint=_setuptools_hint(),
     )
     assert (target / f"{MODULE_NAME}.py").is_file(), sorted(p.name for p in target.iterdir())
     return target

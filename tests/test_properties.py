@@ -167,3 +167,13 @@ def test_bf16_and_f16_inputs_compress_like_their_float32_values():
     for name, cfg in QUANTIZERS:
         q = REG.create("quantizer", name, **cfg)
         assert torch.equal(q.quantize(w).codes, q.quantize(w.float()).codes)
+
+
+@pytest.mark.parametrize("qcase,rcase", PAIRS)
+@pytest.mark.parametrize("shape", [(0, 16), (5, 0), (0, 0)])
+def test_empty_matrices(qcase, rcase, shape):
+    quantizer = REG.create("quantizer", qcase[0], **qcase[1])
+    recon = REG.create("reconstructor", rcase[0], **rcase[1])
+    dec = recon.decompose(torch.zeros(shape), quantizer)
+    assert dec.dense().shape == shape
+    assert dec.qweight.storage_bits() == quantizer.storage_bits(shape)

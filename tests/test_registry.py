@@ -150,9 +150,10 @@ def test_plugin_that_fails_to_import_shows_up_in_lqframe_plugins(tmp_path):
 
 
 def test_block_env_var_blocks_named_plugins(tmp_path):
-    entries = _plugins_json(tmp_path, {"LQFRAME_BLOCK_PLUGINS": "svd, rtn"})
-    names = {e["name"] for e in entries}
+    entries = _plugins_json(tmp_path, {"LQFRAME_BLOCK_PLUGINS": "svd, RTN"})
+    names = {e["name"] for e in entries if e["kind"] not in ("blocked", "failed")}
     assert "svd" not in names and "rtn" not in names and "nf" in names
+    assert {e["name"] for e in entries if e["kind"] == "blocked"} == {"svd", "rtn"}
 
 
 def test_blocked_failing_plugin_is_not_even_imported(tmp_path):

@@ -55,3 +55,18 @@ def test_fp16_scale_overflow_is_a_clear_error():
         REG.create("quantizer", "rtn", bits=4, group_size=8).quantize(w)
     # and float32 scales handle it
     REG.create("quantizer", "rtn", bits=4, group_size=8, scale_dtype="float32").quantize(w)
+
+
+def test_scale_rounding_up_never_overflows_silently():
+    from lqframe.quantization import store_scales
+
+    with pytest.raises(lqframe.WeightError, match="does not fit in float16"):
+        store_scales(torch.tensor([65504.5]), torch.float16)
+    assert float(store_scales(torch.tensor([65504.0]), torch.float16)) == 65504.0
+    s = store_scales(torch.tensor([1.0001, 3e-8, 0.0]), torch.float16)
+    assert bool((s.float() >= torch.tensor([1.0001, 3e-8, 0.0])).all())
+
+
+def test_booleans_are_not_integers():
+    with pytest.raises(lqframe.OptionError, match="integer"):
+        REG.create("quantizer", "rtn", group_size=True)
