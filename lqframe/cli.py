@@ -45,6 +45,87 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from lqframe.recipe import load_recipe
+    from lqframe.run import format_table, run
+
+    recipe = load_recipe(args.recipe, args.set or ())
+    report = run(recipe, args.model, args.output, overwrite=args.overwrite, progress=not args.quiet)
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items()}, indent=2, default=str))
+    else:
+        print(format_table(report))
+        if report.get("output"):
+            print(f"saved to {report['output']}")
+    return 0
+
+
+def _eval_windows(data: str | None, recipe_path, tokenizer, n_eval: int | None, seq_len: int | None):
+    from lqframe.data import make_windows
+    from lqframe.recipe import DataSpec, load_recipe
+
+    spec = DataSpec()
+    if recipe_path is not None and recipe_path.is_file():
+        spec = load_recipe(recipe_path, check_components=False).data
+    source = data or spec.source
+    return make_windows(tokenizer, source, seq_len or spec.seq_len, 0,
+                        n_eval if n_eval is not None else spec.evaluation_windows, spec.seed)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lqframe.evaluate import perplexity
+    from lqframe.lqlinear import set_weight_cache
+
+    target = Path(args.target)
+    recipe_path = None
+    if target.is_dir() and (target / "config.json").is_file() and _is_lqframe_dir(target):
+        from lqframe.checkpoint import load_checkpoint, load_tokenizer
+
+        model = load_checkpoint(target)
+        tokenizer = load_tokenizer(target)
+        recipe_path = target / "recipe.yaml"
+    else:
+        from lqframe.models import load_model
+
+        loaded = load_model(args.target)
+        model, tokenizer = loaded.model, loaded.tokenizer
+    windows = _eval_windows(args.data, recipe_path, tokenizer, args.windows, args.seq_len)
+    set_weight_cache(model, True)
+    ppl = perplexity(model, windows.evaluation, progress=not args.json)
+    result = {"model": args.target, "data": windows.source, "seq_len": windows.seq_len,
+              "windows": len(windows.evaluation), "ppl": ppl}
+    print(json.dumps(result, indent=2) if args.json else f"{args.target}: perplexity {ppl:.4f} on "
+          f"{len(windows.evaluation)} × {windows.seq_len} tokens of {windows.source}")
+    return 0
+
+
+def _is_lqframe_dir(path) -> bool:
+    from lqframe.checkpoint import read_quantization_config
+    from lqframe.errors import CheckpointError
+
+    try:
+        read_quantization_config(path)
+        return True
+    except CheckpointError:
+        return False
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lqframe.checkpoint import inspect_checkpoint
+    from lqframe.run import format_table
+
+    info = inspect_checkpoint(Path(args.dir))
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        print(format_table(info))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lqframe import __version__
 
@@ -57,6 +138,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list registered components and plugins that failed to load")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("run", help="compress a model with a recipe, evaluate and save it (the main job)")
+    p.add_argument("recipe", nargs="?", help="recipe YAML file (default: the built-in NF4 + SVD r32 recipe)")
+    p.add_argument("--model", help="model folder, .gguf file, hub id, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument("--output", help="output folder (default: runs/<model name>)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set quantize_stage.quantizer.bits=3 (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("eval", help="token perplexity of a saved checkpoint or a model")
+    p.add_argument("target", metavar="DIR_OR_MODEL")
+    p.add_argument("--data", help="data source (pydoc, text:PATH, jsonl:PATH:FIELD, hf:NAME[:CONFIG[:SPLIT]]); "
+                                  "default: the checkpoint recipe's source")
+    p.add_argument("--windows", type=int, help="evaluation windows (default: the recipe's)")
+    p.add_argument("--seq-len", type=int, help="tokens per window (default: the recipe's)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("inspect", help="per-layer formats, bits, ranks and errors of a saved checkpoint")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
     return parser
 
 

@@ -1,0 +1,360 @@
+"""Saving and loading compressed checkpoints.
+
+A checkpoint folder holds ``model.safetensors`` (or shards plus ``model.safetensors.index.json``)
+with the packed codes and scales in their real width, L and R in their storage dtype and every
+unquantized parameter; ``config.json`` with a ``quantization_config`` (``quant_method:
+"lqframe"``) that describes each compressed layer; ``recipe.yaml``; ``report.json``; and the
+tokenizer. Every file is written atomically (temporary file + rename); ``report.json`` is
+written last, so a folder with a report is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lqframe.errors import CheckpointError
+from lqframe.lqlinear import LQLinear
+
+__all__ = [
+    "QUANT_METHOD",
+    "FORMAT_VERSION",
+    "atomic_write_text",
+    "atomic_write_json",
+    "save_tensors",
+    "save_checkpoint",
+    "checkpoint_state",
+    "load_checkpoint",
+    "read_quantization_config",
+    "swap_in_skeletons",
+]
+
+QUANT_METHOD = "lqframe"
+FORMAT_VERSION = 1
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    _atomic(Path(path), write)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.dtype):
+        return str(obj).removeprefix("torch.")
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, tuple | set | frozenset):
+        return list(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None):
+    """Atomic safetensors write; tensors that share memory are copied apart."""
+    seen: set[tuple[int, int]] = set()
+    clean: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        t = t.detach().contiguous()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if t.numel() and key in seen:
+            t = t.clone()
+        seen.add(key)
+        clean[name] = t
+    _atomic(Path(path), lambda tmp: save_file(clean, tmp, metadata={"format": "pt", **(metadata or {})}))
+
+
+# --------------------------------------------------------------------------- state
+
+
+def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as stored: L and R cast to their storage dtype, tied weights once."""
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, LQLinear):
+            for key, value in module.lowrank_state().items():
+                state[f"{name}.{key}" if name else key] = value
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if t.numel() and key in seen and t.is_floating_point():
+            continue  # tied parameter (e.g. lm_head ↔ embed_tokens); the config re-ties it
+        seen[key] = name
+        out[name] = t
+    return out
+
+
+def quantization_config(model: nn.Module, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    from lqframe import __version__
+
+    layers = {name: m.layer_config() for name, m in model.named_modules() if isinstance(m, LQLinear)}
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "lqframe_version": __version__,
+            "layers": layers, **(extra or {})}
+
+
+def _shards(state: Mapping[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
+def save_checkpoint(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    recipe_yaml: str | None = None,
+    report: Mapping[str, Any] | None = None,
+    tokenizer: Any = None,
+    max_shard_size_mb: int = 2000,
+) -> list[Path]:
+    """Write a loadable checkpoint (see module doc). Returns the files written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    state = checkpoint_state(model)
+    shards = _shards(state, max_shard_size_mb * 1024 * 1024)
+    if len(shards) == 1:
+        save_tensors(out / "model.safetensors", shards[0])
+        written.append(out / "model.safetensors")
+        stale = out / "model.safetensors.index.json"
+        if stale.exists():
+            stale.unlink()
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_tensors(out / fname, shard)
+            written.append(out / fname)
+            weight_map.update(dict.fromkeys(shard, fname))
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        atomic_write_json(out / "model.safetensors.index.json",
+                          {"metadata": {"total_size": total}, "weight_map": weight_map})
+        written.append(out / "model.safetensors.index.json")
+    config = getattr(model, "config", None)
+    cfg = config.to_dict() if config is not None else {}
+    cfg.pop("quantization_config", None)
+    cfg["quantization_config"] = quantization_config(model)
+    atomic_write_json(out / "config.json", cfg)
+    written.append(out / "config.json")
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        try:
+            atomic_write_json(out / "generation_config.json", gen.to_dict())
+            written.append(out / "generation_config.json")
+        except Exception:  # noqa: BLE001 - a generation config is optional
+            pass
+    if tokenizer is not None:
+        with tempfile.TemporaryDirectory(dir=out, prefix=".tokenizer-") as tmp:
+            tokenizer.save_pretrained(tmp)
+            for f in Path(tmp).iterdir():
+                os.replace(f, out / f.name)
+                written.append(out / f.name)
+    if recipe_yaml is not None:
+        atomic_write_text(out / "recipe.yaml", recipe_yaml)
+        written.append(out / "recipe.yaml")
+    if report is not None:
+        atomic_write_json(out / "report.json", report)
+        written.append(out / "report.json")
+    return written
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def read_quantization_config(path: str | Path) -> dict[str, Any]:
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path}: not an lqframe checkpoint (no config.json)")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{cfg_path}: unreadable config: {exc}") from None
+    qc = cfg.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        raise CheckpointError(f"{cfg_path}: no lqframe quantization_config (quant_method must be '{QUANT_METHOD}')")
+    if qc.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_path}: format version {qc['format_version']} is newer than this lqframe "
+                              f"supports ({FORMAT_VERSION}); upgrade lqframe")
+    return qc
+
+
+def swap_in_skeletons(model: nn.Module, layers: Mapping[str, Mapping[str, Any]]) -> None:
+    """Replace the named linears by empty :class:`LQLinear` modules of the recorded layout."""
+    from lqframe.pipeline import set_module
+
+    for name, layer_cfg in layers.items():
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"the checkpoint compresses layer {name!r}, which the model does not have") from None
+        set_module(model, name, LQLinear.from_layer_config(dict(layer_cfg)))
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / f for f in files]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_state(path: str | Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for f in _weight_files(Path(path)):
+        if not f.is_file():
+            raise CheckpointError(f"{f}: weight shard listed in the index is missing")
+        with safe_open(f, framework="pt") as fh:
+            for key in fh.keys():
+                state[key] = fh.get_tensor(key)
+    return state
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a compressed model from a checkpoint folder (``lqframe.load``)."""
+    import transformers
+
+    path = Path(path)
+    qc = read_quantization_config(path)
+    config = transformers.AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    archs = getattr(config, "architectures", None) or []
+    model_cls = None
+    for arch in archs:
+        model_cls = getattr(transformers, arch, None)
+        if model_cls is not None:
+            break
+    if model_cls is None:
+        model_cls = transformers.AutoModelForCausalLM
+        model = model_cls.from_config(config)
+    else:
+        model = model_cls(config)
+    swap_in_skeletons(model, qc["layers"])
+    state = read_state(path)
+    for name, module in model.named_modules():
+        if isinstance(module, LQLinear):
+            for key in ("left", "right"):
+                full = f"{name}.{key}"
+                if full in state:
+                    state[full] = state[full].to(torch.float32)
+    result = model.load_state_dict(state, strict=False)
+    tied = _tied_names(model)
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{path}: checkpoint does not match the model: missing {missing[:5]}, "
+                              f"unexpected {result.unexpected_keys[:5]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    model.eval()
+    return model.to(device)
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    names: set[str] = set()
+    seen: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            names.add(name)
+        seen.setdefault(id(p), name)
+    keys = getattr(model, "_tied_weights_keys", None) or {}
+    names |= set(keys if not isinstance(keys, dict) else keys.keys())
+    return names
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer saved with a checkpoint, or None if it has none."""
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(Path(path))
+    except (OSError, ValueError):
+        return None
+
+
+def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Per-layer formats, bits, ranks (from config.json) and errors (from report.json, if present)."""
+    path = Path(path)
+    qc = read_quantization_config(path)
+    report: dict[str, Any] = {}
+    report_path = path / "report.json"
+    if report_path.is_file():
+        try:
+            report = json.loads(report_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{report_path}: unreadable report: {exc}") from None
+    measured = {r["name"]: r for r in report.get("layers", [])}
+    layers = []
+    for name, cfg in qc["layers"].items():
+        module = LQLinear.from_layer_config(cfg)
+        header = cfg["qweight"]
+        numel = cfg["in_features"] * cfg["out_features"]
+        q_bits = module.quantized_weight().storage_bits()
+        lr_bits = module.storage_bits() - q_bits
+        m = measured.get(name, {})
+        layers.append({
+            "name": name,
+            "format": header.get("format"),
+            "quantizer": m.get("quantizer", cfg.get("meta", {}).get("quantizer", {}).get("name", "?")),
+            "reconstructor": m.get("reconstructor", cfg.get("meta", {}).get("reconstructor", {}).get("name", "?")),
+            "bits": header.get("bits"),
+            "group_size": header.get("block_size"),
+            "rank": cfg["rank"],
+            "numel": numel,
+            "storage_bits": q_bits,
+            "lowrank_bits": lr_bits,
+            "rel_weight_error": m.get("rel_weight_error", float("nan")),
+            "rel_output_error": m.get("rel_output_error"),
+            "seconds": m.get("seconds", 0.0),
+        })
+    numel = sum(x["numel"] for x in layers)
+    out = {k: report.get(k) for k in ("model", "recipe", "fp_ppl", "ppl", "seconds", "peak_rss_mb")}
+    out.update({
+        "path": str(path),
+        "params": numel,
+        "avg_bits": sum(x["storage_bits"] for x in layers) / numel if numel else None,
+        "avg_bits_with_lowrank": sum(x["storage_bits"] + x["lowrank_bits"] for x in layers) / numel if numel else None,
+        "layers": layers,
+    })
+    out["seconds"] = out["seconds"] or 0.0
+    out["peak_rss_mb"] = out["peak_rss_mb"] or 0.0
+    return out

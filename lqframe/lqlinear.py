@@ -1,0 +1,196 @@
+"""``LQLinear``: the drop-in replacement for ``nn.Linear`` holding ``W ≈ Q + L·R``.
+
+Q stays packed (uint8 codes and scales as buffers, frozen); L (out × r) and R (r × in) are
+trainable float32 parameters. ``forward`` computes ``x·Qᵀ + (x·Rᵀ)·Lᵀ + b`` through
+``lqframe.kernels`` (torch reference now; Triton kernels read the same buffers).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from lqframe.kernels import lq_linear
+from lqframe.types import Decomposition, QuantizedWeight
+
+__all__ = ["PackedStorage", "LQLinear", "LOWRANK_DTYPES"]
+
+LOWRANK_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.uint8, torch.float16, torch.bfloat16, torch.float32)}
+
+
+class PackedStorage(nn.Module):
+    """The tensors of a :class:`QuantizedWeight` as buffers (nested for double-quantized scales),
+    so that ``state_dict`` holds exactly the packed bytes and scales that are stored."""
+
+    def __init__(self, header: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None):
+        super().__init__()
+        self.header = {k: v for k, v in header.items() if k != "scale"}
+        self.nested = "scale" in header
+        specs = header["tensors"]
+        for key, spec in specs.items():
+            if tensors is not None:
+                value = tensors[key].detach().clone()  # own the memory (codebooks are shared constants)
+            else:
+                value = torch.zeros(spec["shape"], dtype=_DTYPES[spec["dtype"]])
+            self.register_buffer(key, value)
+        if self.nested:
+            sub = {k.removeprefix("scale."): v for k, v in (tensors or {}).items() if k.startswith("scale.")}
+            self.scale = PackedStorage(header["scale"], sub if tensors is not None else None)
+
+    @staticmethod
+    def describe(qweight: QuantizedWeight) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """``(tensors, header)`` with per-level tensor specs, ready for :class:`PackedStorage`."""
+        tensors, header = qweight.to_state()
+
+        def annotate(h: dict[str, Any], prefix: str) -> None:
+            own = {k[len(prefix):]: t for k, t in tensors.items()
+                   if k.startswith(prefix) and "." not in k[len(prefix):]}
+            h["tensors"] = {k: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+                            for k, t in own.items()}
+            if "scale" in h:
+                annotate(h["scale"], prefix + "scale.")
+
+        annotate(header, "")
+        return tensors, header
+
+    @classmethod
+    def from_qweight(cls, qweight: QuantizedWeight) -> PackedStorage:
+        tensors, header = cls.describe(qweight)
+        return cls(header, tensors)
+
+    def full_header(self) -> dict[str, Any]:
+        header = dict(self.header)
+        if self.nested:
+            header["scale"] = self.scale.full_header()
+        return header
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items()}
+
+    def to_qweight(self) -> QuantizedWeight:
+        return QuantizedWeight.from_state(self.tensors(), self.full_header())
+
+
+class LQLinear(nn.Module):
+    """``y = x·Qᵀ + (x·Rᵀ)·Lᵀ + b`` with Q packed and frozen, L and R trainable."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        qheader: dict[str, Any],
+        rank: int,
+        bias: bool,
+        lowrank_dtype: str = "float16",
+        qtensors: dict[str, torch.Tensor] | None = None,
+        meta: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.lowrank_dtype = lowrank_dtype
+        self.meta = dict(meta or {})
+        self.qweight = PackedStorage(qheader, qtensors)
+        self.left = nn.Parameter(torch.zeros(out_features, rank))
+        self.right = nn.Parameter(torch.zeros(rank, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self._cache: torch.Tensor | None = None
+        self.cache_weight = False
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_decomposition(
+        cls, linear: nn.Linear, dec: Decomposition, meta: dict[str, Any] | None = None
+    ) -> LQLinear:
+        tensors, header = PackedStorage.describe(dec.qweight)
+        rank = dec.rank
+        lr_dtype = "float32"
+        if dec.lowrank is not None:
+            lr_dtype = str(dec.lowrank.left.dtype).removeprefix("torch.")
+        module = cls(linear.in_features, linear.out_features, header, rank, linear.bias is not None,
+                     lowrank_dtype=lr_dtype, qtensors=tensors, meta=meta)
+        with torch.no_grad():
+            if dec.lowrank is not None:
+                module.left.copy_(dec.lowrank.left.to(torch.float32))
+                module.right.copy_(dec.lowrank.right.to(torch.float32))
+            if linear.bias is not None:
+                module.bias.copy_(linear.bias.detach().to(torch.float32))
+        return module.to(linear.weight.device)
+
+    def layer_config(self) -> dict[str, Any]:
+        """What a loader needs to rebuild this module (stored in config.json)."""
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "rank": self.rank,
+            "bias": self.bias is not None,
+            "lowrank_dtype": self.lowrank_dtype,
+            "qweight": self.qweight.full_header(),
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_layer_config(cls, config: dict[str, Any]) -> LQLinear:
+        return cls(config["in_features"], config["out_features"], config["qweight"], config["rank"],
+                   config["bias"], config.get("lowrank_dtype", "float32"), meta=config.get("meta"))
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def rank(self) -> int:
+        return self.left.shape[1]
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return self.qweight.to_qweight()
+
+    def dequantized_weight(self) -> torch.Tensor:
+        if self._cache is not None:
+            return self._cache
+        w = self.quantized_weight().dequantize(torch.float32)
+        if self.cache_weight:
+            self._cache = w
+        return w
+
+    def dense_weight(self) -> torch.Tensor:
+        """``Q + L·R`` as float32 (for inspection and merging)."""
+        return self.dequantized_weight() + self.left.detach() @ self.right.detach()
+
+    def storage_bits(self, include_lowrank: bool = True) -> int:
+        bits = self.quantized_weight().storage_bits()
+        if include_lowrank:
+            bits += (self.left.numel() + self.right.numel()) * torch.finfo(LOWRANK_DTYPES[self.lowrank_dtype]).bits
+        return bits
+
+    def extra_repr(self) -> str:
+        h = self.qweight.header
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={h.get('format')}, "
+                f"bits={h.get('bits')}, group_size={h.get('block_size')}, rank={self.rank}, "
+                f"bias={self.bias is not None}")
+
+    def _apply(self, fn, recurse=True):  # dropping the cache on .to()/.cuda()
+        self._cache = None
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lq_linear(x, self.dequantized_weight(), self.left, self.right, self.bias)
+
+    def lowrank_state(self) -> dict[str, torch.Tensor]:
+        """L and R cast to their storage dtype (what a checkpoint holds)."""
+        dtype = LOWRANK_DTYPES[self.lowrank_dtype]
+        return {"left": self.left.detach().to(dtype), "right": self.right.detach().to(dtype)}
+
+
+def set_weight_cache(model: nn.Module, enabled: bool) -> None:
+    """Keep (or drop) a dequantized float32 copy of every LQLinear's Q, e.g. during evaluation."""
+    for module in model.modules():
+        if isinstance(module, LQLinear):
+            module.cache_weight = enabled
+            if not enabled:
+                module._cache = None
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(math.prod(p.shape) for p in module.parameters())

@@ -1,0 +1,483 @@
+"""Recipes: YAML validated into attrs objects.
+
+A recipe names the stages to run, each as a ``<name>_stage`` key (the shape llm-compressor users
+know); stages it does not name are skipped::
+
+    model: default                       # optional; `lqframe run --model` overrides
+    data: {source: pydoc, seq_len: 512, calibration_windows: 16, evaluation_windows: 16, seed: 0}
+    quantize_stage:
+      targets: [Linear]                  # regexes over module names ('re:' prefix allowed);
+      ignore: []                         #   'Linear' = every linear in the repeated blocks
+      quantizer: {name: nf, bits: 4, group_size: 64}
+      overrides:
+        - targets: ['re:.*down_proj$']
+          quantizer: {bits: 8}
+    reconstruct_stage:
+      reconstructor: {name: svd, rank: 32}
+    evaluate_stage: {}
+    save_stage: {}
+
+Every error names the file and the YAML path of the offending value, and the allowed values.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import yaml
+
+from lqframe.errors import LqframeError, RecipeError
+
+__all__ = [
+    "Recipe",
+    "ComponentSpec",
+    "Override",
+    "DataSpec",
+    "QuantizeStage",
+    "ReconstructStage",
+    "AllocateStage",
+    "TuneStage",
+    "EvaluateStage",
+    "SaveStage",
+    "load_recipe",
+    "parse_recipe",
+    "apply_sets",
+    "DEFAULT_RECIPE",
+    "STAGE_ORDER",
+]
+
+STAGE_ORDER = ("allocate", "quantize", "reconstruct", "tune", "evaluate", "save")
+
+DEFAULT_RECIPE = """\
+# lqframe's default recipe: NF4 (group 64, float16 scales) + SVD rank-32 correction (float16 factors)
+data:
+  source: pydoc
+  seq_len: 512
+  calibration_windows: 16
+  evaluation_windows: 16
+  seed: 0
+quantize_stage:
+  targets: [Linear]
+  ignore: []
+  quantizer: {name: nf, bits: 4, group_size: 64}
+reconstruct_stage:
+  reconstructor: {name: svd, rank: 32}
+evaluate_stage:
+  float_baseline: true
+save_stage: {}
+"""
+
+
+class _Ctx:
+    """Where we are in the document, for error messages."""
+
+    def __init__(self, origin: str, path: str = ""):
+        self.origin = origin
+        self.path = path
+
+    def child(self, key: str | int) -> _Ctx:
+        if isinstance(key, int):
+            return _Ctx(self.origin, f"{self.path}[{key}]")
+        return _Ctx(self.origin, f"{self.path}.{key}" if self.path else key)
+
+    def error(self, message: str) -> RecipeError:
+        where = f"{self.origin}: {self.path}" if self.path else self.origin
+        return RecipeError(f"{where}: {message}")
+
+
+def _mapping(value: Any, ctx: _Ctx, allowed: Sequence[str] | None = None) -> dict[str, Any]:
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise ctx.error(f"expected a mapping, got {type(value).__name__} {value!r}")
+    out = {}
+    for key in value:
+        if not isinstance(key, str):
+            raise ctx.error(f"keys must be strings, got {key!r}")
+        if allowed is not None and key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ctx.child(key).error(f"unknown key{hint} allowed: {', '.join(allowed)}")
+        out[key] = value[key]
+    return out
+
+
+def _int(value: Any, ctx: _Ctx, lo: int | None = None, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ctx.error(f"expected an integer, got {value!r}")
+    if lo is not None and value < lo:
+        raise ctx.error(f"must be >= {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise ctx.error(f"must be <= {hi}, got {value}")
+    return value
+
+
+def _float(value: Any, ctx: _Ctx, lo: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ctx.error(f"expected a number, got {value!r}")
+    if lo is not None and value < lo:
+        raise ctx.error(f"must be >= {lo}, got {value}")
+    return float(value)
+
+
+def _bool(value: Any, ctx: _Ctx) -> bool:
+    if not isinstance(value, bool):
+        raise ctx.error(f"expected true or false, got {value!r}")
+    return value
+
+
+def _str(value: Any, ctx: _Ctx) -> str:
+    if not isinstance(value, str) or not value:
+        raise ctx.error(f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _patterns(value: Any, ctx: _Ctx) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
+        raise ctx.error(f"expected a list of patterns (strings), got {value!r}")
+    return tuple(value)
+
+
+# --------------------------------------------------------------------------- spec objects
+
+
+@attrs.frozen
+class ComponentSpec:
+    """A component by registry name plus its options."""
+
+    name: str
+    options: Mapping[str, Any] = attrs.field(factory=dict, converter=dict)
+
+    def merged(self, partial: Mapping[str, Any]) -> ComponentSpec:
+        """Apply an override: a different ``name`` replaces the component, otherwise options merge."""
+        partial = dict(partial)
+        name = partial.pop("name", self.name)
+        if name != self.name:
+            return ComponentSpec(name, partial)
+        return ComponentSpec(name, {**self.options, **partial})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **self.options}
+
+
+@attrs.frozen
+class Override:
+    targets: tuple[str, ...]
+    options: Mapping[str, Any] = attrs.field(factory=dict, converter=dict)  # partial component spec
+
+
+@attrs.frozen
+class DataSpec:
+    source: str = "pydoc"
+    seq_len: int = 512
+    calibration_windows: int = 16
+    evaluation_windows: int = 16
+    seed: int = 0
+
+
+@attrs.frozen
+class QuantizeStage:
+    quantizer: ComponentSpec
+    targets: tuple[str, ...] = ("Linear",)
+    ignore: tuple[str, ...] = ()
+    overrides: tuple[Override, ...] = ()
+
+
+@attrs.frozen
+class ReconstructStage:
+    reconstructor: ComponentSpec
+    overrides: tuple[Override, ...] = ()
+
+
+@attrs.frozen
+class AllocateStage:
+    allocator: ComponentSpec
+    candidates: tuple[Mapping[str, Any], ...]
+    budget_bits: float | None = None
+    include_lowrank: bool = False
+
+
+@attrs.frozen
+class TuneStage:
+    objective: ComponentSpec
+    steps: int = 100
+    lr: float = 1e-4
+
+
+@attrs.frozen
+class EvaluateStage:
+    float_baseline: bool = True
+
+
+@attrs.frozen
+class SaveStage:
+    max_shard_size_mb: int = 2000
+    tokenizer: bool = True
+
+
+@attrs.frozen
+class Recipe:
+    data: DataSpec = attrs.field(factory=DataSpec)
+    model: str | None = None
+    quantize: QuantizeStage | None = None
+    reconstruct: ReconstructStage | None = None
+    allocate: AllocateStage | None = None
+    tune: TuneStage | None = None
+    evaluate: EvaluateStage | None = None
+    save: SaveStage | None = None
+    raw: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
+    origin: str = attrs.field(default="<recipe>", eq=False)
+
+    def stages(self) -> list[str]:
+        return [s for s in STAGE_ORDER if getattr(self, s) is not None]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dict(self.raw), sort_keys=False)
+
+    def fingerprint(self) -> str:
+        """Hash of the recipe content (what must match for a run to be resumed)."""
+        return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    # -- per-layer components -----------------------------------------------------------------
+    def quantizer_for(self, name: str) -> ComponentSpec:
+        return _resolve(self.quantize.quantizer, self.quantize.overrides, name)
+
+    def reconstructor_for(self, name: str) -> ComponentSpec:
+        if self.reconstruct is None:
+            return ComponentSpec("none")
+        return _resolve(self.reconstruct.reconstructor, self.reconstruct.overrides, name)
+
+
+def _resolve(base: ComponentSpec, overrides: Sequence[Override], layer: str) -> ComponentSpec:
+    from lqframe.models import select
+
+    spec = base
+    for ov in overrides:  # later overrides win
+        if select([layer], list(ov.targets), []):
+            spec = spec.merged(ov.options)
+    return spec
+
+
+# --------------------------------------------------------------------------- parsing
+
+_TOP_KEYS = ("model", "data") + tuple(f"{s}_stage" for s in STAGE_ORDER)
+
+
+def _component(value: Any, ctx: _Ctx, kind: str) -> ComponentSpec:
+    if isinstance(value, str):
+        value = {"name": value}
+    body = _mapping(value, ctx)
+    if "name" not in body:
+        raise ctx.error(f"the {kind} needs a 'name' (see `lqframe plugins` for the {kind}s installed)")
+    name = _str(body.pop("name"), ctx.child("name"))
+    return ComponentSpec(name, body)
+
+
+def _overrides(value: Any, ctx: _Ctx, key: str) -> tuple[Override, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ctx.error("expected a list of overrides, each with 'targets' and '" + key + "'")
+    out = []
+    for i, item in enumerate(value):
+        c = ctx.child(i)
+        body = _mapping(item, c, ("targets", key))
+        if "targets" not in body:
+            raise c.error("an override needs 'targets'")
+        partial = body.get(key, {})
+        if isinstance(partial, str):
+            partial = {"name": partial}
+        out.append(Override(_patterns(body["targets"], c.child("targets")), _mapping(partial, c.child(key))))
+    return tuple(out)
+
+
+def _check_component(spec: ComponentSpec, kind: str, ctx: _Ctx) -> None:
+    """Instantiate through the registry so unknown names and bad options fail now, with a path."""
+    from lqframe.registry import registry
+
+    try:
+        registry().create(kind, spec.name, **spec.options)
+    except LqframeError as exc:
+        raise ctx.error(str(exc)) from None
+
+
+def parse_recipe(doc: Any, origin: str = "<recipe>", check_components: bool = True) -> Recipe:
+    root = _Ctx(origin)
+    body = _mapping(doc, root, _TOP_KEYS)
+    kw: dict[str, Any] = {"raw": copy.deepcopy(body), "origin": origin}
+
+    if body.get("model") is not None:
+        kw["model"] = _str(body["model"], root.child("model"))
+
+    c = root.child("data")
+    d = _mapping(body.get("data"), c, [f.name for f in attrs.fields(DataSpec)])
+    defaults = DataSpec()
+    kw["data"] = DataSpec(
+        source=_str(d.get("source", defaults.source), c.child("source")),
+        seq_len=_int(d.get("seq_len", defaults.seq_len), c.child("seq_len"), 2),
+        calibration_windows=_int(d.get("calibration_windows", defaults.calibration_windows),
+                                 c.child("calibration_windows"), 0),
+        evaluation_windows=_int(d.get("evaluation_windows", defaults.evaluation_windows),
+                                c.child("evaluation_windows"), 0),
+        seed=_int(d.get("seed", defaults.seed), c.child("seed")),
+    )
+
+    if "quantize_stage" in body:
+        c = root.child("quantize_stage")
+        s = _mapping(body["quantize_stage"], c, ("targets", "ignore", "quantizer", "overrides"))
+        if "quantizer" not in s:
+            raise c.error("quantize_stage needs a 'quantizer', e.g. {name: nf, bits: 4, group_size: 64}")
+        stage = QuantizeStage(
+            quantizer=_component(s["quantizer"], c.child("quantizer"), "quantizer"),
+            targets=_patterns(s.get("targets", ["Linear"]), c.child("targets")),
+            ignore=_patterns(s.get("ignore", []), c.child("ignore")),
+            overrides=_overrides(s.get("overrides"), c.child("overrides"), "quantizer"),
+        )
+        if check_components:
+            _check_component(stage.quantizer, "quantizer", c.child("quantizer"))
+            for i, ov in enumerate(stage.overrides):
+                _check_component(stage.quantizer.merged(ov.options), "quantizer",
+                                 c.child("overrides").child(i).child("quantizer"))
+        kw["quantize"] = stage
+
+    if "reconstruct_stage" in body:
+        c = root.child("reconstruct_stage")
+        s = _mapping(body["reconstruct_stage"], c, ("reconstructor", "overrides"))
+        if "reconstructor" not in s:
+            raise c.error("reconstruct_stage needs a 'reconstructor', e.g. {name: svd, rank: 32}")
+        if "quantize_stage" not in body:
+            raise c.error("a reconstruct_stage needs a quantize_stage (it corrects a quantizer's error)")
+        stage = ReconstructStage(
+            reconstructor=_component(s["reconstructor"], c.child("reconstructor"), "reconstructor"),
+            overrides=_overrides(s.get("overrides"), c.child("overrides"), "reconstructor"),
+        )
+        if check_components:
+            _check_component(stage.reconstructor, "reconstructor", c.child("reconstructor"))
+            for i, ov in enumerate(stage.overrides):
+                _check_component(stage.reconstructor.merged(ov.options), "reconstructor",
+                                 c.child("overrides").child(i).child("reconstructor"))
+        kw["reconstruct"] = stage
+
+    if "allocate_stage" in body:
+        c = root.child("allocate_stage")
+        s = _mapping(body["allocate_stage"], c, ("allocator", "candidates", "budget_bits", "include_lowrank"))
+        if "quantize_stage" not in body:
+            raise c.error("an allocate_stage chooses quantizer options per layer: it needs a quantize_stage")
+        cands = s.get("candidates")
+        if not isinstance(cands, list) or not cands:
+            raise c.child("candidates").error("expected a non-empty list of quantizer option sets, e.g. "
+                                              "[{bits: 4}, {bits: 3}]")
+        candidates = tuple(_mapping(x, c.child("candidates").child(i)) for i, x in enumerate(cands))
+        budget = s.get("budget_bits")
+        stage = AllocateStage(
+            allocator=_component(s.get("allocator", "uniform"), c.child("allocator"), "allocator"),
+            candidates=candidates,
+            budget_bits=None if budget is None else _float(budget, c.child("budget_bits"), 0.0),
+            include_lowrank=_bool(s.get("include_lowrank", False), c.child("include_lowrank")),
+        )
+        if check_components:
+            _check_component(stage.allocator, "allocator", c.child("allocator"))
+            base = kw["quantize"].quantizer
+            for i, cand in enumerate(candidates):
+                _check_component(base.merged(cand), "quantizer", c.child("candidates").child(i))
+        kw["allocate"] = stage
+
+    if "tune_stage" in body:
+        c = root.child("tune_stage")
+        s = _mapping(body["tune_stage"], c, ("objective", "steps", "lr"))
+        if "objective" not in s:
+            raise c.error("tune_stage needs an 'objective' (a loss objective plugin)")
+        stage = TuneStage(
+            objective=_component(s["objective"], c.child("objective"), "objective"),
+            steps=_int(s.get("steps", 100), c.child("steps"), 1),
+            lr=_float(s.get("lr", 1e-4), c.child("lr"), 0.0),
+        )
+        if check_components:
+            _check_component(stage.objective, "objective", c.child("objective"))
+        kw["tune"] = stage
+
+    if "evaluate_stage" in body:
+        c = root.child("evaluate_stage")
+        s = _mapping(body["evaluate_stage"], c, ("float_baseline",))
+        kw["evaluate"] = EvaluateStage(float_baseline=_bool(s.get("float_baseline", True), c.child("float_baseline")))
+
+    if "save_stage" in body:
+        c = root.child("save_stage")
+        s = _mapping(body["save_stage"], c, ("max_shard_size_mb", "tokenizer"))
+        kw["save"] = SaveStage(
+            max_shard_size_mb=_int(s.get("max_shard_size_mb", 2000), c.child("max_shard_size_mb"), 1),
+            tokenizer=_bool(s.get("tokenizer", True), c.child("tokenizer")),
+        )
+
+    recipe = Recipe(**kw)
+    if not recipe.stages():
+        raise root.error(f"the recipe names no stage; add one or more of: "
+                         f"{', '.join(s + '_stage' for s in STAGE_ORDER)}")
+    return recipe
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_sets(doc: Mapping[str, Any], sets: Sequence[str], origin: str = "--set") -> dict[str, Any]:
+    """Apply ``key.sub=value`` assignments (values parsed as YAML) to a recipe document."""
+    out = copy.deepcopy(dict(doc))
+    for item in sets:
+        if "=" not in item:
+            raise RecipeError(f"{origin} {item!r}: expected KEY=VALUE, e.g. quantize_stage.quantizer.bits=3")
+        key, _, raw = item.partition("=")
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise RecipeError(f"{origin} {item!r}: empty key")
+        node: Any = out
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part) if isinstance(node, dict) else None
+            if nxt is None:
+                nxt = {}
+                node[part] = nxt
+            if not isinstance(nxt, dict):
+                raise RecipeError(f"{origin} {item!r}: {'.'.join(parts[: i + 1])} is not a mapping")
+            node = nxt
+        node[parts[-1]] = _parse_scalar(raw)
+    return out
+
+
+def load_recipe(path: str | Path | None = None, sets: Sequence[str] = (), check_components: bool = True) -> Recipe:
+    """Read a recipe file (``None``: the built-in default), apply ``--set`` overrides, validate."""
+    if path is None:
+        origin, text = "default recipe", DEFAULT_RECIPE
+    else:
+        p = Path(path)
+        origin = str(p)
+        if not p.is_file():
+            raise RecipeError(f"{origin}: no such recipe file")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RecipeError(f"{origin}: cannot read the recipe: {exc}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise RecipeError(f"{origin}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if doc is None:
+        raise RecipeError(f"{origin}: the recipe is empty")
+    if not isinstance(doc, dict):
+        raise RecipeError(f"{origin}: a recipe is a mapping of stages, got {type(doc).__name__}")
+    if sets:
+        doc = apply_sets(doc, sets)
+    return parse_recipe(doc, origin, check_components)

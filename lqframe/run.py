@@ -1,0 +1,280 @@
+"""The main job: ``lqframe run`` — load, calibrate, compress block by block, evaluate, save.
+
+Resumable: after every block the finished layers and the next block's inputs are written
+(atomically) to ``OUTPUT/.lqframe-partial/``; the same command started again continues from the
+last finished block and produces the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from lqframe.checkpoint import atomic_write_json, save_checkpoint, save_tensors
+from lqframe.errors import LqframeError, RecipeError
+from lqframe.lqlinear import LQLinear, set_weight_cache
+from lqframe.pipeline import LayerResult, allocate, compress_blocks, plan_layers, set_module, summarize
+from lqframe.recipe import Recipe
+
+__all__ = ["run", "compress", "default_output", "peak_rss_mb", "format_table"]
+
+PARTIAL = ".lqframe-partial"
+#: files and folders a run writes into its output folder (what --overwrite may remove)
+_OWN = re.compile(
+    r"^(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|config\.json|generation_config\.json|"
+    r"recipe\.yaml|report\.json|tokenizer.*|special_tokens_map\.json|vocab\.json|merges\.txt|"
+    r"chat_template\.(jinja|json)|added_tokens\.json|\.lqframe-partial|\..*\.tmp|\.tokenizer-.*)$"
+)
+
+
+def peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024.0 if sys.platform != "darwin" else kb / 1024.0 / 1024.0
+
+
+def default_output(model_spec: str | None) -> Path:
+    name = "smollm2-135m-instruct" if model_spec in (None, "default") else Path(str(model_spec)).name
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name.removesuffix(".gguf")).strip("-").lower() or "model"
+    return Path("runs") / slug
+
+
+# --------------------------------------------------------------------------- output folder
+
+
+class _Partial:
+    """Progress of an unfinished run inside the output folder."""
+
+    def __init__(self, out: Path, identity: dict[str, Any]):
+        self.dir = out / PARTIAL
+        self.identity = identity
+        self.progress: dict[str, Any] = {"identity": identity, "finished_block": -1, "layers": [],
+                                         "layer_configs": {}, "fp_ppl": None}
+
+    def load(self) -> bool:
+        path = self.dir / "progress.json"
+        if not path.is_file():
+            return False
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return False
+        if data.get("identity") != self.identity:
+            return False
+        self.progress = data
+        return True
+
+    def save_progress(self) -> None:
+        atomic_write_json(self.dir / "progress.json", self.progress)
+
+    def set_fp_ppl(self, value: float | None) -> None:
+        self.progress["fp_ppl"] = value
+        self.save_progress()
+
+    def block_done(self, model, block: int, results: list[LayerResult], inputs) -> None:
+        tensors = {}
+        for r in results:
+            module = model.get_submodule(r.name)
+            for key, t in module.state_dict().items():
+                tensors[f"{r.name}.{key}"] = t
+            self.progress["layer_configs"][r.name] = module.layer_config()
+        save_tensors(self.dir / f"block-{block:05d}.safetensors", tensors)
+        if inputs is not None:
+            save_tensors(self.dir / f"inputs-{block + 1:05d}.safetensors",
+                         {f"x.{i}": x for i, x in enumerate(inputs)})
+        self.progress["finished_block"] = block
+        self.progress["layers"] += [r.as_dict() for r in results]
+        self.save_progress()  # the commit point
+        for old in self.dir.glob("inputs-*.safetensors"):
+            if old.name != f"inputs-{block + 1:05d}.safetensors":
+                old.unlink(missing_ok=True)
+
+    def restore(self, model) -> tuple[int, list[torch.Tensor] | None, list[LayerResult]]:
+        """Swap the finished layers back in; return (next block, its inputs, finished results)."""
+        done = int(self.progress["finished_block"])
+        for b in range(done + 1):
+            path = self.dir / f"block-{b:05d}.safetensors"
+            if not path.is_file():
+                continue  # a block without compressed layers
+            with safe_open(path, framework="pt") as fh:
+                state = {k: fh.get_tensor(k) for k in fh.keys()}
+            for name, cfg in self.progress["layer_configs"].items():
+                prefix = name + "."
+                own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+                if not own:
+                    continue
+                module = LQLinear.from_layer_config(cfg)
+                module.load_state_dict(own)
+                set_module(model, name, module)
+        inputs = None
+        path = self.dir / f"inputs-{done + 1:05d}.safetensors"
+        if path.is_file():
+            with safe_open(path, framework="pt") as fh:
+                inputs = [fh.get_tensor(f"x.{i}") for i in range(len(list(fh.keys())))]
+        results = [LayerResult(**r) for r in self.progress["layers"]]
+        return done + 1, inputs, results
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _prepare_output(out: Path, identity: dict[str, Any], overwrite: bool, log: Callable[[str], None]) -> _Partial:
+    partial = _Partial(out, identity)
+    if not out.exists():
+        out.mkdir(parents=True)
+        return partial
+    if not out.is_dir():
+        raise LqframeError(f"output {out} exists and is not a folder")
+    entries = list(out.iterdir())
+    if not entries:
+        return partial
+    if (out / "report.json").exists() or not (out / PARTIAL).exists() or not partial.load():
+        if not overwrite:
+            what = "a finished checkpoint" if (out / "report.json").exists() else (
+                "an unfinished run of a different recipe or model" if (out / PARTIAL).exists() else "other files")
+            raise LqframeError(f"output folder {out} already holds {what}; pass --overwrite to replace it, "
+                               "or choose another --output")
+        foreign = [e.name for e in entries if not _OWN.match(e.name)]
+        if foreign:
+            raise LqframeError(f"refusing to overwrite {out}: it contains files lqframe did not write "
+                               f"({', '.join(sorted(foreign)[:5])})")
+        for e in entries:
+            shutil.rmtree(e) if e.is_dir() else e.unlink()
+        return _Partial(out, identity)
+    log(f"resuming the unfinished run in {out} after block {partial.progress['finished_block']}")
+    return partial
+
+
+# --------------------------------------------------------------------------- table
+
+
+def format_table(report: dict[str, Any]) -> str:
+    rows = report.get("layers", [])
+    head = (f"{'layer':<44} {'quant':<6} {'bits':>4} {'group':>5} {'rank':>4} {'b/param':>8} {'+LR':>7} "
+            f"{'w err':>7} {'out err':>7} {'sec':>6}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        numel = max(r["numel"], 1)
+        out_err = "-" if r["rel_output_error"] is None else f"{r['rel_output_error']:.4f}"
+        lines.append(
+            f"{r['name'][-44:]:<44} {r['quantizer'][:6]:<6} {r['bits'] or '-':>4} {r['group_size'] or '-':>5} "
+            f"{r['rank']:>4} {r['storage_bits'] / numel:>8.3f} {(r['storage_bits'] + r['lowrank_bits']) / numel:>7.3f} "
+            f"{r['rel_weight_error']:>7.4f} {out_err:>7} {r['seconds']:>6.2f}"
+        )
+    lines.append("-" * len(head))
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    lines.append(
+        f"total: {len(rows)} layers, {report.get('params', 0):,} params, avg bits {fmt(report.get('avg_bits'))} "
+        f"(with low-rank {fmt(report.get('avg_bits_with_lowrank'))}); fp ppl {fmt(report.get('fp_ppl'))} → "
+        f"ppl {fmt(report.get('ppl'))}; {report.get('seconds', 0):.1f} s, "
+        f"peak RSS {report.get('peak_rss_mb', 0):.0f} MB"
+    )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def _windows(recipe: Recipe, tokenizer, need_calibration: bool, need_evaluation: bool):
+    from lqframe.data import make_windows
+
+    d = recipe.data
+    if tokenizer is None:
+        raise LqframeError("the model has no tokenizer; lqframe needs one to read calibration and evaluation text")
+    return make_windows(tokenizer, d.source, d.seq_len,
+                        d.calibration_windows if need_calibration else 0,
+                        d.evaluation_windows if need_evaluation else 0, d.seed)
+
+
+def run(
+    recipe: Recipe,
+    model_spec: str | None = None,
+    output: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+) -> dict[str, Any]:
+    """Run a recipe end to end and return the report (also written to ``OUTPUT/report.json``)."""
+    from lqframe.evaluate import perplexity
+    from lqframe.models import load_model
+
+    t_start = time.perf_counter()
+    spec = model_spec or recipe.model or "default"
+    out = Path(output) if output is not None else default_output(spec)
+    saving = recipe.save is not None
+    identity = {"recipe": recipe.fingerprint(), "model": spec}
+    partial = _prepare_output(out, identity, overwrite, log) if saving else None
+
+    log(f"loading model {spec} …")
+    loaded = load_model(spec)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    need_eval = recipe.evaluate is not None
+    windows = _windows(recipe, tokenizer, recipe.quantize is not None, need_eval)
+    log(f"data: {recipe.data.source}, {windows.total_tokens} tokens; {len(windows.calibration)} calibration and "
+        f"{len(windows.evaluation)} evaluation windows of {windows.seq_len}")
+
+    fp_ppl = partial.progress.get("fp_ppl") if partial is not None else None
+    if need_eval and recipe.evaluate.float_baseline and fp_ppl is None:
+        fp_ppl = perplexity(model, windows.evaluation, progress=progress, desc="float perplexity")
+        log(f"float perplexity: {fp_ppl:.4f}")
+        if partial is not None:
+            partial.set_fp_ppl(fp_ppl)
+
+    results: list[LayerResult] = []
+    if recipe.quantize is not None:
+        plans = allocate(model, recipe, plan_layers(model, recipe), progress)
+        start, inputs, done = (0, None, [])
+        if partial is not None and partial.progress["finished_block"] >= 0:
+            start, inputs, done = partial.restore(model)
+        callback = None
+        if partial is not None:
+            callback = lambda b, res, x: partial.block_done(model, b, res, x)  # noqa: E731
+        results = done + compress_blocks(model, plans, windows.calibration, start_block=start,
+                                         start_inputs=inputs, on_block_done=callback, progress=progress)
+    if recipe.tune is not None:
+        raise RecipeError(f"{recipe.origin}: tune_stage: tuning is not available yet in this version")
+
+    ppl = None
+    if need_eval:
+        set_weight_cache(model, True)
+        try:
+            ppl = perplexity(model, windows.evaluation, progress=progress, desc="perplexity")
+        finally:
+            set_weight_cache(model, False)
+    report = {
+        "model": spec,
+        "recipe": recipe.origin,
+        "fp_ppl": fp_ppl,
+        "ppl": ppl,
+        **summarize(results),
+        "seconds": time.perf_counter() - t_start,
+        "peak_rss_mb": peak_rss_mb(),
+        "data": {"source": windows.source, "seq_len": windows.seq_len, "total_tokens": windows.total_tokens,
+                 "calibration_windows": list(windows.calibration_index),
+                 "evaluation_windows": list(windows.evaluation_index)},
+        "stages": recipe.stages(),
+        "layers": [r.as_dict() for r in results],
+    }
+    if saving:
+        save_checkpoint(model, out, recipe_yaml=recipe.to_yaml(), report=report,
+                        tokenizer=tokenizer if recipe.save.tokenizer else None,
+                        max_shard_size_mb=recipe.save.max_shard_size_mb)
+        partial.remove()
+        report["output"] = str(out)
+    return report
+
+
+def compress(model, recipe: Recipe, calibration: torch.Tensor | None = None, *, progress: bool = True):
+    """Compress an already-loaded model in place (Python API); returns the per-layer results."""
+    plans = allocate(model, recipe, plan_layers(model, recipe), progress)
+    return compress_blocks(model, plans, calibration, progress=progress)

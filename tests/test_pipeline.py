@@ -1,0 +1,245 @@
+"""The main job on tiny real models: compress, evaluate, save, load back, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import lqframe
+from lqframe.lqlinear import LQLinear
+from lqframe.recipe import load_recipe
+from lqframe.run import run
+from tests.tiny import tiny_llama_dir
+
+SMALL = ["data.seq_len=64", "data.calibration_windows=4", "data.evaluation_windows=3",
+         "quantize_stage.quantizer.group_size=32", "reconstruct_stage.reconstructor.rank=8"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_llama_dir(tmp_path_factory.mktemp("tiny") / "model", layers=3)
+
+
+def small_recipe(*extra):
+    return load_recipe(None, [*SMALL, *extra])
+
+
+def _tensors(path):
+    with safe_open(path, framework="pt") as fh:
+        return {k: fh.get_tensor(k) for k in fh.keys()}
+
+
+@pytest.fixture(scope="module")
+def finished(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    report = run(small_recipe(), str(model_dir), out, progress=False)
+    return out, report
+
+
+def test_report_schema_and_figures(finished):
+    out, report = finished
+    on_disk = json.loads((out / "report.json").read_text())
+    for key in ("model", "recipe", "fp_ppl", "ppl", "avg_bits", "avg_bits_with_lowrank", "seconds", "peak_rss_mb",
+                "layers"):
+        assert key in on_disk
+    assert len(on_disk["layers"]) == 3 * 7
+    layer = on_disk["layers"][0]
+    for key in ("name", "quantizer", "reconstructor", "bits", "group_size", "rank", "storage_bits",
+                "rel_weight_error", "rel_output_error", "seconds"):
+        assert key in layer
+    assert layer["bits"] == 4 and layer["group_size"] == 32 and layer["rank"] == 8
+    assert all(0 < r["rel_output_error"] < 0.5 for r in on_disk["layers"])
+    assert on_disk["avg_bits"] == pytest.approx(4 + 16 / 32)  # NF4, one float16 scale per 32
+    assert on_disk["avg_bits_with_lowrank"] > on_disk["avg_bits"]
+    assert on_disk["peak_rss_mb"] > 100
+    assert report["fp_ppl"] < report["ppl"] < 1.5 * report["fp_ppl"]
+    assert (out / "recipe.yaml").is_file() and (out / "tokenizer.json").is_file()
+    assert not (out / ".lqframe-partial").exists()
+
+
+def test_checkpoint_holds_packed_codes(finished):
+    out, _ = finished
+    state = _tensors(out / "model.safetensors")
+    codes = state["model.layers.0.mlp.up_proj.qweight.codes"]
+    assert codes.dtype == torch.uint8 and codes.numel() == 160 * 64 * 4 // 8
+    assert state["model.layers.0.mlp.up_proj.left"].dtype == torch.float16
+    assert "model.layers.0.mlp.up_proj.weight" not in state
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "lqframe"
+    assert len(cfg["quantization_config"]["layers"]) == 21
+
+
+def test_load_back_gives_the_reported_perplexity(finished):
+    from lqframe.data import make_windows
+    from lqframe.evaluate import perplexity
+
+    out, report = finished
+    model = lqframe.load(out)
+    assert isinstance(model.model.layers[1].self_attn.k_proj, LQLinear)
+    from lqframe.checkpoint import load_tokenizer
+
+    recipe = load_recipe(out / "recipe.yaml")
+    d = recipe.data
+    windows = make_windows(load_tokenizer(out), d.source, d.seq_len, 0, d.evaluation_windows, d.seed)
+    ppl = perplexity(model, windows.evaluation, progress=False)
+    assert ppl == pytest.approx(report["ppl"], rel=1e-4)
+
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(hf.model.layers[0].mlp.down_proj, LQLinear)
+    assert perplexity(hf, windows.evaluation, progress=False) == pytest.approx(report["ppl"], rel=1e-4)
+
+
+def test_cli_eval_and_inspect(finished):
+    out, report = finished
+    res = subprocess.run([sys.executable, "-m", "lqframe.cli", "eval", str(out), "--json"], capture_output=True,
+                         text=True, check=True)
+    assert json.loads(res.stdout)["ppl"] == pytest.approx(report["ppl"], rel=1e-4)
+    res = subprocess.run([sys.executable, "-m", "lqframe.cli", "inspect", str(out), "--json"], capture_output=True,
+                         text=True, check=True)
+    info = json.loads(res.stdout)
+    assert len(info["layers"]) == 21 and info["avg_bits"] == pytest.approx(report["avg_bits"])
+    assert info["layers"][0]["format"] == "nf4" and info["layers"][0]["rank"] == 8
+    text = subprocess.run([sys.executable, "-m", "lqframe.cli", "inspect", str(out)], capture_output=True,
+                          text=True, check=True).stdout
+    assert "model.layers.2.mlp.down_proj" in text and "total: 21 layers" in text
+
+
+def test_existing_output_is_not_overwritten(finished, model_dir):
+    out, _ = finished
+    with pytest.raises(lqframe.LqframeError, match="finished checkpoint.*--overwrite"):
+        run(small_recipe(), str(model_dir), out, progress=False)
+
+
+def test_overwrite_refuses_foreign_files(model_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(lqframe.LqframeError, match="other files"):
+        run(small_recipe(), str(model_dir), out, progress=False)
+    with pytest.raises(lqframe.LqframeError, match="did not write.*notes.txt"):
+        run(small_recipe(), str(model_dir), out, overwrite=True, progress=False)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_resume_after_interruption_gives_the_same_checkpoint(model_dir, tmp_path, finished, monkeypatch):
+    from lqframe import run as run_mod
+
+    out = tmp_path / "out"
+    original = run_mod._Partial.block_done
+    calls = {"n": 0}
+
+    def crash_after_first(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt  # killed right after block 0 was committed
+
+    monkeypatch.setattr(run_mod._Partial, "block_done", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        run(small_recipe(), str(model_dir), out, progress=False)
+    assert not (out / "report.json").exists() and not (out / "model.safetensors").exists()
+    progress = json.loads((out / ".lqframe-partial" / "progress.json").read_text())
+    assert progress["finished_block"] == 0
+    monkeypatch.setattr(run_mod._Partial, "block_done", original)
+
+    messages = []
+    report = run(small_recipe(), str(model_dir), out, progress=False, log=messages.append)
+    assert any("resuming" in m for m in messages)
+    ref_out, ref_report = finished
+    assert report["ppl"] == ref_report["ppl"] and report["fp_ppl"] == ref_report["fp_ppl"]
+    a, b = _tensors(out / "model.safetensors"), _tensors(ref_out / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_overrides_and_ignore(model_dir, tmp_path):
+    recipe = small_recipe()
+    import yaml
+
+    doc = yaml.safe_load(recipe.to_yaml())
+    doc["quantize_stage"]["ignore"] = ["re:layers\\.2\\."]
+    doc["quantize_stage"]["overrides"] = [{"targets": ["re:.*down_proj$"], "quantizer": {"name": "rtn", "bits": 8}}]
+    doc.pop("save_stage")
+    from lqframe.recipe import parse_recipe
+
+    report = run(parse_recipe(doc), str(model_dir), tmp_path / "o", progress=False)
+    names = {r["name"]: r for r in report["layers"]}
+    assert len(names) == 14 and not any(".layers.2." in n for n in names)
+    assert names["model.layers.0.mlp.down_proj"]["quantizer"] == "rtn"
+    assert names["model.layers.0.mlp.down_proj"]["bits"] == 8
+    assert not (tmp_path / "o" / "report.json").exists()  # no save_stage, nothing saved
+
+
+def test_pattern_that_matches_nothing(model_dir, tmp_path):
+    recipe = small_recipe("quantize_stage.targets=[re:.*attn_out$]")
+    with pytest.raises(lqframe.RecipeError, match="matches no linear layer"):
+        run(recipe, str(model_dir), tmp_path / "o", progress=False)
+
+
+def test_nan_weight_is_a_one_line_error_naming_the_layer(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = tiny_llama_dir(tmp_path / "m", layers=2)
+    state = load_file(d / "model.safetensors")
+    state["model.layers.1.mlp.up_proj.weight"][3, 3] = float("nan")
+    save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+    res = subprocess.run([sys.executable, "-m", "lqframe.cli", "run", "--model", str(d), "--output",
+                          str(tmp_path / "o"), "--quiet", *sum((["--set", s] for s in SMALL), [])],
+                         capture_output=True, text=True)
+    assert res.returncode != 0
+    err = res.stderr.strip().splitlines()[-1]
+    assert err.startswith("lqframe: error:") and "model.layers.1.mlp.up_proj" in err and "NaN" in err
+    assert not (tmp_path / "o" / "model.safetensors").exists() and not (tmp_path / "o" / "report.json").exists()
+
+
+def test_data_free_run_and_allocation(model_dir, tmp_path):
+    recipe = load_recipe(None, [*SMALL, "data.calibration_windows=0",
+                                "allocate_stage={allocator: uniform, budget_bits: 3.6, candidates: [{bits: 4}, {bits: 3}]}"])
+    report = run(recipe, str(model_dir), tmp_path / "o", progress=False)
+    assert all(r["rel_output_error"] is None for r in report["layers"])
+    assert {r["bits"] for r in report["layers"]} == {3}
+    assert report["avg_bits"] <= 3.6
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--model", "/nonexistent/model"], "no model at /nonexistent/model"),
+        (["--set", "data.source=text:/nonexistent.txt"], "nonexistent.txt"),
+        (["--set", "quantize_stage.quantizer.bits=11"], "quantize_stage.quantizer"),
+        (["--set", "reconstruct_stage.reconstructor.rank=-1"], "reconstruct_stage.reconstructor"),
+    ],
+)
+def test_cli_bad_input(model_dir, tmp_path, args, needle):
+    cmd = [sys.executable, "-m", "lqframe.cli", "run", "--model", str(model_dir), "--output", str(tmp_path / "o"),
+           "--quiet", *sum((["--set", s] for s in SMALL), []), *args]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode != 0
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("lqframe: error:") and needle in last
+    assert not (tmp_path / "o" / "report.json").exists()
+
+
+def test_cli_empty_data_file(model_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    res = subprocess.run([sys.executable, "-m", "lqframe.cli", "run", "--model", str(model_dir), "--output",
+                          str(tmp_path / "o"), "--quiet", *sum((["--set", s] for s in SMALL), []),
+                          "--set", f"data.source=text:{empty}"], capture_output=True, text=True)
+    assert res.returncode != 0 and "empty" in res.stderr
+
+
+def test_python_compress_api(model_dir):
+    from lqframe.models import load_model
+
+    loaded = load_model(str(model_dir))
+    results = lqframe.compress(loaded.model, small_recipe(), None, progress=False)
+    assert len(results) == 21
+    assert isinstance(loaded.model.model.layers[0].self_attn.q_proj, LQLinear)
