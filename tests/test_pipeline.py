@@ -200,8 +200,8 @@ def test_nan_weight_is_a_one_line_error_naming_the_layer(tmp_path):
 
 
 def test_data_free_run_and_allocation(model_dir, tmp_path):
-    recipe = load_recipe(None, [*SMALL, "data.calibration_windows=0",
-                                "allocate_stage={allocator: uniform, budget_bits: 3.6, candidates: [{bits: 4}, {bits: 3}]}"])
+    allocate = "allocate_stage={allocator: uniform, budget_bits: 3.6, candidates: [{bits: 4}, {bits: 3}]}"
+    recipe = load_recipe(None, [*SMALL, "data.calibration_windows=0", allocate])
     report = run(recipe, str(model_dir), tmp_path / "o", progress=False)
     assert all(r["rel_output_error"] is None for r in report["layers"])
     assert {r["bits"] for r in report["layers"]} == {3}

@@ -90,7 +90,8 @@ def test_missing_and_empty_file(tmp_path):
 
 
 def test_sets_override_values():
-    r = load_recipe(None, ["quantize_stage.quantizer.bits=3", "data.seq_len=128", "reconstruct_stage.reconstructor.rank=0"])
+    sets = ["quantize_stage.quantizer.bits=3", "data.seq_len=128", "reconstruct_stage.reconstructor.rank=0"]
+    r = load_recipe(None, sets)
     assert r.quantize.quantizer.options["bits"] == 3 and r.data.seq_len == 128
     assert r.reconstruct.reconstructor.options["rank"] == 0
     with pytest.raises(lqframe.RecipeError, match="KEY=VALUE"):
