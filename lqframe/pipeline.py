@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from lqframe.errors import LqframeError, ModelError, RecipeError
 from lqframe.interfaces import ErrorReconstructor, Quantizer
-from lqframe.lqlinear import LQLinear
+from lqframe.lqlinear import LQLinear, set_weight_cache
 from lqframe.models import block_linears, find_blocks, select, unmatched
 from lqframe.recipe import ComponentSpec, Recipe
 from lqframe.registry import registry
@@ -307,8 +307,12 @@ def compress_blocks(
             block_results.append(result)
         results += block_results
         if use_data:
-            with torch.inference_mode():
-                inputs = [_run_block(block, x, kwargs) for x in inputs]
+            set_weight_cache(block, True)  # dequantize each Q once for all windows
+            try:
+                with torch.inference_mode():
+                    inputs = [_run_block(block, x, kwargs) for x in inputs]
+            finally:
+                set_weight_cache(block, False)
         if on_block_done is not None:
             on_block_done(b, block_results, inputs)
     return results
