@@ -310,6 +310,12 @@ def _check_component(spec: ComponentSpec, kind: str, ctx: _Ctx) -> None:
         raise ctx.error(str(exc)) from None
 
 
+def _check_with_overrides(base: ComponentSpec, overrides: Sequence[Override], kind: str, ctx: _Ctx) -> None:
+    _check_component(base, kind, ctx.child(kind))
+    for i, ov in enumerate(overrides):
+        _check_component(base.merged(ov.options), kind, ctx.child("overrides").child(i).child(kind))
+
+
 def parse_recipe(doc: Any, origin: str = "<recipe>", check_components: bool = True) -> Recipe:
     root = _Ctx(origin)
     body = _mapping(doc, root, _TOP_KEYS)
@@ -343,10 +349,7 @@ def parse_recipe(doc: Any, origin: str = "<recipe>", check_components: bool = Tr
             overrides=_overrides(s.get("overrides"), c.child("overrides"), "quantizer"),
         )
         if check_components:
-            _check_component(stage.quantizer, "quantizer", c.child("quantizer"))
-            for i, ov in enumerate(stage.overrides):
-                _check_component(stage.quantizer.merged(ov.options), "quantizer",
-                                 c.child("overrides").child(i).child("quantizer"))
+            _check_with_overrides(stage.quantizer, stage.overrides, "quantizer", c)
         kw["quantize"] = stage
 
     if "reconstruct_stage" in body:
@@ -361,10 +364,7 @@ def parse_recipe(doc: Any, origin: str = "<recipe>", check_components: bool = Tr
             overrides=_overrides(s.get("overrides"), c.child("overrides"), "reconstructor"),
         )
         if check_components:
-            _check_component(stage.reconstructor, "reconstructor", c.child("reconstructor"))
-            for i, ov in enumerate(stage.overrides):
-                _check_component(stage.reconstructor.merged(ov.options), "reconstructor",
-                                 c.child("overrides").child(i).child("reconstructor"))
+            _check_with_overrides(stage.reconstructor, stage.overrides, "reconstructor", c)
         kw["reconstruct"] = stage
 
     if "allocate_stage" in body:
