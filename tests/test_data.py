@@ -331,10 +331,25 @@ def test_windows_are_disjoint_slices_of_the_stream():
     assert tok.calls == [{"add_special_tokens": False, "verbose": False}]
 
 
-def test_evaluation_windows_are_the_leading_ones():
+def test_evaluation_windows_are_evenly_spaced():
     w = make_windows(PositionTokenizer(), "custom", seq_len=8, n_calibration=3, n_evaluation=4, text=words(200))
-    assert w.evaluation_index == (0, 1, 2, 3) == evaluation_indices(25, 4)
-    assert w.evaluation[0, 0].item() == 0
+    assert w.evaluation_index == (0, 8, 16, 24) == evaluation_indices(25, 4)
+    assert w.evaluation[:, 0].tolist() == [0, 64, 128, 192]
+    # the default model's setting: 113108 pydoc tokens -> 220 windows of 512
+    assert evaluation_indices(220, 16) == (0, 15, 29, 44, 58, 73, 88, 102, 117, 131, 146, 161, 175, 190, 204, 219)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 16, 17, 31, 100, 220])
+def test_evaluation_indices_properties(k):
+    assert evaluation_indices(k, 0) == ()
+    assert evaluation_indices(k, 1) == (0,)
+    assert evaluation_indices(k, k) == tuple(range(k))
+    for n in range(2, k + 1):
+        idx = evaluation_indices(k, n)
+        assert len(idx) == n and list(idx) == sorted(set(idx))  # distinct, increasing
+        assert idx[0] == 0 and idx[-1] == k - 1  # spans the whole stream
+        gaps = {b - a for a, b in zip(idx, idx[1:], strict=False)}
+        assert max(gaps) - min(gaps) <= 1  # as even as integers allow
 
 
 def test_windows_are_deterministic_and_seed_changes_calibration():
@@ -350,6 +365,15 @@ def test_windows_are_deterministic_and_seed_changes_calibration():
     assert any(o.calibration_index != a.calibration_index for o in others)
     for o in others:  # evaluation never depends on the seed
         assert o.evaluation_index == a.evaluation_index and torch.equal(o.evaluation, a.evaluation)
+
+
+def test_evaluation_windows_do_not_depend_on_calibration_count():
+    """`lqframe eval` asks for 0 calibration windows, a run for 16: both must score the same windows."""
+    text = words(1000)
+    ref = make_windows(PositionTokenizer(), "c", seq_len=10, n_calibration=0, n_evaluation=6, text=text)
+    for n_cal in (1, 16, 94):
+        w = make_windows(PositionTokenizer(), "c", seq_len=10, n_calibration=n_cal, n_evaluation=6, text=text)
+        assert w.evaluation_index == ref.evaluation_index and torch.equal(w.evaluation, ref.evaluation)
 
 
 def test_calibration_is_not_always_the_windows_after_evaluation():

@@ -53,9 +53,9 @@ def test_saved_checkpoint_loads_back_with_the_same_perplexity(run_dir):
 
 
 def test_transformers_from_pretrained_after_import_lqframe(run_dir):
-    import lqframe  # noqa: F401  (registers the quantization method)
     from transformers import AutoModelForCausalLM
 
+    import lqframe  # noqa: F401  (registers the quantization method)
     from lqframe.checkpoint import load_tokenizer
     from lqframe.data import make_windows
     from lqframe.evaluate import perplexity
