@@ -142,14 +142,24 @@ def save_checkpoint(
     recipe_yaml: str | None = None,
     report: Mapping[str, Any] | None = None,
     tokenizer: Any = None,
-    max_shard_size_mb: int = 2000,
+    max_shard_size_mb: float = 2000,
 ) -> list[Path]:
     """Write a loadable checkpoint (see module doc). Returns the files written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
+    try:
+        _write_checkpoint(model, out, written, recipe_yaml, report, tokenizer, max_shard_size_mb)
+    except BaseException:
+        for f in written:  # nothing half-written: a failed save leaves no checkpoint files behind
+            f.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def _write_checkpoint(model, out: Path, written: list[Path], recipe_yaml, report, tokenizer, max_shard_size_mb):
     state = checkpoint_state(model)
-    shards = _shards(state, max_shard_size_mb * 1024 * 1024)
+    shards = _shards(state, int(max_shard_size_mb * 1024 * 1024))
     if len(shards) == 1:
         save_tensors(out / "model.safetensors", shards[0])
         written.append(out / "model.safetensors")
@@ -192,7 +202,6 @@ def save_checkpoint(
     if report is not None:
         atomic_write_json(out / "report.json", report)
         written.append(out / "report.json")
-    return written
 
 
 # --------------------------------------------------------------------------- loading

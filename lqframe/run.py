@@ -76,6 +76,18 @@ class _Partial:
     def save_progress(self) -> None:
         atomic_write_json(self.dir / "progress.json", self.progress)
 
+    def check_data(self, windows, out: Path) -> None:
+        """A resumed run must see the very same token windows (text, tokenizer and lqframe alike)."""
+        data = {"total_tokens": windows.total_tokens, "calibration": list(windows.calibration_index),
+                "evaluation": list(windows.evaluation_index),
+                "checksum": int(windows.calibration.sum()) * 31 + int(windows.evaluation.sum())}
+        if self.progress.get("data") is None:
+            self.progress["data"] = data
+            self.save_progress()
+        elif self.progress["data"] != data:
+            raise LqframeError(f"the unfinished run in {out} used other data windows than this one (the text, "
+                               "tokenizer or lqframe version changed); pass --overwrite to start afresh")
+
     def set_fp_ppl(self, value: float | None) -> None:
         self.progress["fp_ppl"] = value
         self.save_progress()
@@ -212,16 +224,23 @@ def run(
     spec = model_spec or recipe.model or "default"
     out = Path(output) if output is not None else default_output(spec)
     saving = recipe.save is not None
-    identity = {"recipe": recipe.fingerprint(), "model": spec}
+    from lqframe import __version__
+
+    identity = {"recipe": recipe.fingerprint(), "model": spec, "lqframe": __version__}
     partial = _prepare_output(out, identity, overwrite, log) if saving else None
 
     log(f"loading model {spec} …")
     loaded = load_model(spec)
     model, tokenizer = loaded.model, loaded.tokenizer
     need_eval = recipe.evaluate is not None
+    if need_eval and loaded.task != "causal-lm":
+        raise RecipeError(f"{recipe.origin}: evaluate_stage: token perplexity needs a causal LM, and {spec} is a "
+                          f"{loaded.task} model; remove evaluate_stage to compress it")
     windows = _windows(recipe, tokenizer, recipe.quantize is not None, need_eval)
     log(f"data: {recipe.data.source}, {windows.total_tokens} tokens; {len(windows.calibration)} calibration and "
         f"{len(windows.evaluation)} evaluation windows of {windows.seq_len}")
+    if partial is not None:
+        partial.check_data(windows, out)
 
     fp_ppl = partial.progress.get("fp_ppl") if partial is not None else None
     if need_eval and recipe.evaluate.float_baseline and fp_ppl is None:

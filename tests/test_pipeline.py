@@ -243,3 +243,86 @@ def test_python_compress_api(model_dir):
     results = lqframe.compress(loaded.model, small_recipe(), None, progress=False)
     assert len(results) == 21
     assert isinstance(loaded.model.model.layers[0].self_attn.q_proj, LQLinear)
+
+
+def test_resume_refuses_changed_data(model_dir, tmp_path, monkeypatch):
+    from lqframe import run as run_mod
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    recipe = small_recipe(f"data.source=text:{text}")
+    original = run_mod._Partial.block_done
+
+    def crash(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_mod._Partial, "block_done", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(recipe, str(model_dir), tmp_path / "o", progress=False)
+    monkeypatch.setattr(run_mod._Partial, "block_done", original)
+    text.write_text("Pack my box with five dozen liquor jugs. " * 200)
+    with pytest.raises(lqframe.LqframeError, match="other data windows"):
+        run(recipe, str(model_dir), tmp_path / "o", progress=False)
+
+
+def test_sharded_checkpoint_loads_back(model_dir, tmp_path):
+    from lqframe.checkpoint import save_checkpoint
+    from lqframe.models import load_model
+
+    loaded = load_model(str(model_dir))
+    lqframe.compress(loaded.model, small_recipe(), None, progress=False)
+    files = save_checkpoint(loaded.model, tmp_path / "ck", max_shard_size_mb=0.05)
+    shards = [f for f in files if f.name.startswith("model-")]
+    assert len(shards) > 1 and (tmp_path / "ck" / "model.safetensors.index.json").is_file()
+    back = lqframe.load(tmp_path / "ck")
+    x = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, loaded.model(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_full_disk_is_a_one_line_error_and_leaves_no_checkpoint(model_dir, tmp_path):
+    script = (
+        "import errno, sys, safetensors.torch as st\n"
+        "def full(*a, **k): raise OSError(errno.ENOSPC, 'No space left on device', a[1])\n"
+        "st.save_file = full\n"
+        "import lqframe.checkpoint as ck; ck.save_file = full\n"
+        "from lqframe.cli import main\n"
+        f"sys.exit(main(['run', '--model', {str(model_dir)!r}, '--output', {str(tmp_path / 'o')!r}, '--quiet', "
+        + ", ".join(f"'--set', {s!r}" for s in SMALL) + "]))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert res.returncode != 0
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("lqframe: error:") and "No space left on device" in last
+    left = {p.name for p in (tmp_path / "o").iterdir()}
+    assert not left & {"model.safetensors", "config.json", "report.json", "recipe.yaml"}, left
+
+
+def test_encoder_model_compresses_and_saves(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    from tests.tiny import byte_tokenizer
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=128)
+    d = tmp_path / "bert"
+    BertForMaskedLM(cfg).save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    doc = ["data.seq_len=32", "data.calibration_windows=2", "data.evaluation_windows=0",
+           "quantize_stage.quantizer.group_size=16", "reconstruct_stage.reconstructor.rank=4"]
+    import yaml
+
+    from lqframe.recipe import parse_recipe
+
+    raw = yaml.safe_load(load_recipe(None, doc).to_yaml())
+    with pytest.raises(lqframe.RecipeError, match="causal LM"):
+        run(parse_recipe(raw), str(d), tmp_path / "o1", progress=False)
+    raw.pop("evaluate_stage")
+    report = run(parse_recipe(raw), str(d), tmp_path / "o2", progress=False)
+    assert len(report["layers"]) == 2 * 6  # query, key, value, attention out, intermediate, output
+    assert all(r["rel_output_error"] is not None for r in report["layers"])
+    back = lqframe.load(tmp_path / "o2")
+    assert type(back).__name__ == "BertForMaskedLM"
+    assert sum(isinstance(m, LQLinear) for m in back.modules()) == 12
