@@ -33,7 +33,7 @@ PARTIAL = ".lqframe-partial"
 _OWN = re.compile(
     r"^(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|config\.json|generation_config\.json|"
     r"recipe\.yaml|report\.json|tokenizer.*|special_tokens_map\.json|vocab\.json|merges\.txt|"
-    r"chat_template\.(jinja|json)|added_tokens\.json|\.lqframe-partial|\..*\.tmp|\.tokenizer-.*)$"
+    r"chat_template\.(jinja|json)|added_tokens\.json|\.lqframe-partial|\.lqframe-lock|\..*\.tmp|\.tokenizer-.*)$"
 )
 
 
@@ -139,14 +139,39 @@ class _Partial:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _lock(out: Path) -> Path:
+    """One run per output folder: a lock file holding the writer's pid (stale locks are taken over)."""
+    import os
+
+    lock = out / ".lqframe-lock"
+    if lock.exists():
+        try:
+            pid = int(lock.read_text().strip() or 0)
+        except (OSError, ValueError):
+            pid = 0
+        alive = False
+        if pid and pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                alive = True
+            except ProcessLookupError:
+                alive = False
+            except PermissionError:
+                alive = True
+        if alive:
+            raise LqframeError(f"another lqframe run (pid {pid}) is writing to {out}; wait for it or choose "
+                               "another --output")
+    lock.write_text(str(os.getpid()))
+    return lock
+
+
 def _prepare_output(out: Path, identity: dict[str, Any], overwrite: bool, log: Callable[[str], None]) -> _Partial:
     partial = _Partial(out, identity)
-    if not out.exists():
-        out.mkdir(parents=True)
-        return partial
-    if not out.is_dir():
+    if out.exists() and not out.is_dir():
         raise LqframeError(f"output {out} exists and is not a folder")
-    entries = list(out.iterdir())
+    out.mkdir(parents=True, exist_ok=True)
+    _lock(out)
+    entries = [e for e in out.iterdir() if e.name != ".lqframe-lock"]
     if not entries:
         return partial
     if (out / "report.json").exists() or not (out / PARTIAL).exists() or not partial.load():
@@ -217,17 +242,26 @@ def run(
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> dict[str, Any]:
     """Run a recipe end to end and return the report (also written to ``OUTPUT/report.json``)."""
-    from lqframe.evaluate import perplexity
-    from lqframe.models import load_model
+    from lqframe import __version__
 
     t_start = time.perf_counter()
     spec = model_spec or recipe.model or "default"
     out = Path(output) if output is not None else default_output(spec)
-    saving = recipe.save is not None
-    from lqframe import __version__
-
+    if recipe.save is None:
+        return _run(recipe, spec, out, None, progress, log, t_start)
     identity = {"recipe": recipe.fingerprint(), "model": spec, "lqframe": __version__}
-    partial = _prepare_output(out, identity, overwrite, log) if saving else None
+    partial = _prepare_output(out, identity, overwrite, log)  # takes the folder's lock
+    try:
+        return _run(recipe, spec, out, partial, progress, log, t_start)
+    finally:
+        (out / ".lqframe-lock").unlink(missing_ok=True)
+
+
+def _run(recipe: Recipe, spec: str, out: Path, partial, progress: bool, log, t_start: float) -> dict[str, Any]:
+    from lqframe.evaluate import perplexity
+    from lqframe.models import load_model
+
+    saving = partial is not None
 
     log(f"loading model {spec} …")
     loaded = load_model(spec)

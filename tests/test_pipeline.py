@@ -326,3 +326,19 @@ def test_encoder_model_compresses_and_saves(tmp_path):
     back = lqframe.load(tmp_path / "o2")
     assert type(back).__name__ == "BertForMaskedLM"
     assert sum(isinstance(m, LQLinear) for m in back.modules()) == 12
+
+
+def test_one_run_per_output_folder(model_dir, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lqframe-lock").write_text(str(sleeper.pid))
+        with pytest.raises(lqframe.LqframeError, match=f"another lqframe run \\(pid {sleeper.pid}\\)"):
+            run(small_recipe(), str(model_dir), out, progress=False)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # a stale lock (its process is gone) is taken over
+    report = run(small_recipe("evaluate_stage.float_baseline=false"), str(model_dir), out, progress=False)
+    assert report["ppl"] > 0 and not (out / ".lqframe-lock").exists()
