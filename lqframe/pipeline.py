@@ -179,20 +179,55 @@ def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: Mapping[str, Any]
 
 
 class _Capture:
-    """Forward hook state of one linear: statistics plus a token sample for the output error."""
+    """Statistics plus a token sample (for the output error) of one input shared by one or more
+    linears: q/k/v read the same normalised hidden state, gate/up another, and share one capture."""
 
-    def __init__(self, linear: nn.Linear, needs: frozenset[str]):
-        self.acc = StatsAccumulator(linear.in_features, needs)
+    def __init__(self, in_features: int, needs: frozenset[str]):
+        self.in_features = in_features
+        self.acc = StatsAccumulator(in_features, needs)
         self.sample: list[torch.Tensor] = []
         self.sampled = 0
+        self.last: torch.Tensor | None = None
 
-    def __call__(self, module, args, output):
-        x = args[0].detach().reshape(-1, module.in_features)
-        self.acc.update(x)
+    def update(self, x: torch.Tensor) -> None:
+        if x is self.last:  # another member of the group sees the same tensor in the same call
+            return
+        self.last = x
+        flat = x.detach().reshape(-1, self.in_features)
+        self.acc.update(flat)
         if self.sampled < OUTPUT_ERROR_TOKENS:
-            take = x[: OUTPUT_ERROR_TOKENS - self.sampled].to(torch.float32).clone()
+            take = flat[: OUTPUT_ERROR_TOKENS - self.sampled].to(torch.float32).clone()
             self.sample.append(take)
             self.sampled += take.shape[0]
+
+
+def _input_groups(block: nn.Module, names: Sequence[str], model: nn.Module, x: torch.Tensor,
+                  kwargs: Mapping[str, Any]) -> list[list[str]]:
+    """Group linears by the input tensor they receive (one forward of the block on one window)."""
+    seen: dict[str, torch.Tensor] = {}  # the tensors themselves: holding them keeps ids from being reused
+
+    def hook(name):
+        def fn(module, args):
+            seen[name] = args[0]
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.inference_mode():
+            _run_block(block, x, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[tuple[torch.Tensor | None, list[str]]] = []
+    for n in names:
+        x = seen.get(n)
+        for tensor, members in groups:
+            if x is not None and tensor is x:
+                members.append(n)
+                break
+        else:
+            groups.append((x, [n]))
+    return [members for _, members in groups]
 
 
 def _components(plan: LayerPlan) -> tuple[Quantizer, ErrorReconstructor]:
@@ -281,12 +316,15 @@ def compress_blocks(
         bar.set_postfix_str(f"{blocks_path}.{b}: {len(layer_plans)} layers")
         captures: dict[str, _Capture] = {}
         if use_data and layer_plans:
-            handles = []
-            for p in layer_plans:
-                q, r = _components(p)
-                lin = model.get_submodule(p.name)
-                captures[p.name] = _Capture(lin, r.all_needs(q))
-                handles.append(lin.register_forward_hook(captures[p.name]))
+            needs = {p.name: _components(p)[1].all_needs(_components(p)[0]) for p in layer_plans}
+            for group in _input_groups(block, [p.name for p in layer_plans], model, inputs[0], kwargs):
+                shared = _Capture(model.get_submodule(group[0]).in_features,
+                                  frozenset().union(*(needs[n] for n in group)))
+                captures.update(dict.fromkeys(group, shared))
+            handles = [
+                model.get_submodule(name).register_forward_pre_hook(lambda m, args, c=cap: c.update(args[0]))
+                for name, cap in captures.items()
+            ]
             try:
                 with torch.inference_mode():
                     for x in inputs:
@@ -294,6 +332,8 @@ def compress_blocks(
             finally:
                 for h in handles:
                     h.remove()
+                for cap in captures.values():
+                    cap.last = None
         block_results = []
         for p in layer_plans:
             lin = model.get_submodule(p.name)

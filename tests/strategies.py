@@ -43,3 +43,27 @@ def matrices(draw, max_rows: int = 24, max_cols: int = 80):
     seed = draw(st.integers(0, 2**31 - 1))
     constant = draw(st.floats(-4.0, 4.0, allow_nan=False, allow_infinity=False, width=16))
     return make_matrix(n, m, kind, dtype, seed, constant)
+
+
+def synthetic_stats(n: int, m: int, needs, seed: int = 0, tokens: int = 96):
+    """Calibration statistics from random correlated activations with a few outlier channels (and
+    a random positive Fisher matrix), for every statistic in ``needs``; None when nothing is needed."""
+    import lqframe
+
+    needs = frozenset(needs)
+    if not needs:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(m, m, generator=g) / max(m, 1) ** 0.5 + torch.eye(m)
+    x = torch.randn(tokens, m, generator=g) @ mix
+    if m:
+        x[:, torch.randperm(m, generator=g)[: max(1, m // 16)]] *= 20
+    acc = lqframe.StatsAccumulator(m, needs - {"fisher"})
+    for chunk in x.split(32):
+        acc.update(chunk)
+    stats = acc.finalize()
+    if "fisher" in needs:
+        import attrs
+
+        stats = attrs.evolve(stats, fisher=torch.rand(n, m, generator=g, dtype=torch.float64) + 1e-3)
+    return stats

@@ -342,3 +342,19 @@ def test_one_run_per_output_folder(model_dir, tmp_path):
     # a stale lock (its process is gone) is taken over
     report = run(small_recipe("evaluate_stage.float_baseline=false"), str(model_dir), out, progress=False)
     assert report["ppl"] > 0 and not (out / ".lqframe-lock").exists()
+
+
+def test_linears_reading_the_same_input_share_statistics(model_dir):
+    from lqframe.data import make_windows
+    from lqframe.models import find_blocks, load_model
+    from lqframe.pipeline import _input_groups, capture_block_inputs
+
+    loaded = load_model(str(model_dir))
+    windows = make_windows(loaded.tokenizer, "pydoc", 64, 2, 0, 0)
+    _, blocks = find_blocks(loaded.model)
+    inputs, kwargs = capture_block_inputs(loaded.model, blocks[0], windows.calibration, progress=False)
+    names = [f"model.layers.0.{n}" for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                              "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    groups = _input_groups(blocks[0], names, loaded.model, inputs[0], kwargs)
+    short = [[n.rsplit(".", 1)[1] for n in g] for g in groups]
+    assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]

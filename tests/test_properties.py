@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import lqframe
 from lqframe.kernels import pack_bits, packed_nbytes
 from lqframe.registry import option_names
-from tests.strategies import make_matrix, matrices
+from tests.strategies import make_matrix, matrices, synthetic_stats
 
 REG = lqframe.registry()
 
@@ -70,8 +70,9 @@ def test_pair_properties(qcase, rcase, w, data):
     recon = REG.create("reconstructor", rcase[0], **rcase[1])
     n, m = w.shape
     recon = _with_rank(recon, data.draw(st.integers(0, min(n, m) + 2), label="rank"))
+    stats = synthetic_stats(n, m, recon.all_needs(quantizer), seed=data.draw(st.integers(0, 99), label="stats"))
 
-    dec = recon.decompose(w, quantizer)
+    dec = recon.decompose(w, quantizer, stats)
     qw = dec.qweight
 
     # shapes and finiteness
@@ -94,7 +95,7 @@ def test_pair_properties(qcase, rcase, w, data):
     assert torch.equal(again.dequantize(), qw.dequantize())
 
     # deterministic: the same input gives the same bytes
-    dec2 = recon.decompose(w, quantizer)
+    dec2 = recon.decompose(w, quantizer, stats)
     assert torch.equal(dec2.qweight.codes, qw.codes)
     assert torch.equal(dec2.dense(), dense)
 
@@ -107,16 +108,17 @@ def test_quantizer_rounding_bound(qcase, w):
     that round to nearest), and the fast ``roundtrip`` path agrees with the packed path."""
     quantizer = REG.create("quantizer", qcase[0], **qcase[1])
     w32 = w.float()
-    qw = quantizer.quantize(w)
+    stats = synthetic_stats(*w.shape, quantizer.needs)
+    qw = quantizer.quantize(w, stats)
     deq = qw.dequantize()
     if quantizer.rounds_to_nearest:
         bound = qw.error_bound(w32)
         slack = 1e-6 * (w32.abs() + bound) + 1e-30
         excess = (w32 - deq).abs() - bound - slack
         assert float(excess.max()) <= 0, f"rounding error exceeds the format step by {float(excess.max()):.3g}"
-    torch.testing.assert_close(quantizer.roundtrip(w), deq, rtol=1e-6, atol=0)
+    torch.testing.assert_close(quantizer.roundtrip(w, stats), deq, rtol=1e-6, atol=0)
     # low-precision inputs are quantized as their exact float32 values
-    assert torch.equal(quantizer.quantize(w32).codes, qw.codes)
+    assert torch.equal(quantizer.quantize(w32, stats).codes, qw.codes)
 
 
 @pytest.mark.parametrize("qcase,rcase", PAIRS)
@@ -126,8 +128,9 @@ def test_non_finite_weight_is_a_clear_error(qcase, rcase, bad):
     recon = REG.create("reconstructor", rcase[0], **rcase[1])
     w = torch.randn(8, 40)
     w[3, 7] = bad
+    stats = synthetic_stats(8, 40, recon.all_needs(quantizer))
     with pytest.raises(lqframe.WeightError, match=r"NaN|Inf") as err:
-        recon.decompose(w, quantizer)
+        recon.decompose(w, quantizer, stats)
     assert "[3, 7]" in str(err.value)
 
 
@@ -140,7 +143,7 @@ def test_svd_reaches_the_eckart_young_tail(qcase, w, data):
     n, m = w.shape
     rank = data.draw(st.integers(0, min(n, m) + 2), label="rank")
     recon = REG.create("reconstructor", "svd", rank=rank, factor_dtype="float32")
-    dec = recon.decompose(w, quantizer)
+    dec = recon.decompose(w, quantizer, synthetic_stats(n, m, quantizer.needs))
     w64 = w.double()
     delta = w64 - dec.qweight.dequantize().double()
     sigma = torch.linalg.svdvals(delta)
@@ -166,7 +169,8 @@ def test_bf16_and_f16_inputs_compress_like_their_float32_values():
     w = make_matrix(16, 70, "gaussian", "bfloat16", seed=3)
     for name, cfg in QUANTIZERS:
         q = REG.create("quantizer", name, **cfg)
-        assert torch.equal(q.quantize(w).codes, q.quantize(w.float()).codes)
+        stats = synthetic_stats(16, 70, q.needs)
+        assert torch.equal(q.quantize(w, stats).codes, q.quantize(w.float(), stats).codes)
 
 
 @pytest.mark.parametrize("qcase,rcase", PAIRS)
@@ -174,6 +178,6 @@ def test_bf16_and_f16_inputs_compress_like_their_float32_values():
 def test_empty_matrices(qcase, rcase, shape):
     quantizer = REG.create("quantizer", qcase[0], **qcase[1])
     recon = REG.create("reconstructor", rcase[0], **rcase[1])
-    dec = recon.decompose(torch.zeros(shape), quantizer)
+    dec = recon.decompose(torch.zeros(shape), quantizer, synthetic_stats(*shape, recon.all_needs(quantizer)))
     assert dec.dense().shape == shape
     assert dec.qweight.storage_bits() == quantizer.storage_bits(shape)
