@@ -1,0 +1,94 @@
+"""Perplexity of quantizer × reconstructor combinations on the default model, one table.
+
+Loads the model once; every combination compresses a fresh copy with the same calibration and
+evaluation windows (the run protocol: pydoc, 16 × 512 calibration, 16 × 512 evaluation) and is
+appended to a JSON-lines file as soon as it finishes, so an interrupted table resumes.
+
+    python benchmarks/methods_table.py --bits 4 3 2 --quantizers rtn gptq \
+        --reconstructors none svd lqer qera-approx qera-exact loftq --rank 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import lqframe
+from lqframe.data import make_windows
+from lqframe.evaluate import perplexity
+from lqframe.lqlinear import set_weight_cache
+from lqframe.models import load_model
+from lqframe.pipeline import compress_blocks, plan_layers, summarize
+from lqframe.recipe import parse_recipe
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    ap.add_argument("--quantizers", nargs="+", default=["rtn", "gptq"])
+    ap.add_argument("--reconstructors", nargs="+",
+                    default=["none", "svd", "lqer", "qera-approx", "qera-exact", "loftq"])
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--calibration", type=int, default=16)
+    ap.add_argument("--evaluation", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--out", default="benchmarks/results/methods.jsonl")
+    args = ap.parse_args()
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if out.exists():
+        for line in out.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                done[(row["quantizer"], row["bits"], row["reconstructor"], row["rank"])] = row
+
+    loaded = load_model(args.model)
+    base = loaded.model
+    windows = make_windows(loaded.tokenizer, "pydoc", args.seq_len, args.calibration, args.evaluation, 0)
+    fp = perplexity(base, windows.evaluation, progress=False)
+    print(f"float perplexity {fp:.4f} ({args.evaluation}×{args.seq_len} evaluation tokens)", flush=True)
+    registered = set(lqframe.registry().names("quantizer")) | set(lqframe.registry().names("reconstructor"))
+    for bits in args.bits:
+        for qname in args.quantizers:
+            for rname in args.reconstructors:
+                key = (qname, bits, rname, args.rank if rname != "none" else 0)
+                if key in done:
+                    r = done[key]
+                    print(f"{qname:5} {bits}b {rname:12} ppl {r['ppl']:10.4f} (cached)", flush=True)
+                    continue
+                if qname not in registered or rname not in registered:
+                    print(f"{qname:5} {bits}b {rname:12} skipped: not installed", flush=True)
+                    continue
+                doc = {
+                    "data": {"source": "pydoc", "seq_len": args.seq_len,
+                             "calibration_windows": args.calibration, "evaluation_windows": args.evaluation},
+                    "quantize_stage": {"quantizer": {"name": qname, "bits": bits, "group_size": args.group_size}},
+                }
+                if rname != "none":
+                    doc["reconstruct_stage"] = {"reconstructor": {"name": rname, "rank": args.rank}}
+                recipe = parse_recipe(doc, f"{qname}-{bits}-{rname}")
+                model = copy.deepcopy(base)
+                t0 = time.perf_counter()
+                results = compress_blocks(model, plan_layers(model, recipe), windows.calibration, progress=False)
+                seconds = time.perf_counter() - t0
+                set_weight_cache(model, True)
+                ppl = perplexity(model, windows.evaluation, progress=False)
+                row = {"quantizer": qname, "bits": bits, "reconstructor": rname, "rank": key[3],
+                       "group_size": args.group_size, "ppl": ppl, "fp_ppl": fp, "ratio": ppl / fp,
+                       "compress_seconds": seconds, **summarize(results)}
+                with out.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                print(f"{qname:5} {bits}b {rname:12} ppl {ppl:10.4f}  ×{ppl / fp:6.3f}  bits {row['avg_bits']:.3f}"
+                      f"/{row['avg_bits_with_lowrank']:.3f}  {seconds:6.1f} s", flush=True)
+                del model
+
+
+if __name__ == "__main__":
+    main()
