@@ -391,7 +391,8 @@ class StatsAccumulator:
         self._acc: dict[str, torch.Tensor] = {}
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, self.in_features)
+        # -1 is ambiguous for a zero-element tensor: give the row count explicitly
+        x = x.reshape(math.prod(x.shape[:-1]), 0) if self.in_features == 0 else x.reshape(-1, self.in_features)
         if x.shape[0] == 0:
             return
         x64 = x.detach().to(torch.float64)
