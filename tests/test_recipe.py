@@ -48,7 +48,8 @@ def test_unknown_option_names_the_path(tmp_path):
 
 def test_unknown_plugin_lists_known(tmp_path):
     p = write(tmp_path, "quantize_stage:\n  quantizer: {name: gptq2}\n")
-    with pytest.raises(lqframe.RecipeError, match=r"quantize_stage\.quantizer: unknown quantizer 'gptq2'.*known quantizers: .*\bnf\b.*\brtn\b"):
+    expected = r"quantize_stage\.quantizer: unknown quantizer 'gptq2'.*known quantizers: .*\bnf\b.*\brtn\b"
+    with pytest.raises(lqframe.RecipeError, match=expected):
         load_recipe(p)
 
 
