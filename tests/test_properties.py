@@ -37,6 +37,8 @@ PAIRS = [pytest.param(q, r, id=f"{_id(q)}|{_id(r)}") for q in QUANTIZERS for r i
 QCASES = [pytest.param(q, id=_id(q)) for q in QUANTIZERS]
 
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# the pair suite grows as (quantizers × reconstructors): fewer examples per pair, still every pair
+PAIR_PROPERTY = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _stored_bits(qw: lqframe.QuantizedWeight) -> int:
@@ -63,7 +65,7 @@ def _with_rank(recon, rank: int):
 
 
 @pytest.mark.parametrize("qcase,rcase", PAIRS)
-@PROPERTY
+@PAIR_PROPERTY
 @given(w=matrices(), data=st.data())
 def test_pair_properties(qcase, rcase, w, data):
     quantizer = REG.create("quantizer", qcase[0], **qcase[1])
