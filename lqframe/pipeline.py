@@ -121,6 +121,11 @@ def allocate(model: nn.Module, recipe: Recipe, plans: list[LayerPlan], progress:
         for j, cand in enumerate(configs):
             spec = plan.quantizer.merged(cand)
             q = reg.create("quantizer", spec.name, **spec.options)
+            if rec.all_needs(q):
+                raise RecipeError(
+                    f"{recipe.origin}: allocate_stage: costs are computed data-free, but {spec.name} + "
+                    f"{plan.reconstructor.name} need calibration statistics {sorted(rec.all_needs(q))}; "
+                    "allocate with data-free components (e.g. nf/rtn with svd, loftq or none)")
             dec = rec.decompose(w, q, None)
             cost[i, j] = float(((w - dec.dense()) ** 2).sum() / max(float((w**2).sum()), 1e-30))
             bits[i, j] = dec.storage_bits(include_lowrank=stage.include_lowrank)

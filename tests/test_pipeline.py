@@ -358,3 +358,19 @@ def test_linears_reading_the_same_input_share_statistics(model_dir):
     groups = _input_groups(blocks[0], names, loaded.model, inputs[0], kwargs)
     short = [[n.rsplit(".", 1)[1] for n in g] for g in groups]
     assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+
+
+def test_allocation_with_data_aware_components_is_refused(model_dir, tmp_path):
+    allocate = "allocate_stage={allocator: uniform, budget_bits: 3.6, candidates: [{bits: 4}, {bits: 3}]}"
+    recipe = load_recipe(None, [*SMALL, "reconstruct_stage.reconstructor.name=qera-approx", allocate])
+    with pytest.raises(lqframe.RecipeError, match="data-free.*sq_sum"):
+        run(recipe, str(model_dir), tmp_path / "o", progress=False)
+
+
+def test_data_aware_reconstructor_runs_in_the_pipeline(model_dir, tmp_path):
+    recipe = load_recipe(None, [*SMALL, "reconstruct_stage.reconstructor.name=qera-exact",
+                                "quantize_stage.quantizer.name=gptq", "evaluate_stage.float_baseline=false"])
+    report = run(recipe, str(model_dir), tmp_path / "o", progress=False)
+    assert {r["reconstructor"] for r in report["layers"]} == {"qera-exact"}
+    assert {r["quantizer"] for r in report["layers"]} == {"gptq"}
+    assert report["ppl"] < 1e4 and all(r["rel_output_error"] < 0.5 for r in report["layers"])

@@ -1,0 +1,181 @@
+"""Shared base for reconstructors whose low-rank term comes from :func:`lqframe.numerics.lowrank_solve`.
+
+A reconstructor that fits ``L·R`` to the quantization error with some scaling (plain SVD, QERA,
+LQER, LoftQ, …) subclasses :class:`LowRankReconstructor`. It inherits the low-rank options
+
+``rank``
+    the rank r of ``L·R`` (0: no low-rank term; ranks beyond ``min(n, m)`` are clipped);
+``method``
+    ``exact`` (full SVD) or ``randomized`` (range finder with ``oversample`` extra columns and
+    ``niter`` power iterations, seeded by ``seed``);
+``factor_dtype``
+    the dtype ``L`` and ``R`` are stored in (``float32``, ``float16``, ``bfloat16``),
+
+the exact storage accounting :meth:`~LowRankReconstructor.lowrank_bits`, and
+:meth:`~LowRankReconstructor._finish`, which turns a packed ``Q`` and the method's scalings into
+the :class:`~lqframe.Decomposition`. A subclass only computes its scalings::
+
+    @attrs.frozen
+    class MyReconstructor(LowRankReconstructor):
+        label: ClassVar[str] = "my"
+        needs: ClassVar[frozenset[str]] = frozenset({"sq_sum"})
+
+        def decompose(self, weight, quantizer, stats=None):
+            w, stats = self._prepare(weight, stats)
+            qweight = quantizer.quantize(w, stats)
+            return self._finish(w, qweight, col_scaling=DiagonalScaling(stats.rms()))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import attrs
+import torch
+from attrs import validators as v
+
+from lqframe.interfaces import ErrorReconstructor
+from lqframe.numerics import LowRankSolution, Scaling, check_weight, lowrank_solve
+from lqframe.quantization import integer
+from lqframe.types import Decomposition, LayerStats, LowRank, QuantizedWeight
+
+__all__ = ["FACTOR_DTYPES", "LowRankReconstructor", "real", "output_error"]
+
+#: Storage dtypes of the low-rank factors, by option value.
+FACTOR_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def real(
+    min_value: float | None = None,
+    max_value: float | None = None,
+    *,
+    min_exclusive: bool = False,
+    max_exclusive: bool = False,
+):
+    """attrs validator: a finite real number (``int`` or ``float``, not ``bool``) between
+    ``min_value`` and ``max_value`` (bounds included unless ``min_exclusive``/``max_exclusive``)."""
+
+    def check(instance, attribute, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise TypeError(f"{attribute.name} must be a finite number, got {value!r}")
+        if min_value is not None and (value <= min_value if min_exclusive else value < min_value):
+            raise ValueError(f"{attribute.name} must be {'>' if min_exclusive else '>='} {min_value}, got {value}")
+        if max_value is not None and (value >= max_value if max_exclusive else value > max_value):
+            raise ValueError(f"{attribute.name} must be {'<' if max_exclusive else '<='} {max_value}, got {value}")
+
+    return check
+
+
+def output_error(diff: torch.Tensor, stats: LayerStats) -> float:
+    """Expected squared output error per token ``E‖x Dᵀ‖² = tr(D E[xxᵀ] Dᵀ)`` of a weight error
+    ``D`` (n×m), from the ``rxx`` statistic (float64)."""
+    stats.require({"rxx"}, "output_error()")
+    d = diff.to(torch.float64)
+    return float(((d @ stats.rxx) * d).sum()) / max(stats.n_tokens, 1)
+
+
+@attrs.frozen
+class LowRankReconstructor(ErrorReconstructor):
+    """Base class: the low-rank options and the "solve → factors → Decomposition" step.
+
+    Subclasses implement ``decompose`` and set ``label`` (used in error messages) and ``needs``.
+    """
+
+    label: ClassVar[str] = "low-rank"
+
+    rank: int = attrs.field(default=32, validator=integer(0))
+    method: str = attrs.field(default="exact", validator=v.in_(("exact", "randomized")))
+    factor_dtype: str = attrs.field(default="float16", validator=v.in_(tuple(FACTOR_DTYPES)))
+    oversample: int = attrs.field(default=10, validator=integer(0))
+    niter: int = attrs.field(default=2, validator=integer(0))
+    seed: int = attrs.field(default=0, validator=integer())
+
+    @classmethod
+    def test_configs(cls):
+        return [{"rank": 4, "factor_dtype": "float32"}, {"rank": 2, "method": "randomized"}]
+
+    # ----------------------------------------------------------------- helpers for subclasses
+    @property
+    def _who(self) -> str:
+        return f"{self.label} reconstructor"
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return FACTOR_DTYPES[self.factor_dtype]
+
+    def _rank(self, shape) -> int:
+        """The rank actually used for a matrix of this shape (``rank`` clipped to ``min(n, m)``)."""
+        return min(self.rank, *shape)
+
+    def _prepare(self, weight: torch.Tensor, stats: LayerStats | None) -> tuple[torch.Tensor, LayerStats]:
+        """Validate the weight (→ contiguous float32) and check that ``needs`` were captured.
+
+        Raises :class:`~lqframe.WeightError` for a bad weight and
+        :class:`~lqframe.MissingStatisticError` for missing statistics; returns the weight and the
+        statistics (an empty :class:`~lqframe.LayerStats` when ``stats`` is None)."""
+        w = check_weight(weight, self._who)
+        stats = stats if stats is not None else LayerStats()
+        stats.require(self.needs, self._who)
+        return w, stats
+
+    def _solve(
+        self, residual: torch.Tensor, row_scaling: Scaling | None = None, col_scaling: Scaling | None = None
+    ) -> tuple[LowRank, LowRankSolution]:
+        """Fit ``residual`` (n×m) at ``_rank`` (> 0); the factors come back in ``factor_dtype``."""
+        sol = lowrank_solve(
+            residual,
+            self._rank(residual.shape),
+            row_scaling=row_scaling,
+            col_scaling=col_scaling,
+            method=self.method,
+            oversample=self.oversample,
+            niter=self.niter,
+            seed=self.seed,
+        )
+        return LowRank(sol.left.to(self._dtype), sol.right.to(self._dtype)), sol
+
+    def _finish(
+        self,
+        weight: torch.Tensor,
+        qweight: QuantizedWeight,
+        row_scaling: Scaling | None = None,
+        col_scaling: Scaling | None = None,
+        stats: LayerStats | None = None,
+        info: Mapping[str, Any] | None = None,
+    ) -> Decomposition:
+        """``W ≈ Q + L·R`` with ``L·R`` minimising ``‖S (W − Q − LR) T‖_F`` (S = ``row_scaling``,
+        T = ``col_scaling``, identity when None) for the packed ``qweight``.
+
+        ``weight`` is the float32 matrix from :meth:`_prepare`. ``info`` gets ``rank``, and with the
+        exact method ``tail_energy`` (the scaled error ``Σ_{i>r} σ_i(SΔT)²`` of the optimum). When
+        ``stats`` carries ``rxx``, also the expected squared output errors per token of the result
+        (``output_error``) and of ``Q`` alone (``output_error_none``), computed from the stored
+        factors. Entries of ``info`` passed in are kept (and may be overridden by these).
+        """
+        rank = self._rank(weight.shape)
+        out: dict[str, Any] = dict(info or {})
+        out["rank"] = rank
+        with_output = stats is not None and stats.rxx is not None
+        if rank == 0 and not with_output:
+            return Decomposition(qweight, None, out)
+        residual = weight - qweight.dequantize(torch.float32)
+        lowrank = None
+        if rank > 0:
+            lowrank, sol = self._solve(residual, row_scaling, col_scaling)
+            if self.method == "exact":
+                out["tail_energy"] = sol.tail_energy(rank)
+        if with_output:
+            out["output_error_none"] = output_error(residual, stats)
+            remaining = residual if lowrank is None else residual - lowrank.to_dense()
+            out["output_error"] = output_error(remaining, stats)
+        return Decomposition(qweight, lowrank, out)
+
+    def lowrank_bits(self, shape) -> int:
+        n, m = shape
+        return self._rank(shape) * (n + m) * torch.finfo(self._dtype).bits

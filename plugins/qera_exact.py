@@ -1,0 +1,45 @@
+"""The ``qera-exact`` reconstructor (QERA, METHODS.md §2.1): the rank-r term that minimises the
+expected output error of the layer for a fixed ``Q``,
+
+    min_C  E_x ‖x (Δ − C)ᵀ‖²  =  ‖(Δ − C) S‖_F²,      Δ = W − Q,  S = E[xxᵀ]^{1/2},
+
+solved in closed form by ``C = [Δ S]_r S⁻¹`` with an optimum of ``Σ_{i>r} σ_i(Δ S)²``. ``S`` and
+``S⁻¹`` come from one ``eigh`` of the second moment, eigenvalues below ``eig_floor · λ_max`` raised
+to that floor (rank-deficient statistics: dead channels, fewer tokens than input features).
+
+``info``: ``tail_energy`` (exact method: the optimum ``Σ_{i>r} σ_i(ΔS)²``), ``output_error``
+(``E‖x(W − Q − LR)ᵀ‖²`` of the stored factors) and ``output_error_none`` (``E‖xΔᵀ‖²``), all per
+token, from the ``rxx`` statistic."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import attrs
+
+from lqframe import Decomposition, hookimpl
+from lqframe.lowrank import LowRankReconstructor, real
+from lqframe.numerics import symmetric_sqrt
+
+
+@attrs.frozen
+class QERAExactReconstructor(LowRankReconstructor):
+    """Rank-``rank`` fit of ``W − Q`` weighted by the full ``E[xxᵀ]^{1/2}``."""
+
+    label: ClassVar[str] = "qera-exact"
+    needs = frozenset({"rxx"})
+
+    eig_floor: float = attrs.field(default=1e-6, validator=real(0.0, 1.0, max_exclusive=True))
+
+    def decompose(self, weight, quantizer, stats=None) -> Decomposition:
+        w, stats = self._prepare(weight, stats)
+        qweight = quantizer.quantize(w, stats)
+        scaling = None
+        if self._rank(w.shape) > 0:
+            scaling = symmetric_sqrt(stats.second_moment(), rel_floor=self.eig_floor)
+        return self._finish(w, qweight, col_scaling=scaling, stats=stats)
+
+
+@hookimpl
+def lqframe_register(registry):
+    registry.add_reconstructor("qera-exact", QERAExactReconstructor)
