@@ -177,6 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LqframeError as exc:
         print(f"lqframe: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into e.g. `head`
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:  # disk full, permissions, … : one line naming the file
         where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
         print(f"lqframe: error: cannot read or write{where}: {exc.strerror or exc}", file=sys.stderr)
