@@ -13,17 +13,17 @@ LQER, LoftQ, …) subclasses :class:`LowRankReconstructor`. It inherits the low-
 
 the exact storage accounting :meth:`~LowRankReconstructor.lowrank_bits`, and
 :meth:`~LowRankReconstructor._finish`, which turns a packed ``Q`` and the method's scalings into
-the :class:`~lqframe.Decomposition`. A subclass only computes its scalings::
+the :class:`~lqframe.Decomposition`. A subclass only supplies its input-side scaling::
 
     @attrs.frozen
     class MyReconstructor(LowRankReconstructor):
         label: ClassVar[str] = "my"
         needs: ClassVar[frozenset[str]] = frozenset({"sq_sum"})
 
-        def decompose(self, weight, quantizer, stats=None):
-            w, stats = self._prepare(weight, stats)
-            qweight = quantizer.quantize(w, stats)
-            return self._finish(w, qweight, col_scaling=DiagonalScaling(stats.rms()))
+        def column_scaling(self, stats):
+            return DiagonalScaling(stats.rms())
+
+(methods that re-quantize, like LoftQ, override ``decompose`` and still finish with ``_finish``).
 """
 
 from __future__ import annotations
@@ -139,6 +139,17 @@ class LowRankReconstructor(ErrorReconstructor):
             seed=self.seed,
         )
         return LowRank(sol.left.to(self._dtype), sol.right.to(self._dtype)), sol
+
+    def column_scaling(self, stats: LayerStats | None) -> Scaling | None:
+        """The input-side scaling T of the solve (None: identity). Override in subclasses."""
+        return None
+
+    def decompose(self, weight, quantizer, stats=None) -> Decomposition:
+        """Quantize once, then fit ``L·R`` to ``W − Q`` under :meth:`column_scaling`."""
+        w, stats = self._prepare(weight, stats)
+        qweight = quantizer.quantize(w, stats)
+        scaling = self.column_scaling(stats) if self._rank(w.shape) > 0 else None
+        return self._finish(w, qweight, col_scaling=scaling, stats=stats)
 
     def _finish(
         self,

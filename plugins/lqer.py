@@ -16,7 +16,7 @@ from typing import ClassVar
 import attrs
 import torch
 
-from lqframe import Decomposition, hookimpl
+from lqframe import hookimpl
 from lqframe.lowrank import LowRankReconstructor, real
 from lqframe.numerics import DiagonalScaling
 
@@ -38,14 +38,9 @@ class LQERReconstructor(LowRankReconstructor):
 
     min_scale: float = attrs.field(default=1e-4, validator=real(0.0, min_exclusive=True))
 
-    def decompose(self, weight, quantizer, stats=None) -> Decomposition:
-        w, stats = self._prepare(weight, stats)
-        qweight = quantizer.quantize(w, stats)
-        scaling = None
-        if self._rank(w.shape) > 0:
-            # the clamp is LQER's own floor: no further relative floor
-            scaling = DiagonalScaling(lqer_scale(stats.abs_mean_max, self.min_scale), floor=0.0)
-        return self._finish(w, qweight, col_scaling=scaling)
+    def column_scaling(self, stats) -> DiagonalScaling:
+        # the clamp is LQER's own floor: no further relative floor
+        return DiagonalScaling(lqer_scale(stats.abs_mean_max, self.min_scale), floor=0.0)
 
 
 @hookimpl

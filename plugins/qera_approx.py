@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import attrs
 
-from lqframe import Decomposition, hookimpl
+from lqframe import hookimpl
 from lqframe.lowrank import LowRankReconstructor, real
 from lqframe.numerics import DiagonalScaling
 
@@ -25,13 +25,8 @@ class QERAApproxReconstructor(LowRankReconstructor):
 
     scale_floor: float = attrs.field(default=1e-6, validator=real(0.0, 1.0, max_exclusive=True))
 
-    def decompose(self, weight, quantizer, stats=None) -> Decomposition:
-        w, stats = self._prepare(weight, stats)
-        qweight = quantizer.quantize(w, stats)
-        scaling = None
-        if self._rank(w.shape) > 0:
-            scaling = DiagonalScaling(stats.rms(), floor=self.scale_floor)
-        return self._finish(w, qweight, col_scaling=scaling)
+    def column_scaling(self, stats) -> DiagonalScaling:
+        return DiagonalScaling(stats.rms(), floor=self.scale_floor)
 
 
 @hookimpl

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import attrs
 
-from lqframe import Decomposition, hookimpl
+from lqframe import hookimpl
 from lqframe.lowrank import LowRankReconstructor, real
 from lqframe.numerics import symmetric_sqrt
 
@@ -31,13 +31,8 @@ class QERAExactReconstructor(LowRankReconstructor):
 
     eig_floor: float = attrs.field(default=1e-6, validator=real(0.0, 1.0, max_exclusive=True))
 
-    def decompose(self, weight, quantizer, stats=None) -> Decomposition:
-        w, stats = self._prepare(weight, stats)
-        qweight = quantizer.quantize(w, stats)
-        scaling = None
-        if self._rank(w.shape) > 0:
-            scaling = symmetric_sqrt(stats.second_moment(), rel_floor=self.eig_floor)
-        return self._finish(w, qweight, col_scaling=scaling, stats=stats)
+    def column_scaling(self, stats):
+        return symmetric_sqrt(stats.second_moment(), rel_floor=self.eig_floor)
 
 
 @hookimpl

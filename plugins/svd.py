@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import attrs
 
-from lqframe import Decomposition, hookimpl
+from lqframe import hookimpl
 from lqframe.lowrank import LowRankReconstructor
 
 
@@ -17,10 +17,6 @@ class SVDReconstructor(LowRankReconstructor):
     """Rank-``rank`` SVD of ``W − Q``; factors stored in ``factor_dtype``."""
 
     label: ClassVar[str] = "svd"
-
-    def decompose(self, weight, quantizer, stats=None) -> Decomposition:
-        w, _ = self._prepare(weight, stats)
-        return self._finish(w, quantizer.quantize(w, stats))
 
 
 @hookimpl
