@@ -37,18 +37,15 @@ import torch
 from attrs import validators as v
 
 from lqframe.interfaces import ErrorReconstructor
+from lqframe.lqlinear import LOWRANK_DTYPES
 from lqframe.numerics import LowRankSolution, Scaling, check_weight, lowrank_solve
 from lqframe.quantization import integer
 from lqframe.types import Decomposition, LayerStats, LowRank, QuantizedWeight
 
 __all__ = ["FACTOR_DTYPES", "LowRankReconstructor", "real", "output_error"]
 
-#: Storage dtypes of the low-rank factors, by option value.
-FACTOR_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+#: Storage dtypes of the low-rank factors, by option value (one table with LQLinear's).
+FACTOR_DTYPES: dict[str, torch.dtype] = LOWRANK_DTYPES
 
 
 def real(

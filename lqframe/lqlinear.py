@@ -7,7 +7,6 @@ trainable float32 parameters. ``forward`` computes ``x·Qᵀ + (x·Rᵀ)·Lᵀ +
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -18,6 +17,7 @@ from lqframe.types import Decomposition, QuantizedWeight
 
 __all__ = ["PackedStorage", "LQLinear", "LOWRANK_DTYPES"]
 
+#: storage dtypes of L and R by name (the same table reconstructors use for ``factor_dtype``)
 LOWRANK_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.uint8, torch.float16, torch.bfloat16, torch.float32)}
 
@@ -190,7 +190,3 @@ def set_weight_cache(model: nn.Module, enabled: bool) -> None:
             module.cache_weight = enabled
             if not enabled:
                 module._cache = None
-
-
-def count_params(module: nn.Module) -> int:
-    return sum(math.prod(p.shape) for p in module.parameters())

@@ -235,6 +235,11 @@ def _input_groups(block: nn.Module, names: Sequence[str], model: nn.Module, x: t
     return [members for _, members in groups]
 
 
+def _needs(plan: LayerPlan) -> frozenset[str]:
+    q, r = _components(plan)
+    return r.all_needs(q)
+
+
 def _components(plan: LayerPlan) -> tuple[Quantizer, ErrorReconstructor]:
     reg = registry()
     q = reg.create("quantizer", plan.quantizer.name, **plan.quantizer.options)
@@ -302,7 +307,8 @@ def compress_blocks(
     by_block: dict[int, list[LayerPlan]] = {}
     for p in plans:
         by_block.setdefault(p.block, []).append(p)
-    needs_any = any(_components(p)[1].all_needs(_components(p)[0]) for p in plans)
+    needs = {p.name: _needs(p) for p in plans}
+    needs_any = any(needs.values())
     use_data = calibration is not None and len(calibration) > 0
     if needs_any and not use_data:
         names = sorted({p.reconstructor.name for p in plans} | {p.quantizer.name for p in plans})
@@ -321,7 +327,6 @@ def compress_blocks(
         bar.set_postfix_str(f"{blocks_path}.{b}: {len(layer_plans)} layers")
         captures: dict[str, _Capture] = {}
         if use_data and layer_plans:
-            needs = {p.name: _components(p)[1].all_needs(_components(p)[0]) for p in layer_plans}
             for group in _input_groups(block, [p.name for p in layer_plans], model, inputs[0], kwargs):
                 shared = _Capture(model.get_submodule(group[0]).in_features,
                                   frozenset().union(*(needs[n] for n in group)))
