@@ -6,6 +6,10 @@ appended to a JSON-lines file as soon as it finishes, so an interrupted table re
 
     python benchmarks/methods_table.py --bits 4 3 2 --quantizers rtn gptq \
         --reconstructors none svd lqer qera-approx qera-exact loftq --rank 32
+
+Variants: ``--quantizer-options act_order=true static_groups=true`` (YAML values) and
+``--reconstructor-options factor_dtype=int8``; rows record their options and are cached per
+combination *and* options.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import copy
 import json
 import time
 from pathlib import Path
+
+import yaml
 
 import lqframe
 from lqframe.data import make_windows
@@ -37,8 +43,12 @@ def main() -> None:
     ap.add_argument("--calibration", type=int, default=16)
     ap.add_argument("--evaluation", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--quantizer-options", nargs="*", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--reconstructor-options", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default="benchmarks/results/methods.jsonl")
     args = ap.parse_args()
+    qopts = _options(args.quantizer_options)
+    ropts = _options(args.reconstructor_options)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -47,7 +57,8 @@ def main() -> None:
         for line in out.read_text().splitlines():
             if line.strip():
                 row = json.loads(line)
-                done[(row["quantizer"], row["bits"], row["reconstructor"], row["rank"])] = row
+                done[_key(row["quantizer"], row["bits"], row["reconstructor"], row["rank"],
+                          row.get("quantizer_options", {}), row.get("reconstructor_options", {}))] = row
 
     loaded = load_model(args.model)
     base = loaded.model
@@ -58,21 +69,24 @@ def main() -> None:
     for bits in args.bits:
         for qname in args.quantizers:
             for rname in args.reconstructors:
-                key = (qname, bits, rname, args.rank if rname != "none" else 0)
+                rank = args.rank if rname != "none" else 0
+                r_opts = ropts if rname != "none" else {}
+                key = _key(qname, bits, rname, rank, qopts, r_opts)
+                label = f"{qname:5} {bits}b {rname:12}{_label(qopts, r_opts)}"
                 if key in done:
-                    r = done[key]
-                    print(f"{qname:5} {bits}b {rname:12} ppl {r['ppl']:10.4f} (cached)", flush=True)
+                    print(f"{label} ppl {done[key]['ppl']:10.4f} (cached)", flush=True)
                     continue
                 if qname not in registered or rname not in registered:
-                    print(f"{qname:5} {bits}b {rname:12} skipped: not installed", flush=True)
+                    print(f"{label} skipped: not installed", flush=True)
                     continue
                 doc = {
                     "data": {"source": "pydoc", "seq_len": args.seq_len,
                              "calibration_windows": args.calibration, "evaluation_windows": args.evaluation},
-                    "quantize_stage": {"quantizer": {"name": qname, "bits": bits, "group_size": args.group_size}},
+                    "quantize_stage": {"quantizer": {"name": qname, "bits": bits, "group_size": args.group_size,
+                                                     **qopts}},
                 }
                 if rname != "none":
-                    doc["reconstruct_stage"] = {"reconstructor": {"name": rname, "rank": args.rank}}
+                    doc["reconstruct_stage"] = {"reconstructor": {"name": rname, "rank": args.rank, **r_opts}}
                 recipe = parse_recipe(doc, f"{qname}-{bits}-{rname}")
                 model = copy.deepcopy(base)
                 t0 = time.perf_counter()
@@ -80,14 +94,34 @@ def main() -> None:
                 seconds = time.perf_counter() - t0
                 set_weight_cache(model, True)
                 ppl = perplexity(model, windows.evaluation, progress=False)
-                row = {"quantizer": qname, "bits": bits, "reconstructor": rname, "rank": key[3],
+                row = {"quantizer": qname, "bits": bits, "reconstructor": rname, "rank": rank,
+                       "quantizer_options": qopts, "reconstructor_options": r_opts,
                        "group_size": args.group_size, "ppl": ppl, "fp_ppl": fp, "ratio": ppl / fp,
                        "compress_seconds": seconds, **summarize(results)}
                 with out.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
-                print(f"{qname:5} {bits}b {rname:12} ppl {ppl:10.4f}  ×{ppl / fp:6.3f}  bits {row['avg_bits']:.3f}"
+                print(f"{label} ppl {ppl:10.4f}  ×{ppl / fp:6.3f}  bits {row['avg_bits']:.3f}"
                       f"/{row['avg_bits_with_lowrank']:.3f}  {seconds:6.1f} s", flush=True)
                 del model
+
+
+def _options(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"option {pair!r} is not KEY=VALUE")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _key(qname, bits, rname, rank, qopts, ropts):
+    return (qname, bits, rname, rank, json.dumps(qopts, sort_keys=True), json.dumps(ropts, sort_keys=True))
+
+
+def _label(qopts: dict, ropts: dict) -> str:
+    opts = [f"{k}={v}" for k, v in {**qopts, **ropts}.items()]
+    return f" [{' '.join(opts)}]" if opts else ""
 
 
 if __name__ == "__main__":

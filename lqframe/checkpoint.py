@@ -97,12 +97,8 @@ def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata
 
 
 def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict as stored: L and R cast to their storage dtype, tied weights once."""
+    """The model's state dict as stored (L and R in their storage format), tied weights once."""
     state = model.state_dict()
-    for name, module in model.named_modules():
-        if isinstance(module, LQLinear):
-            for key, value in module.lowrank_state().items():
-                state[f"{name}.{key}" if name else key] = value
     out: dict[str, torch.Tensor] = {}
     seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
     for name, t in state.items():
@@ -280,12 +276,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> nn.
         model = model_cls(config)
     swap_in_skeletons(model, qc["layers"])
     state = read_state(path)
-    for name, module in model.named_modules():
-        if isinstance(module, LQLinear):
-            for key in ("left", "right"):
-                full = f"{name}.{key}"
-                if full in state:
-                    state[full] = state[full].to(torch.float32)
     result = model.load_state_dict(state, strict=False)
     tied = _tied_names(model)
     missing = [k for k in result.missing_keys if k not in tied]
@@ -348,6 +338,7 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
             "bits": header.get("bits"),
             "group_size": header.get("block_size"),
             "rank": cfg["rank"],
+            "lowrank_format": cfg.get("lowrank_dtype", "float32") if cfg["rank"] else None,
             "numel": numel,
             "storage_bits": q_bits,
             "lowrank_bits": lr_bits,

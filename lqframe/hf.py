@@ -4,6 +4,7 @@ checkpoint once ``lqframe`` is imported (an ``HfQuantizer`` registered under ``q
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 __all__ = ["register_with_transformers"]
@@ -24,6 +25,8 @@ def register_with_transformers() -> bool:
         return False
 
     from lqframe.checkpoint import QUANT_METHOD, swap_in_skeletons
+    from lqframe.factors import is_quantized
+    from lqframe.lqlinear import LQLinear
 
     class LqframeConfig(QuantizationConfigMixin):
         """``config.json["quantization_config"]`` of an lqframe checkpoint."""
@@ -45,7 +48,19 @@ def register_with_transformers() -> bool:
         requires_calibration = True
 
         def _process_model_before_weight_loading(self, model, **kwargs):
-            swap_in_skeletons(model, self.quantization_config.layers)
+            layers = self.quantization_config.layers
+            swap_in_skeletons(model, layers)
+            # int8 factors are stored packed (left_q/right_q); L and R are decoded after loading
+            packed = [re.escape(name) + r"\.(left|right)$" for name, cfg in layers.items()
+                      if is_quantized(cfg.get("lowrank_dtype", "float32"))]
+            if packed:
+                model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | set(packed)
+            return model
+
+        def _process_model_after_weight_loading(self, model, **kwargs):
+            for module in model.modules():
+                if isinstance(module, LQLinear):
+                    module.restore_factors()
             return model
 
         def is_serializable(self, *args, **kwargs) -> bool:

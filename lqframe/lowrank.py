@@ -9,7 +9,8 @@ LQER, LoftQ, …) subclasses :class:`LowRankReconstructor`. It inherits the low-
     ``exact`` (full SVD) or ``randomized`` (range finder with ``oversample`` extra columns and
     ``niter`` power iterations, seeded by ``seed``);
 ``factor_dtype``
-    the dtype ``L`` and ``R`` are stored in (``float32``, ``float16``, ``bfloat16``),
+    the format ``L`` and ``R`` are stored in (``float32``, ``float16``, ``bfloat16``, or ``int8`` with
+    a float16 scale per 64 values; :mod:`lqframe.factors`),
 
 the exact storage accounting :meth:`~LowRankReconstructor.lowrank_bits`, and
 :meth:`~LowRankReconstructor._finish`, which turns a packed ``Q`` and the method's scalings into
@@ -37,15 +38,12 @@ import torch
 from attrs import validators as v
 
 from lqframe.interfaces import ErrorReconstructor
-from lqframe.lqlinear import LOWRANK_DTYPES
+from lqframe.factors import FACTOR_FORMATS, factor_bits, round_factor
 from lqframe.numerics import LowRankSolution, Scaling, check_weight, lowrank_solve
 from lqframe.quantization import integer
 from lqframe.types import Decomposition, LayerStats, LowRank, QuantizedWeight
 
-__all__ = ["FACTOR_DTYPES", "LowRankReconstructor", "real", "output_error"]
-
-#: Storage dtypes of the low-rank factors, by option value (one table with LQLinear's).
-FACTOR_DTYPES: dict[str, torch.dtype] = LOWRANK_DTYPES
+__all__ = ["LowRankReconstructor", "real", "output_error"]
 
 
 def real(
@@ -88,7 +86,7 @@ class LowRankReconstructor(ErrorReconstructor):
 
     rank: int = attrs.field(default=32, validator=integer(0))
     method: str = attrs.field(default="exact", validator=v.in_(("exact", "randomized")))
-    factor_dtype: str = attrs.field(default="float16", validator=v.in_(tuple(FACTOR_DTYPES)))
+    factor_dtype: str = attrs.field(default="float16", validator=v.in_(FACTOR_FORMATS))
     oversample: int = attrs.field(default=10, validator=integer(0))
     niter: int = attrs.field(default=2, validator=integer(0))
     seed: int = attrs.field(default=0, validator=integer())
@@ -101,10 +99,6 @@ class LowRankReconstructor(ErrorReconstructor):
     @property
     def _who(self) -> str:
         return f"{self.label} reconstructor"
-
-    @property
-    def _dtype(self) -> torch.dtype:
-        return FACTOR_DTYPES[self.factor_dtype]
 
     def _rank(self, shape) -> int:
         """The rank actually used for a matrix of this shape (``rank`` clipped to ``min(n, m)``)."""
@@ -124,7 +118,7 @@ class LowRankReconstructor(ErrorReconstructor):
     def _solve(
         self, residual: torch.Tensor, row_scaling: Scaling | None = None, col_scaling: Scaling | None = None
     ) -> tuple[LowRank, LowRankSolution]:
-        """Fit ``residual`` (n×m) at ``_rank`` (> 0); the factors come back in ``factor_dtype``."""
+        """Fit ``residual`` (n×m) at ``_rank`` (> 0); the factors come back rounded to ``factor_dtype``."""
         sol = lowrank_solve(
             residual,
             self._rank(residual.shape),
@@ -135,7 +129,8 @@ class LowRankReconstructor(ErrorReconstructor):
             niter=self.niter,
             seed=self.seed,
         )
-        return LowRank(sol.left.to(self._dtype), sol.right.to(self._dtype)), sol
+        fmt = self.factor_dtype
+        return LowRank(round_factor(sol.left, fmt), round_factor(sol.right, fmt), fmt), sol
 
     def column_scaling(self, stats: LayerStats | None) -> Scaling | None:
         """The input-side scaling T of the solve (None: identity). Override in subclasses."""
@@ -186,4 +181,5 @@ class LowRankReconstructor(ErrorReconstructor):
 
     def lowrank_bits(self, shape) -> int:
         n, m = shape
-        return self._rank(shape) * (n + m) * torch.finfo(self._dtype).bits
+        r = self._rank(shape)
+        return factor_bits((n, r), self.factor_dtype) + factor_bits((r, m), self.factor_dtype)

@@ -3,6 +3,11 @@
 Q stays packed (uint8 codes and scales as buffers, frozen); L (out × r) and R (r × in) are
 trainable float32 parameters. ``forward`` computes ``x·Qᵀ + (x·Rᵀ)·Lᵀ + b`` through
 ``lqframe.kernels`` (torch reference now; Triton kernels read the same buffers).
+
+``state_dict()`` is what is stored: L and R in their ``lowrank_dtype`` (:mod:`lqframe.factors`).
+For ``int8`` factors the stored tensors are the packed buffers ``left_q.*`` / ``right_q.*``
+(re-encoded from the parameters whenever the state is taken) and the float parameters are rebuilt
+from them on load (``load_state_dict``, :meth:`LQLinear.restore_factors` after a transformers load).
 """
 
 from __future__ import annotations
@@ -12,13 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from lqframe.factors import FLOAT_FACTOR_DTYPES, check_format, decode_factor, encode_factor, factor_bits, is_quantized
 from lqframe.kernels import lq_linear
 from lqframe.types import Decomposition, QuantizedWeight
 
-__all__ = ["PackedStorage", "LQLinear", "LOWRANK_DTYPES"]
+__all__ = ["PackedStorage", "LQLinear"]
 
-#: storage dtypes of L and R by name (the same table reconstructors use for ``factor_dtype``)
-LOWRANK_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.uint8, torch.float16, torch.bfloat16, torch.float32)}
 
 
@@ -75,6 +79,12 @@ class PackedStorage(nn.Module):
         return QuantizedWeight.from_state(self.tensors(), self.full_header())
 
 
+def _factor_header(shape: tuple[int, int], fmt: str) -> dict[str, Any]:
+    """Layout of a packed factor (computed on the CPU: skeletons may be built on the meta device)."""
+    with torch.device("cpu"):
+        return PackedStorage.describe(encode_factor(torch.zeros(shape), fmt))[1]
+
+
 class LQLinear(nn.Module):
     """``y = x·Qᵀ + (x·Rᵀ)·Lᵀ + b`` with Q packed and frozen, L and R trainable."""
 
@@ -92,11 +102,15 @@ class LQLinear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.lowrank_dtype = lowrank_dtype
+        self.lowrank_dtype = check_format(lowrank_dtype, "lowrank_dtype")
         self.meta = dict(meta or {})
         self.qweight = PackedStorage(qheader, qtensors)
         self.left = nn.Parameter(torch.zeros(out_features, rank))
         self.right = nn.Parameter(torch.zeros(rank, in_features))
+        if is_quantized(self.lowrank_dtype):  # packed storage of the factors, kept in step on save
+            self.left_q = PackedStorage(_factor_header((out_features, rank), self.lowrank_dtype))
+            self.right_q = PackedStorage(_factor_header((rank, in_features), self.lowrank_dtype))
+            self.register_load_state_dict_post_hook(_factors_loaded)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self._cache: torch.Tensor | None = None
         self.cache_weight = False
@@ -108,15 +122,14 @@ class LQLinear(nn.Module):
     ) -> LQLinear:
         tensors, header = PackedStorage.describe(dec.qweight)
         rank = dec.rank
-        lr_dtype = "float32"
-        if dec.lowrank is not None:
-            lr_dtype = str(dec.lowrank.left.dtype).removeprefix("torch.")
+        lr_dtype = "float32" if dec.lowrank is None else dec.lowrank.format
         module = cls(linear.in_features, linear.out_features, header, rank, linear.bias is not None,
                      lowrank_dtype=lr_dtype, qtensors=tensors, meta=meta)
         with torch.no_grad():
             if dec.lowrank is not None:
                 module.left.copy_(dec.lowrank.left.to(torch.float32))
                 module.right.copy_(dec.lowrank.right.to(torch.float32))
+                module._encode_factors()
             if linear.bias is not None:
                 module.bias.copy_(linear.bias.detach().to(torch.float32))
         return module.to(linear.weight.device)
@@ -161,7 +174,8 @@ class LQLinear(nn.Module):
     def storage_bits(self, include_lowrank: bool = True) -> int:
         bits = self.quantized_weight().storage_bits()
         if include_lowrank:
-            bits += (self.left.numel() + self.right.numel()) * torch.finfo(LOWRANK_DTYPES[self.lowrank_dtype]).bits
+            bits += factor_bits(tuple(self.left.shape), self.lowrank_dtype)
+            bits += factor_bits(tuple(self.right.shape), self.lowrank_dtype)
         return bits
 
     def extra_repr(self) -> str:
@@ -177,10 +191,56 @@ class LQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return lq_linear(x, self.dequantized_weight(), self.left, self.right, self.bias)
 
-    def lowrank_state(self) -> dict[str, torch.Tensor]:
-        """L and R cast to their storage dtype (what a checkpoint holds)."""
-        dtype = LOWRANK_DTYPES[self.lowrank_dtype]
-        return {"left": self.left.detach().to(dtype), "right": self.right.detach().to(dtype)}
+    # ------------------------------------------------------------------ storage of L and R
+    def _encode_factors(self) -> None:
+        """Refresh the packed factor buffers from the parameters (int8 factors only)."""
+        if not is_quantized(self.lowrank_dtype) or self.left.is_meta:  # meta: a skeleton being loaded
+            return
+        for key in ("left", "right"):
+            storage: PackedStorage = getattr(self, f"{key}_q")
+            tensors, _ = encode_factor(getattr(self, key), self.lowrank_dtype).to_state()
+            for name, value in tensors.items():
+                getattr(storage, name).copy_(value)
+
+    @torch.no_grad()
+    def restore_factors(self) -> None:
+        """Set the float parameters L and R from the packed factor buffers (after those were loaded
+        by something other than ``load_state_dict``, e.g. transformers). No-op for float factors."""
+        if not is_quantized(self.lowrank_dtype):
+            return
+        for key in ("left", "right"):
+            value = decode_factor(getattr(self, f"{key}_q").to_qweight())
+            param = getattr(self, key)
+            if param.is_meta or param.device != value.device:  # never materialised (transformers skips it)
+                setattr(self, key, nn.Parameter(value, requires_grad=param.requires_grad))
+            else:
+                param.copy_(value)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if is_quantized(self.lowrank_dtype):
+            self._encode_factors()  # the children's buffers are written after this
+            for name, value in self._parameters.items():
+                if value is not None and name not in ("left", "right"):
+                    destination[prefix + name] = value if keep_vars else value.detach()
+            return
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        dtype = FLOAT_FACTOR_DTYPES[self.lowrank_dtype]
+        if dtype != torch.float32:
+            for name in ("left", "right"):
+                destination[prefix + name] = getattr(self, name).detach().to(dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if is_quantized(self.lowrank_dtype):
+            # L and R are not stored: they are decoded from left_q/right_q once those are loaded
+            for name in ("left", "right"):
+                state_dict.setdefault(prefix + name, getattr(self, name).detach())
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+def _factors_loaded(module: LQLinear, incompatible_keys) -> None:
+    module.restore_factors()
 
 
 def set_weight_cache(model: nn.Module, enabled: bool) -> None:

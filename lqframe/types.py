@@ -268,16 +268,22 @@ class QuantizedWeight:
 
 @attrs.frozen(eq=False)
 class LowRank:
-    """The low-rank term ``L·R`` with ``left`` (n×r) and ``right`` (r×m)."""
+    """The low-rank term ``L·R`` with ``left`` (n×r) and ``right`` (r×m).
+
+    ``format`` is the factors' storage format (:mod:`lqframe.factors`): by default the tensors'
+    dtype; ``int8`` factors are float32 tensors holding values on the int8 grid."""
 
     left: torch.Tensor
     right: torch.Tensor
+    format: str = attrs.field(default=None)
 
     def __attrs_post_init__(self) -> None:
         if self.left.dim() != 2 or self.right.dim() != 2 or self.left.shape[1] != self.right.shape[0]:
             raise ValueError(
                 f"low-rank factors do not chain: left {tuple(self.left.shape)}, right {tuple(self.right.shape)}"
             )
+        if self.format is None:
+            object.__setattr__(self, "format", str(self.left.dtype).removeprefix("torch."))
 
     @property
     def rank(self) -> int:
@@ -291,7 +297,9 @@ class LowRank:
         return (self.left.to(torch.float32) @ self.right.to(torch.float32)).to(dtype)
 
     def storage_bits(self) -> int:
-        return _tensor_bits(self.left) + _tensor_bits(self.right)
+        from lqframe.factors import factor_bits
+
+        return factor_bits(tuple(self.left.shape), self.format) + factor_bits(tuple(self.right.shape), self.format)
 
 
 @attrs.frozen(eq=False)

@@ -374,3 +374,35 @@ def test_data_aware_reconstructor_runs_in_the_pipeline(model_dir, tmp_path):
     assert {r["reconstructor"] for r in report["layers"]} == {"qera-exact"}
     assert {r["quantizer"] for r in report["layers"]} == {"gptq"}
     assert report["ppl"] < 1e4 and all(r["rel_output_error"] < 0.5 for r in report["layers"])
+
+
+def test_int8_factors_end_to_end(model_dir, tmp_path, finished):
+    """factor_dtype int8: the report counts 8.25-bit factors, the checkpoint holds them packed, and
+    both loaders give back the reported perplexity."""
+    from lqframe.checkpoint import load_tokenizer
+    from lqframe.data import make_windows
+    from lqframe.evaluate import perplexity
+    from lqframe.factors import factor_bits
+
+    _, fp16_report = finished
+    out = tmp_path / "int8"
+    report = run(small_recipe("reconstruct_stage.reconstructor.factor_dtype=int8"), str(model_dir), out,
+                 progress=False)
+    lr_bits = sum(r["lowrank_bits"] for r in report["layers"])
+    shapes = [(m.out_features, m.in_features) for m in
+              (lqframe.load(out).get_submodule(r["name"]) for r in report["layers"])]
+    assert lr_bits == sum(factor_bits((n, 8), "int8") + factor_bits((8, m), "int8") for n, m in shapes)
+    assert report["avg_bits"] == fp16_report["avg_bits"]
+    assert report["avg_bits_with_lowrank"] < fp16_report["avg_bits_with_lowrank"]
+    assert report["ppl"] == pytest.approx(fp16_report["ppl"], rel=0.01)  # 8-bit factors lose almost nothing
+    state = _tensors(out / "model.safetensors")
+    assert "model.layers.0.mlp.up_proj.left" not in state
+    assert state["model.layers.0.mlp.up_proj.left_q.codes"].dtype == torch.uint8
+    d = load_recipe(out / "recipe.yaml").data
+    windows = make_windows(load_tokenizer(out), d.source, d.seq_len, 0, d.evaluation_windows, d.seed)
+    assert perplexity(lqframe.load(out), windows.evaluation, progress=False) == pytest.approx(report["ppl"],
+                                                                                               rel=1e-6)
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    assert perplexity(hf, windows.evaluation, progress=False) == pytest.approx(report["ppl"], rel=1e-6)

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lqframe
+from lqframe.factors import FLOAT_FACTOR_DTYPES, round_factor
 from lqframe.kernels import pack_bits, packed_nbytes
 from lqframe.lowrank import LowRankReconstructor, output_error
 from lqframe.registry import option_names
@@ -277,7 +278,7 @@ def test_missing_statistics_are_a_clear_error(name):
 
 
 @pytest.mark.parametrize("name", LOWRANK)
-@pytest.mark.parametrize("factor_dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("factor_dtype", ["float32", "float16", "bfloat16", "int8"])
 def test_shared_options_storage_and_reproducibility(name, factor_dtype):
     n, m = 12, 40
     w = torch.randn(n, m, generator=torch.Generator().manual_seed(8))
@@ -286,7 +287,12 @@ def test_shared_options_storage_and_reproducibility(name, factor_dtype):
     for method in ("exact", "randomized"):
         r = recon(name, rank=3, method=method, factor_dtype=factor_dtype)
         dec = r.decompose(w, quantizer, stats)
-        assert dec.lowrank.left.dtype == lqframe.lowrank.FACTOR_DTYPES[factor_dtype]
+        assert dec.lowrank.format == factor_dtype
+        if factor_dtype == "int8":  # float32 values on the int8 grid: encoding them is lossless
+            for t in (dec.lowrank.left, dec.lowrank.right):
+                assert torch.equal(round_factor(t, "int8"), t)
+        else:
+            assert dec.lowrank.left.dtype == FLOAT_FACTOR_DTYPES[factor_dtype]
         assert dec.lowrank.storage_bits() == r.lowrank_bits((n, m))
         again = r.decompose(w, quantizer, stats)
         assert torch.equal(again.dense(), dec.dense()) and torch.equal(again.qweight.codes, dec.qweight.codes)
@@ -326,7 +332,7 @@ def test_low_rank_reconstructors_share_the_svd_options():
         ("lqer", {"min_scale": 0.0}),
         ("loftq", {"iterations": 0}),
         ("loftq", {"method": "lanczos"}),
-        ("lqer", {"factor_dtype": "int8"}),
+        ("lqer", {"factor_dtype": "int4"}),
     ],
 )
 def test_bad_options_are_rejected(name, options):
