@@ -10,11 +10,25 @@ LQER, LoftQ, …) subclasses :class:`LowRankReconstructor`. It inherits the low-
     ``niter`` power iterations, seeded by ``seed``);
 ``factor_dtype``
     the format ``L`` and ``R`` are stored in (``float32``, ``float16``, ``bfloat16``, or ``int8`` with
-    a float16 scale per 64 values; :mod:`lqframe.factors`),
+    a power-of-two scale per 64 values; :mod:`lqframe.factors`),
+``iterations``
+    1: quantize ``W`` once, then fit ``L·R`` to ``W − Q``. More: alternate (LoftQ's scheme, in the
+    method's own weighting)::
+
+        Q_1 = q(W)
+        for t = 1 … iterations:
+            L_t R_t = argmin ‖S (W − Q_t − LR) T‖_F       iterate t: (Q_t, L_t R_t)
+            Q_{t+1} = q(W − L_t R_t)
+
+    and return the iterate with the smallest weighted error ``‖S (W − Q − LR) T‖_F`` (not the
+    last; the loop stops early when ``Q`` repeats). With a data-aware quantizer (``gptq``) and a
+    data-aware weighting (``qera-exact``: ``T = E[xxᵀ]^{1/2}``) both steps lower the same
+    layer-output error, so the alternation is coordinate descent on it,
 
 the exact storage accounting :meth:`~LowRankReconstructor.lowrank_bits`, and
 :meth:`~LowRankReconstructor._finish`, which turns a packed ``Q`` and the method's scalings into
-the :class:`~lqframe.Decomposition`. A subclass only supplies its input-side scaling::
+the :class:`~lqframe.Decomposition`. A subclass only supplies its scalings (``column_scaling``,
+and ``row_scaling`` for output-side weights such as Fisher information)::
 
     @attrs.frozen
     class MyReconstructor(LowRankReconstructor):
@@ -24,7 +38,10 @@ the :class:`~lqframe.Decomposition`. A subclass only supplies its input-side sca
         def column_scaling(self, stats):
             return DiagonalScaling(stats.rms())
 
-(methods that re-quantize, like LoftQ, override ``decompose`` and still finish with ``_finish``).
+With ``iterations > 1`` the decomposition's ``info`` has ``iterations_run``, ``best_iteration``
+(1-based), ``initial_error`` (iteration 1, i.e. one-shot), ``final_error`` (of the returned
+decomposition, weighted as above), ``errors`` (per iteration; a list, so reports leave it out) and
+``refit``.
 """
 
 from __future__ import annotations
@@ -90,10 +107,12 @@ class LowRankReconstructor(ErrorReconstructor):
     oversample: int = attrs.field(default=10, validator=integer(0))
     niter: int = attrs.field(default=2, validator=integer(0))
     seed: int = attrs.field(default=0, validator=integer())
+    iterations: int = attrs.field(default=1, validator=integer(1))
 
     @classmethod
     def test_configs(cls):
-        return [{"rank": 4, "factor_dtype": "float32"}, {"rank": 2, "method": "randomized"}]
+        return [{"rank": 4, "factor_dtype": "float32"}, {"rank": 2, "method": "randomized"},
+                {"rank": 3, "iterations": 3}]
 
     # ----------------------------------------------------------------- helpers for subclasses
     @property
@@ -136,12 +155,69 @@ class LowRankReconstructor(ErrorReconstructor):
         """The input-side scaling T of the solve (None: identity). Override in subclasses."""
         return None
 
+    def row_scaling(self, stats: LayerStats | None) -> Scaling | None:
+        """The output-side scaling S of the solve (None: identity). Override in subclasses."""
+        return None
+
     def decompose(self, weight, quantizer, stats=None) -> Decomposition:
-        """Quantize once, then fit ``L·R`` to ``W − Q`` under :meth:`column_scaling`."""
+        """Fit ``L·R`` to ``W − Q`` under the method's scalings: once, or alternating with the
+        quantizer for ``iterations > 1`` (see the module doc)."""
         w, stats = self._prepare(weight, stats)
-        qweight = quantizer.quantize(w, stats)
-        scaling = self.column_scaling(stats) if self._rank(w.shape) > 0 else None
-        return self._finish(w, qweight, col_scaling=scaling, stats=stats)
+        if self._rank(w.shape) == 0:  # no low-rank term: Q = q(W) is already the fixed point
+            return self._finish(w, quantizer.quantize(w, stats), stats=stats)
+        rows, cols = self.row_scaling(stats), self.column_scaling(stats)
+        if self.iterations == 1:
+            return self._finish(w, quantizer.quantize(w, stats), rows, cols, stats=stats)
+        return self._alternate(w, quantizer, stats, rows, cols)
+
+    @staticmethod
+    def _weighted_error(diff: torch.Tensor, rows: Scaling | None, cols: Scaling | None) -> float:
+        """``‖S · diff · T‖_F`` (float64)."""
+        d = diff.to(torch.float64)
+        if rows is not None:
+            d = rows.left(d)
+        if cols is not None:
+            d = cols.right(d)
+        return float(torch.linalg.vector_norm(d))
+
+    def _alternate(self, w, quantizer, stats, rows, cols) -> Decomposition:
+        def error(q_dense, lowrank):
+            return self._weighted_error(w - (q_dense + lowrank.to_dense()), rows, cols)
+
+        source = w  # what the current Q was quantized from
+        q_dense = quantizer.roundtrip(source, stats)
+        errors: list[float] = []
+        best = None
+        for t in range(1, self.iterations + 1):
+            lowrank, _ = self._solve(w - q_dense, rows, cols)
+            errors.append(error(q_dense, lowrank))
+            if best is None or errors[-1] < best[1]:
+                best = (t, errors[-1], source, q_dense, lowrank)
+            if t == self.iterations:
+                break
+            source = w - lowrank.to_dense()
+            q_next = quantizer.roundtrip(source, stats)
+            if torch.equal(q_next, q_dense):
+                break
+            q_dense = q_next
+
+        best_t, best_err, best_source, best_q, lowrank = best
+        qweight = quantizer.quantize(best_source, stats)
+        q_packed = qweight.dequantize(torch.float32)
+        info = {"iterations_run": len(errors), "best_iteration": best_t, "initial_error": errors[0],
+                "errors": errors}
+        # L·R fitted to the packed Q; identical to the loop's when the packed Q is the loop's Q
+        refit = self._finish(w, qweight, rows, cols, stats=stats, info=info)
+        if torch.equal(q_packed, best_q):
+            return attrs.evolve(refit, info={**refit.info, "final_error": best_err, "refit": False})
+        kept_err, refit_err = error(q_packed, lowrank), error(q_packed, refit.lowrank)
+        if refit_err <= kept_err:
+            return attrs.evolve(refit, info={**refit.info, "final_error": refit_err, "refit": True})
+        kept_info = {**refit.info, "final_error": kept_err, "refit": False}
+        if stats.rxx is not None:
+            kept_info["output_error"] = output_error(w - q_packed - lowrank.to_dense(), stats)
+        kept_info.pop("tail_energy", None)
+        return Decomposition(qweight, lowrank, kept_info)
 
     def _finish(
         self,
