@@ -45,8 +45,14 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--quantizer-options", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--reconstructor-options", nargs="*", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--sequential", choices=["block", "layer"], default="block",
+                    help="quantize_stage.sequential: calibrate each block at once, or each input group in turn")
     ap.add_argument("--out", default="benchmarks/results/methods.jsonl")
+    ap.add_argument("--table", action="store_true", help="only print the markdown table of what --out holds")
     args = ap.parse_args()
+    if args.table:
+        print(render([json.loads(x) for x in Path(args.out).read_text().splitlines() if x.strip()]))
+        return
     qopts = _options(args.quantizer_options)
     ropts = _options(args.reconstructor_options)
 
@@ -58,7 +64,8 @@ def main() -> None:
             if line.strip():
                 row = json.loads(line)
                 done[_key(row["quantizer"], row["bits"], row["reconstructor"], row["rank"],
-                          row.get("quantizer_options", {}), row.get("reconstructor_options", {}))] = row
+                          row.get("quantizer_options", {}), row.get("reconstructor_options", {}),
+                          row.get("sequential", "block"))] = row
 
     loaded = load_model(args.model)
     base = loaded.model
@@ -71,8 +78,8 @@ def main() -> None:
             for rname in args.reconstructors:
                 rank = args.rank if rname != "none" else 0
                 r_opts = ropts if rname != "none" else {}
-                key = _key(qname, bits, rname, rank, qopts, r_opts)
-                label = f"{qname:5} {bits}b {rname:12}{_label(qopts, r_opts)}"
+                key = _key(qname, bits, rname, rank, qopts, r_opts, args.sequential)
+                label = f"{qname:5} {bits}b {rname:12}{_label(qopts, r_opts, args.sequential)}"
                 if key in done:
                     print(f"{label} ppl {done[key]['ppl']:10.4f} (cached)", flush=True)
                     continue
@@ -83,19 +90,21 @@ def main() -> None:
                     "data": {"source": "pydoc", "seq_len": args.seq_len,
                              "calibration_windows": args.calibration, "evaluation_windows": args.evaluation},
                     "quantize_stage": {"quantizer": {"name": qname, "bits": bits, "group_size": args.group_size,
-                                                     **qopts}},
+                                                     **qopts},
+                                       "sequential": args.sequential},
                 }
                 if rname != "none":
                     doc["reconstruct_stage"] = {"reconstructor": {"name": rname, "rank": args.rank, **r_opts}}
                 recipe = parse_recipe(doc, f"{qname}-{bits}-{rname}")
                 model = copy.deepcopy(base)
                 t0 = time.perf_counter()
-                results = compress_blocks(model, plan_layers(model, recipe), windows.calibration, progress=False)
+                results = compress_blocks(model, plan_layers(model, recipe), windows.calibration, progress=False,
+                                          sequential=recipe.quantize.sequential)
                 seconds = time.perf_counter() - t0
                 set_weight_cache(model, True)
                 ppl = perplexity(model, windows.evaluation, progress=False)
                 row = {"quantizer": qname, "bits": bits, "reconstructor": rname, "rank": rank,
-                       "quantizer_options": qopts, "reconstructor_options": r_opts,
+                       "quantizer_options": qopts, "reconstructor_options": r_opts, "sequential": args.sequential,
                        "group_size": args.group_size, "ppl": ppl, "fp_ppl": fp, "ratio": ppl / fp,
                        "compress_seconds": seconds, **summarize(results)}
                 with out.open("a") as fh:
@@ -103,6 +112,34 @@ def main() -> None:
                 print(f"{label} ppl {ppl:10.4f}  ×{ppl / fp:6.3f}  bits {row['avg_bits']:.3f}"
                       f"/{row['avg_bits_with_lowrank']:.3f}  {seconds:6.1f} s", flush=True)
                 del model
+
+
+def render(rows: list[dict]) -> str:
+    """Markdown: one line per quantizer × reconstructor (× options), one column per bit width."""
+    fp = rows[0]["fp_ppl"] if rows else float("nan")
+    bits = sorted({r["bits"] for r in rows}, reverse=True)
+    lines: dict[tuple, dict[int, dict]] = {}
+    for r in rows:
+        label = (r["quantizer"], r["reconstructor"], _label(r.get("quantizer_options", {}),
+                                                              r.get("reconstructor_options", {}),
+                                                              r.get("sequential", "block")).strip())
+        lines.setdefault(label, {})[r["bits"]] = r
+    order = ["none", "svd", "lqer", "qera-approx", "qera-exact", "loftq"]
+    lines = dict(sorted(lines.items(), key=lambda kv: (kv[0][0] != "rtn", kv[0][0],
+                                                      order.index(kv[0][1]) if kv[0][1] in order else 99,
+                                                      kv[0][2])))
+    out = [f"float perplexity {fp:.2f}; cells: perplexity (× float, bits per parameter with L·R, compress time)",
+           "", "| quantizer | reconstructor | variant | " + " | ".join(f"{b}-bit" for b in bits) + " |",
+           "|---|---|---|" + "---|" * len(bits)]
+    for (q, rec, variant), by_bits in lines.items():
+        cells = []
+        for b in bits:
+            r = by_bits.get(b)
+            cells.append("–" if r is None else
+                         f"{r['ppl']:.2f} (×{r['ratio']:.3f}, {r['avg_bits_with_lowrank']:.2f} b, "
+                         f"{r['compress_seconds']:.0f} s)")
+        out.append(f"| {q} | {rec} | {variant or '–'} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def _options(pairs: list[str]) -> dict:
@@ -115,12 +152,15 @@ def _options(pairs: list[str]) -> dict:
     return out
 
 
-def _key(qname, bits, rname, rank, qopts, ropts):
-    return (qname, bits, rname, rank, json.dumps(qopts, sort_keys=True), json.dumps(ropts, sort_keys=True))
+def _key(qname, bits, rname, rank, qopts, ropts, sequential="block"):
+    return (qname, bits, rname, rank, json.dumps(qopts, sort_keys=True), json.dumps(ropts, sort_keys=True),
+            sequential)
 
 
-def _label(qopts: dict, ropts: dict) -> str:
+def _label(qopts: dict, ropts: dict, sequential: str = "block") -> str:
     opts = [f"{k}={v}" for k, v in {**qopts, **ropts}.items()]
+    if sequential != "block":
+        opts.append(f"sequential={sequential}")
     return f" [{' '.join(opts)}]" if opts else ""
 
 

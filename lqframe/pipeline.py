@@ -8,6 +8,12 @@ For each repeated block (decoder layer) in order:
    :class:`~lqframe.lqlinear.LQLinear`;
 3. run the *compressed* block again: its outputs are the next block's inputs.
 
+With ``sequential="layer"`` (GPTQ's "true sequential") steps 1–2 run once per group of linears
+that read the same input, in execution order (q/k/v, then o, then gate/up, then down): each
+group's statistics are captured with the groups before it already compressed, so every layer is
+fitted to the inputs it will see in the compressed model. The forward pass stops as soon as the
+group's input has been captured, so this costs about one extra block forward in total.
+
 Only one block's activations are held at a time. After each block a ``checkpoint`` callback
 may persist progress, and a run can start from a given block with given inputs (resume).
 """
@@ -206,9 +212,14 @@ class _Capture:
             self.sampled += take.shape[0]
 
 
+class _Stop(Exception):
+    """Raised by a capture hook to end a block's forward pass once its input has been seen."""
+
+
 def _input_groups(block: nn.Module, names: Sequence[str], model: nn.Module, x: torch.Tensor,
                   kwargs: Mapping[str, Any]) -> list[list[str]]:
-    """Group linears by the input tensor they receive (one forward of the block on one window)."""
+    """Group linears by the input tensor they receive (one forward of the block on one window),
+    in the order the block uses them (linears the forward never reaches come last)."""
     seen: dict[str, torch.Tensor] = {}  # the tensors themselves: holding them keeps ids from being reused
 
     def hook(name):
@@ -223,8 +234,9 @@ def _input_groups(block: nn.Module, names: Sequence[str], model: nn.Module, x: t
     finally:
         for h in handles:
             h.remove()
+    order = {n: i for i, n in enumerate(seen)}
     groups: list[tuple[torch.Tensor | None, list[str]]] = []
-    for n in names:
+    for n in sorted(names, key=lambda n: order.get(n, len(order))):
         x = seen.get(n)
         for tensor, members in groups:
             if x is not None and tensor is x:
@@ -233,6 +245,39 @@ def _input_groups(block: nn.Module, names: Sequence[str], model: nn.Module, x: t
         else:
             groups.append((x, [n]))
     return [members for _, members in groups]
+
+
+def _capture(model: nn.Module, block: nn.Module, groups: list[list[str]], needs: Mapping[str, frozenset[str]],
+             inputs: Sequence[torch.Tensor], kwargs: Mapping[str, Any], stop: bool) -> dict[str, _Capture]:
+    """Run ``block`` on every input window and capture the inputs of the linears in ``groups`` (one
+    shared capture per group). ``stop``: end each forward once the (single) group was captured."""
+    captures: dict[str, _Capture] = {}
+    for group in groups:
+        shared = _Capture(model.get_submodule(group[0]).in_features, frozenset().union(*(needs[n] for n in group)))
+        captures.update(dict.fromkeys(group, shared))
+
+    def hook(module, args, c):
+        c.update(args[0])
+        if stop:
+            raise _Stop
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(lambda m, args, c=cap: hook(m, args, c))
+               for name, cap in captures.items()]
+    set_weight_cache(block, True)  # compressed linears of earlier groups dequantize once
+    try:
+        with torch.inference_mode():
+            for x in inputs:
+                try:
+                    _run_block(block, x, kwargs)
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+        for cap in captures.values():
+            cap.last = None
+        set_weight_cache(block, False)
+    return captures
 
 
 def _needs(plan: LayerPlan) -> frozenset[str]:
@@ -300,9 +345,14 @@ def compress_blocks(
     start_inputs: list[torch.Tensor] | None = None,
     on_block_done: BlockCallback | None = None,
     progress: bool = True,
+    sequential: str = "block",
 ) -> list[LayerResult]:
     """Compress the planned layers block by block (see module doc). ``calibration`` holds token
-    windows (n × seq_len) or is None for data-free plugins only."""
+    windows (n × seq_len) or is None for data-free plugins only. ``sequential``: ``block`` (all
+    linears of a block see the float block's inputs) or ``layer`` (each input group is captured
+    after the groups before it were compressed)."""
+    if sequential not in ("block", "layer"):
+        raise RecipeError(f"sequential must be 'block' or 'layer', got {sequential!r}")
     blocks_path, blocks = find_blocks(model)
     by_block: dict[int, list[LayerPlan]] = {}
     for p in plans:
@@ -325,36 +375,27 @@ def compress_blocks(
         block = blocks[b]
         layer_plans = by_block.get(b, [])
         bar.set_postfix_str(f"{blocks_path}.{b}: {len(layer_plans)} layers")
-        captures: dict[str, _Capture] = {}
+        plan_by_name = {p.name: p for p in layer_plans}
+        phases: list[list[list[str]]] = [[[p.name for p in layer_plans]]] if layer_plans else []
         if use_data and layer_plans:
-            for group in _input_groups(block, [p.name for p in layer_plans], model, inputs[0], kwargs):
-                shared = _Capture(model.get_submodule(group[0]).in_features,
-                                  frozenset().union(*(needs[n] for n in group)))
-                captures.update(dict.fromkeys(group, shared))
-            handles = [
-                model.get_submodule(name).register_forward_pre_hook(lambda m, args, c=cap: c.update(args[0]))
-                for name, cap in captures.items()
-            ]
-            try:
-                with torch.inference_mode():
-                    for x in inputs:
-                        _run_block(block, x, kwargs)
-            finally:
-                for h in handles:
-                    h.remove()
-                for cap in captures.values():
-                    cap.last = None
+            groups = _input_groups(block, list(plan_by_name), model, inputs[0], kwargs)
+            phases = [[g] for g in groups] if sequential == "layer" else [groups]
         block_results = []
-        for p in layer_plans:
-            lin = model.get_submodule(p.name)
-            if not isinstance(lin, nn.Linear):
-                raise ModelError(f"layer {p.name} is a {type(lin).__name__}, not an nn.Linear")
-            cap = captures.get(p.name)
-            stats = cap.acc.finalize() if cap else None
-            sample = torch.cat(cap.sample) if cap and cap.sample else None
-            module, result = _decompose_layer(p.name, lin, p, stats, sample)
-            set_module(model, p.name, module)
-            block_results.append(result)
+        for phase in phases:
+            captures = _capture(model, block, phase, needs, inputs, kwargs, stop=sequential == "layer") \
+                if use_data else {}
+            for name in (n for group in phase for n in group):
+                lin = model.get_submodule(name)
+                if not isinstance(lin, nn.Linear):
+                    raise ModelError(f"layer {name} is a {type(lin).__name__}, not an nn.Linear")
+                cap = captures.get(name)
+                stats = cap.acc.finalize() if cap else None
+                sample = torch.cat(cap.sample) if cap and cap.sample else None
+                module, result = _decompose_layer(name, lin, plan_by_name[name], stats, sample)
+                set_module(model, name, module)
+                block_results.append(result)
+        order = {p.name: i for i, p in enumerate(layer_plans)}
+        block_results.sort(key=lambda r: order[r.name])
         results += block_results
         if use_data:
             set_weight_cache(block, True)  # dequantize each Q once for all windows

@@ -190,6 +190,7 @@ class QuantizeStage:
     targets: tuple[str, ...] = ("Linear",)
     ignore: tuple[str, ...] = ()
     overrides: tuple[Override, ...] = ()
+    sequential: str = "block"
 
 
 @attrs.frozen
@@ -339,7 +340,7 @@ def parse_recipe(doc: Any, origin: str = "<recipe>", check_components: bool = Tr
 
     if "quantize_stage" in body:
         c = root.child("quantize_stage")
-        s = _mapping(body["quantize_stage"], c, ("targets", "ignore", "quantizer", "overrides"))
+        s = _mapping(body["quantize_stage"], c, ("targets", "ignore", "quantizer", "overrides", "sequential"))
         if "quantizer" not in s:
             raise c.error("quantize_stage needs a 'quantizer', e.g. {name: nf, bits: 4, group_size: 64}")
         stage = QuantizeStage(
@@ -347,7 +348,10 @@ def parse_recipe(doc: Any, origin: str = "<recipe>", check_components: bool = Tr
             targets=_patterns(s.get("targets", ["Linear"]), c.child("targets")),
             ignore=_patterns(s.get("ignore", []), c.child("ignore")),
             overrides=_overrides(s.get("overrides"), c.child("overrides"), "quantizer"),
+            sequential=_str(s.get("sequential", "block"), c.child("sequential")),
         )
+        if stage.sequential not in ("block", "layer"):
+            raise c.child("sequential").error(f"must be 'block' or 'layer', got {stage.sequential!r}")
         if check_components:
             _check_with_overrides(stage.quantizer, stage.overrides, "quantizer", c)
         kw["quantize"] = stage

@@ -293,7 +293,8 @@ def _run(recipe: Recipe, spec: str, out: Path, partial, progress: bool, log, t_s
         if partial is not None:
             callback = lambda b, res, x: partial.block_done(model, b, res, x)  # noqa: E731
         results = done + compress_blocks(model, plans, windows.calibration, start_block=start,
-                                         start_inputs=inputs, on_block_done=callback, progress=progress)
+                                         start_inputs=inputs, on_block_done=callback, progress=progress,
+                                         sequential=_sequential(recipe))
     if recipe.tune is not None:
         raise RecipeError(f"{recipe.origin}: tune_stage: tuning is not available yet in this version")
 
@@ -330,4 +331,8 @@ def _run(recipe: Recipe, spec: str, out: Path, partial, progress: bool, log, t_s
 def compress(model, recipe: Recipe, calibration: torch.Tensor | None = None, *, progress: bool = True):
     """Compress an already-loaded model in place (Python API); returns the per-layer results."""
     plans = allocate(model, recipe, plan_layers(model, recipe), progress)
-    return compress_blocks(model, plans, calibration, progress=progress)
+    return compress_blocks(model, plans, calibration, progress=progress, sequential=_sequential(recipe))
+
+
+def _sequential(recipe: Recipe) -> str:
+    return recipe.quantize.sequential if recipe.quantize is not None else "block"

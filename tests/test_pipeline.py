@@ -406,3 +406,26 @@ def test_int8_factors_end_to_end(model_dir, tmp_path, finished):
 
     hf = AutoModelForCausalLM.from_pretrained(out)
     assert perplexity(hf, windows.evaluation, progress=False) == pytest.approx(report["ppl"], rel=1e-6)
+
+
+def test_layer_sequential_fits_each_group_to_the_compressed_inputs(model_dir, tmp_path):
+    """quantize_stage.sequential: layer captures q/k/v with the float block (same as block mode),
+    then o_proj with q/k/v already compressed, and so on; results stay in module order."""
+    sets = ["quantize_stage.quantizer.name=gptq", "reconstruct_stage.reconstructor.name=qera-exact",
+            "evaluate_stage.float_baseline=false"]
+    block = run(small_recipe(*sets), str(model_dir), tmp_path / "block", progress=False)
+    layer = run(small_recipe(*sets, "quantize_stage.sequential=layer"), str(model_dir), tmp_path / "layer",
+                progress=False)
+    assert [r["name"] for r in layer["layers"]] == [r["name"] for r in block["layers"]]
+    by_name = {r["name"]: r for r in block["layers"]}
+    first = [r for r in layer["layers"] if r["name"].startswith("model.layers.0.self_attn.")
+             and r["name"].split(".")[-1] in ("q_proj", "k_proj", "v_proj")]
+    assert len(first) == 3 and all(r["rel_output_error"] == by_name[r["name"]]["rel_output_error"] for r in first)
+    later = [r for r in layer["layers"] if r["name"].split(".")[-1] in ("o_proj", "up_proj", "down_proj")]
+    assert all(r["rel_output_error"] != by_name[r["name"]]["rel_output_error"] for r in later)
+    assert layer["ppl"] < 1e4
+
+
+def test_sequential_must_be_block_or_layer():
+    with pytest.raises(lqframe.RecipeError, match="quantize_stage.sequential: must be 'block' or 'layer'"):
+        small_recipe("quantize_stage.sequential=tensor")
