@@ -65,7 +65,7 @@ def main() -> None:
                 row = json.loads(line)
                 done[_key(row["quantizer"], row["bits"], row["reconstructor"], row["rank"],
                           row.get("quantizer_options", {}), row.get("reconstructor_options", {}),
-                          row.get("sequential", "block"))] = row
+                          row.get("sequential", "block"), row.get("calibration_windows", 16))] = row
 
     loaded = load_model(args.model)
     base = loaded.model
@@ -78,8 +78,8 @@ def main() -> None:
             for rname in args.reconstructors:
                 rank = args.rank if rname != "none" else 0
                 r_opts = ropts if rname != "none" else {}
-                key = _key(qname, bits, rname, rank, qopts, r_opts, args.sequential)
-                label = f"{qname:5} {bits}b {rname:12}{_label(qopts, r_opts, args.sequential)}"
+                key = _key(qname, bits, rname, rank, qopts, r_opts, args.sequential, args.calibration)
+                label = f"{qname:5} {bits}b {rname:12}{_label(qopts, r_opts, args.sequential, args.calibration)}"
                 if key in done:
                     print(f"{label} ppl {done[key]['ppl']:10.4f} (cached)", flush=True)
                     continue
@@ -105,7 +105,8 @@ def main() -> None:
                 ppl = perplexity(model, windows.evaluation, progress=False)
                 row = {"quantizer": qname, "bits": bits, "reconstructor": rname, "rank": rank,
                        "quantizer_options": qopts, "reconstructor_options": r_opts, "sequential": args.sequential,
-                       "group_size": args.group_size, "ppl": ppl, "fp_ppl": fp, "ratio": ppl / fp,
+                       "calibration_windows": args.calibration, "group_size": args.group_size,
+                       "ppl": ppl, "fp_ppl": fp, "ratio": ppl / fp,
                        "compress_seconds": seconds, **summarize(results)}
                 with out.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
@@ -122,7 +123,8 @@ def render(rows: list[dict]) -> str:
     for r in rows:
         label = (r["quantizer"], r["reconstructor"], _label(r.get("quantizer_options", {}),
                                                               r.get("reconstructor_options", {}),
-                                                              r.get("sequential", "block")).strip())
+                                                              r.get("sequential", "block"),
+                                                              r.get("calibration_windows", 16)).strip())
         lines.setdefault(label, {})[r["bits"]] = r
     order = ["none", "svd", "lqer", "qera-approx", "qera-exact", "loftq"]
     lines = dict(sorted(lines.items(), key=lambda kv: (kv[0][0] != "rtn", kv[0][0],
@@ -152,15 +154,17 @@ def _options(pairs: list[str]) -> dict:
     return out
 
 
-def _key(qname, bits, rname, rank, qopts, ropts, sequential="block"):
+def _key(qname, bits, rname, rank, qopts, ropts, sequential="block", calibration=16):
     return (qname, bits, rname, rank, json.dumps(qopts, sort_keys=True), json.dumps(ropts, sort_keys=True),
-            sequential)
+            sequential, calibration)
 
 
-def _label(qopts: dict, ropts: dict, sequential: str = "block") -> str:
+def _label(qopts: dict, ropts: dict, sequential: str = "block", calibration: int = 16) -> str:
     opts = [f"{k}={v}" for k, v in {**qopts, **ropts}.items()]
     if sequential != "block":
         opts.append(f"sequential={sequential}")
+    if calibration != 16:
+        opts.append(f"calibration={calibration}×512")
     return f" [{' '.join(opts)}]" if opts else ""
 
 
