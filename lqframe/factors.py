@@ -4,15 +4,19 @@ and ``LQLinear``).
 ``float32`` / ``float16`` / ``bfloat16``
     the factor is stored as a tensor of that dtype;
 ``int8``
-    symmetric 8-bit integers per row block of :data:`INT8_BLOCK` values sharing one power-of-two
-    scale (``value = (q − 128) · 2^e``, codes 1…255, ``2^e`` the smallest power of two with
-    ``absmax ≤ 127 · 2^e``, like the shared exponent of MX formats), kept as a bfloat16 (exact for
-    any exponent): 8.25 bits per value for ``R``, ``8 + 16/r`` for ``L`` (its rows are r long).
-    A power-of-two scale makes encoding idempotent — re-encoding decoded values gives the same
-    codes and scales — so factors can be re-encoded on every save without drifting; the price is
-    a step up to 2× the absmax/127 one (relative factor error ≈ 0.6 % instead of 0.4 %). It is an
-    ordinary :class:`~lqframe.QuantizedWeight` (format ``int8-sym``), so the packed-weight decode
-    rule, serialisation and exact ``storage_bits`` apply unchanged, and a kernel reads it like Q.
+    symmetric 8-bit integers with one power-of-two scale per 64 values *along the rank*: per row
+    of ``L`` (n×r) and per column of ``R`` (r×m, stored transposed as ``Rᵀ``, m×r). Every output
+    row and every input channel thus gets its own scale, which matters for the data-aware methods:
+    ``R = [ΔT]_r T⁻¹`` carries the inverse activation scaling ``T⁻¹``, whose per-channel range
+    spans orders of magnitude, and a scale shared along a row of ``R`` would let one channel set
+    the step for 63 others. ``value = (q − 128) · 2^e`` (codes 1…255), ``2^e`` the smallest power
+    of two with ``absmax ≤ 127 · 2^e`` (the shared-exponent idea of MX formats), kept as a
+    bfloat16 (exact for any exponent): ``8 + 16/r`` bits per value for r ≤ 64. A power-of-two
+    scale makes encoding idempotent — re-encoding decoded values gives the same codes and scales —
+    so factors can be re-encoded on every save without drifting. The stored factor is an ordinary
+    :class:`~lqframe.QuantizedWeight` (format ``int8-sym``), so the packed-weight decode rule,
+    serialisation and exact ``storage_bits`` apply unchanged, and a kernel reads it like Q
+    (``x·Rᵀ`` reads ``Rᵀ`` row-major, as stored).
 
 While a model is compressed or tuned, ``L`` and ``R`` are float32 tensors holding exactly the values
 their format can represent (:func:`round_factor`); :func:`encode_factor` of such a tensor decodes
@@ -54,19 +58,31 @@ def is_quantized(fmt: str) -> bool:
     return check_format(fmt) not in FLOAT_FACTOR_DTYPES
 
 
-def factor_bits(shape: tuple[int, int], fmt: str) -> int:
-    """Exact storage bits of one factor of ``shape`` in ``fmt``."""
-    rows, cols = shape
+def _oriented(t: torch.Tensor, side: str) -> torch.Tensor:
+    """The matrix whose rows run along the rank: ``L`` itself, ``Rᵀ`` for the right factor."""
+    if side == "left":
+        return t
+    if side == "right":
+        return t.T
+    raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+
+
+def factor_bits(shape: tuple[int, int], fmt: str, side: str = "left") -> int:
+    """Exact storage bits of one factor of ``shape`` (``L``: n×r, ``R``: r×m) in ``fmt``."""
+    rows, cols = shape if side == "left" else tuple(reversed(shape))
+    _oriented(torch.empty(0, 0), side)  # validates side
     if not is_quantized(fmt):
         return rows * cols * torch.finfo(FLOAT_FACTOR_DTYPES[fmt]).bits
     return rows * cols * 8 + rows * (-(-cols // INT8_BLOCK)) * 16
 
 
-def encode_factor(t: torch.Tensor, fmt: str) -> torch.Tensor | QuantizedWeight:
-    """The factor as stored: a tensor of the float dtype, or a packed ``int8-sym`` weight."""
+def encode_factor(t: torch.Tensor, fmt: str, side: str = "left") -> torch.Tensor | QuantizedWeight:
+    """The factor as stored: a tensor of the float dtype (same orientation), or a packed ``int8-sym``
+    weight of ``L`` / ``Rᵀ`` (blocks along the rank)."""
     if not is_quantized(fmt):
+        _oriented(t, side)
         return t.detach().to(FLOAT_FACTOR_DTYPES[fmt])
-    x = t.detach().to(torch.float32)
+    x = _oriented(t.detach().to(torch.float32), side).contiguous()
     rows, cols = x.shape
     blocks = blockify(x, INT8_BLOCK)
     absmax = blocks.abs().amax(dim=2) if blocks.numel() else blocks.new_zeros(blocks.shape[:2])
@@ -80,14 +96,14 @@ def encode_factor(t: torch.Tensor, fmt: str) -> torch.Tensor | QuantizedWeight:
                                       zero=_ZERO, format="int8-sym")
 
 
-def decode_factor(stored: torch.Tensor | QuantizedWeight) -> torch.Tensor:
-    """float32 values of a stored factor."""
+def decode_factor(stored: torch.Tensor | QuantizedWeight, side: str = "left") -> torch.Tensor:
+    """float32 values of a stored factor, in its natural orientation (``L``: n×r, ``R``: r×m)."""
     if isinstance(stored, QuantizedWeight):
-        return stored.dequantize(torch.float32)
+        return _oriented(stored.dequantize(torch.float32), side).contiguous()
     return stored.to(torch.float32)
 
 
-def round_factor(t: torch.Tensor, fmt: str) -> torch.Tensor:
+def round_factor(t: torch.Tensor, fmt: str, side: str = "left") -> torch.Tensor:
     """``t`` rounded to what ``fmt`` stores: the float dtype itself, or float32 values on the int8 grid."""
-    stored = encode_factor(t, fmt)
-    return stored if isinstance(stored, torch.Tensor) else decode_factor(stored)
+    stored = encode_factor(t, fmt, side)
+    return stored if isinstance(stored, torch.Tensor) else decode_factor(stored, side)

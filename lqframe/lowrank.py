@@ -149,7 +149,7 @@ class LowRankReconstructor(ErrorReconstructor):
             seed=self.seed,
         )
         fmt = self.factor_dtype
-        return LowRank(round_factor(sol.left, fmt), round_factor(sol.right, fmt), fmt), sol
+        return LowRank(round_factor(sol.left, fmt, "left"), round_factor(sol.right, fmt, "right"), fmt), sol
 
     def column_scaling(self, stats: LayerStats | None) -> Scaling | None:
         """The input-side scaling T of the solve (None: identity). Override in subclasses."""
@@ -258,4 +258,4 @@ class LowRankReconstructor(ErrorReconstructor):
     def lowrank_bits(self, shape) -> int:
         n, m = shape
         r = self._rank(shape)
-        return factor_bits((n, r), self.factor_dtype) + factor_bits((r, m), self.factor_dtype)
+        return factor_bits((n, r), self.factor_dtype, "left") + factor_bits((r, m), self.factor_dtype, "right")

@@ -5,7 +5,7 @@ trainable float32 parameters. ``forward`` computes ``x·Qᵀ + (x·Rᵀ)·Lᵀ +
 ``lqframe.kernels`` (torch reference now; Triton kernels read the same buffers).
 
 ``state_dict()`` is what is stored: L and R in their ``lowrank_dtype`` (:mod:`lqframe.factors`).
-For ``int8`` factors the stored tensors are the packed buffers ``left_q.*`` / ``right_q.*``
+For ``int8`` factors the stored tensors are the packed buffers ``left_q.*`` (L) / ``right_q.*`` (Rᵀ)
 (re-encoded from the parameters whenever the state is taken) and the float parameters are rebuilt
 from them on load (``load_state_dict``, :meth:`LQLinear.restore_factors` after a transformers load).
 """
@@ -79,10 +79,10 @@ class PackedStorage(nn.Module):
         return QuantizedWeight.from_state(self.tensors(), self.full_header())
 
 
-def _factor_header(shape: tuple[int, int], fmt: str) -> dict[str, Any]:
+def _factor_header(shape: tuple[int, int], fmt: str, side: str) -> dict[str, Any]:
     """Layout of a packed factor (computed on the CPU: skeletons may be built on the meta device)."""
     with torch.device("cpu"):
-        return PackedStorage.describe(encode_factor(torch.zeros(shape), fmt))[1]
+        return PackedStorage.describe(encode_factor(torch.zeros(shape), fmt, side))[1]
 
 
 class LQLinear(nn.Module):
@@ -108,8 +108,8 @@ class LQLinear(nn.Module):
         self.left = nn.Parameter(torch.zeros(out_features, rank))
         self.right = nn.Parameter(torch.zeros(rank, in_features))
         if is_quantized(self.lowrank_dtype):  # packed storage of the factors, kept in step on save
-            self.left_q = PackedStorage(_factor_header((out_features, rank), self.lowrank_dtype))
-            self.right_q = PackedStorage(_factor_header((rank, in_features), self.lowrank_dtype))
+            self.left_q = PackedStorage(_factor_header((out_features, rank), self.lowrank_dtype, "left"))
+            self.right_q = PackedStorage(_factor_header((rank, in_features), self.lowrank_dtype, "right"))
             self.register_load_state_dict_post_hook(_factors_loaded)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self._cache: torch.Tensor | None = None
@@ -174,8 +174,8 @@ class LQLinear(nn.Module):
     def storage_bits(self, include_lowrank: bool = True) -> int:
         bits = self.quantized_weight().storage_bits()
         if include_lowrank:
-            bits += factor_bits(tuple(self.left.shape), self.lowrank_dtype)
-            bits += factor_bits(tuple(self.right.shape), self.lowrank_dtype)
+            bits += factor_bits(tuple(self.left.shape), self.lowrank_dtype, "left")
+            bits += factor_bits(tuple(self.right.shape), self.lowrank_dtype, "right")
         return bits
 
     def extra_repr(self) -> str:
@@ -198,7 +198,7 @@ class LQLinear(nn.Module):
             return
         for key in ("left", "right"):
             storage: PackedStorage = getattr(self, f"{key}_q")
-            tensors, _ = encode_factor(getattr(self, key), self.lowrank_dtype).to_state()
+            tensors, _ = encode_factor(getattr(self, key), self.lowrank_dtype, key).to_state()
             for name, value in tensors.items():
                 getattr(storage, name).copy_(value)
 
@@ -209,7 +209,7 @@ class LQLinear(nn.Module):
         if not is_quantized(self.lowrank_dtype):
             return
         for key in ("left", "right"):
-            value = decode_factor(getattr(self, f"{key}_q").to_qweight())
+            value = decode_factor(getattr(self, f"{key}_q").to_qweight(), key)
             param = getattr(self, key)
             if param.is_meta or param.device != value.device:  # never materialised (transformers skips it)
                 setattr(self, key, nn.Parameter(value, requires_grad=param.requires_grad))

@@ -299,7 +299,8 @@ class LowRank:
     def storage_bits(self) -> int:
         from lqframe.factors import factor_bits
 
-        return factor_bits(tuple(self.left.shape), self.format) + factor_bits(tuple(self.right.shape), self.format)
+        return (factor_bits(tuple(self.left.shape), self.format, "left")
+                + factor_bits(tuple(self.right.shape), self.format, "right"))
 
 
 @attrs.frozen(eq=False)

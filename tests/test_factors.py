@@ -16,40 +16,56 @@ REG = lqframe.registry()
 
 
 @settings(max_examples=40, deadline=None)
-@given(matrices(max_rows=40, max_cols=150), st.sampled_from(FACTOR_FORMATS))
-def test_encoding_is_exact_on_its_own_grid_and_counted_exactly(x, fmt):
-    stored = encode_factor(x, fmt)
-    values = round_factor(x, fmt)
-    assert torch.equal(decode_factor(stored), values.to(torch.float32))
-    assert torch.equal(round_factor(values, fmt), values)  # lossless once on the grid
+@given(matrices(max_rows=40, max_cols=150), st.sampled_from(FACTOR_FORMATS), st.sampled_from(["left", "right"]))
+def test_encoding_is_exact_on_its_own_grid_and_counted_exactly(x, fmt, side):
+    stored = encode_factor(x, fmt, side)
+    values = round_factor(x, fmt, side)
+    assert values.shape == x.shape
+    assert torch.equal(decode_factor(stored, side), values.to(torch.float32))
+    assert torch.equal(round_factor(values, fmt, side), values)  # lossless once on the grid
     if isinstance(stored, torch.Tensor):
         real_bits = stored.numel() * stored.element_size() * 8
     else:
         real_bits = stored.storage_bits()
         assert stored.codes.dtype == torch.uint8 and stored.codes.numel() == x.numel()
-    assert real_bits == factor_bits(tuple(x.shape), fmt)
+        assert stored.shape == (tuple(x.shape) if side == "left" else tuple(x.T.shape))  # R is stored as Rᵀ
+    assert real_bits == factor_bits(tuple(x.shape), fmt, side)
 
 
 @settings(max_examples=40, deadline=None)
-@given(matrices(max_rows=30, max_cols=130))
+@given(matrices(max_rows=130, max_cols=30))
 def test_int8_error_is_at_most_half_a_step_per_block(x):
-    x = x.to(torch.float32)
-    stored = encode_factor(x, "int8")
-    err = (decode_factor(stored) - x).abs()
-    rows, cols = x.shape
-    scale = stored.scale.to(torch.float32)
-    for j, b in enumerate(range(0, cols, INT8_BLOCK)):
-        block = x[:, b:b + INT8_BLOCK].abs().amax(dim=1)
-        assert bool((block <= 127 * scale[:, j]).all())  # nothing clips
-        assert bool(((scale[:, j] < 2 * block / 127) | (block == 0)).all())  # the smallest such power of two
-        assert bool(((torch.frexp(scale[:, j])[0] == 0.5) | (scale[:, j] == 0)).all())
-        assert bool((err[:, b:b + INT8_BLOCK] <= scale[:, j:j + 1] / 2).all())
+    """Blocks run along the rank: along the rows of L, and for R along its columns (rows of Rᵀ)."""
+    x = x.to(torch.float32)  # rows along the rank: x is L, and x.T is R
+    for side, factor in (("left", x), ("right", x.T)):
+        stored = encode_factor(factor, "int8", side)
+        err = decode_factor(stored, side) - factor
+        err = err if side == "left" else err.T
+        scale = stored.scale.to(torch.float32)
+        for j, b in enumerate(range(0, x.shape[1], INT8_BLOCK)):
+            block = x[:, b:b + INT8_BLOCK].abs().amax(dim=1)
+            assert bool((block <= 127 * scale[:, j]).all())  # nothing clips
+            assert bool(((scale[:, j] < 2 * block / 127) | (block == 0)).all())  # the smallest such power of two
+            assert bool(((torch.frexp(scale[:, j])[0] == 0.5) | (scale[:, j] == 0)).all())
+            assert bool((err[:, b:b + INT8_BLOCK].abs() <= scale[:, j:j + 1] / 2).all())
 
 
 def test_bits_per_value():
-    assert factor_bits((4096, 32), "int8") == 4096 * 32 * 8 + 4096 * 16  # L: one scale per row of 32
-    assert factor_bits((32, 4096), "int8") == 32 * 4096 * 8 + 32 * 64 * 16  # R: 8.25 bits per value
-    assert factor_bits((10, 10), "bfloat16") == 1600
+    assert factor_bits((4096, 32), "int8", "left") == 4096 * 32 * 8 + 4096 * 16  # one scale per row of L
+    assert factor_bits((32, 4096), "int8", "right") == 32 * 4096 * 8 + 4096 * 16  # one per column of R
+    assert factor_bits((4096, 128), "int8", "left") == 4096 * 128 * 8 + 4096 * 2 * 16  # 64 values per scale
+    assert factor_bits((10, 10), "bfloat16", "right") == 1600
+
+
+def test_int8_right_factor_scales_follow_input_channels():
+    """QERA's R carries T⁻¹: columns of very different size. Per-column scales keep every column's
+    relative error at the int8 level, which a scale shared along a row would not."""
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(8, 256, generator=g) * torch.logspace(-3, 2, 256)[None, :]
+    err = (round_factor(r, "int8", "right") - r).abs() / r.abs().amax(dim=0, keepdim=True)
+    assert float(err.max()) <= 1 / 127
+    shared = (round_factor(r, "int8", "left") - r).abs() / r.abs().amax(dim=0, keepdim=True)
+    assert float(shared.max()) > 10 / 127  # a block shared along a row of R: small columns lose most bits
 
 
 def _module(fmt, rank=6):
@@ -61,12 +77,13 @@ def _module(fmt, rank=6):
 
 
 def test_int8_factors_cost_half_of_float16_and_lose_little():
-    lin, dec16, m16 = _module("float16")
-    _, dec8, m8 = _module("int8")
+    lin, dec16, m16 = _module("float16", rank=16)
+    _, dec8, m8 = _module("int8", rank=16)
     lr16 = m16.storage_bits() - m16.storage_bits(include_lowrank=False)
     lr8 = m8.storage_bits() - m8.storage_bits(include_lowrank=False)
-    assert lr8 == factor_bits((48, 6), "int8") + factor_bits((6, 130), "int8") == dec8.lowrank.storage_bits()
-    assert lr8 < 0.6 * lr16
+    assert lr8 == factor_bits((48, 16), "int8", "left") + factor_bits((16, 130), "int8", "right") \
+        == dec8.lowrank.storage_bits()
+    assert lr8 == (8 + 16 / 16) / 16 * lr16  # 9 bits per value at rank 16
     w = lin.weight.detach()
     e16, e8, e0 = ((w - d).norm() for d in (dec16.dense(), dec8.dense(), dec8.qweight.dequantize()))
     assert e8 < e0 and abs(e8 - e16) < 0.02 * e16
@@ -91,7 +108,7 @@ def test_int8_factors_stay_trainable_and_are_re_encoded_on_save():
     trained = mod.left.detach().clone()
     clone = LQLinear.from_layer_config(mod.layer_config())
     clone.load_state_dict(mod.state_dict())
-    assert torch.equal(clone.left, round_factor(trained, "int8"))  # the trained factor, not the initial one
+    assert torch.equal(clone.left, round_factor(trained, "int8", "left"))  # the trained factor, not the initial one
     assert not torch.equal(clone.left, _module("int8")[2].left)
 
 

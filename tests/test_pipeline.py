@@ -391,7 +391,8 @@ def test_int8_factors_end_to_end(model_dir, tmp_path, finished):
     lr_bits = sum(r["lowrank_bits"] for r in report["layers"])
     shapes = [(m.out_features, m.in_features) for m in
               (lqframe.load(out).get_submodule(r["name"]) for r in report["layers"])]
-    assert lr_bits == sum(factor_bits((n, 8), "int8") + factor_bits((8, m), "int8") for n, m in shapes)
+    assert lr_bits == sum(factor_bits((n, 8), "int8", "left") + factor_bits((8, m), "int8", "right")
+                          for n, m in shapes)
     assert report["avg_bits"] == fp16_report["avg_bits"]
     assert report["avg_bits_with_lowrank"] < fp16_report["avg_bits_with_lowrank"]
     assert report["ppl"] == pytest.approx(fp16_report["ppl"], rel=0.01)  # 8-bit factors lose almost nothing
