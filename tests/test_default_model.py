@@ -37,7 +37,8 @@ def run_dir(tmp_path_factory):
 def test_default_run_compresses_all_210_linears(run_dir):
     out, report = run_dir
     assert report["model"] == "default" and len(report["layers"]) == 210
-    assert report["avg_bits"] == pytest.approx(4.25)  # NF4 g64 with float16 scales
+    assert report["avg_bits"] == pytest.approx(4.3125)  # int4 g64: float16 scale + 4-bit zero per group
+    assert {(r["quantizer"], r["reconstructor"]) for r in report["layers"]} == {("gptq", "qera-exact")}
     assert 0 < report["fp_ppl"] < report["ppl"] < 1.3 * report["fp_ppl"]
     assert all(r["rel_output_error"] < 0.2 for r in report["layers"])
     saved = json.loads((out / "report.json").read_text())

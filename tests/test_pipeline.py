@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from lqframe.recipe import load_recipe
 from lqframe.run import run
 from tests.tiny import tiny_llama_dir
 
+#: the recipe these tests start from (not the built-in default, which may change with measurements)
+BASE = Path(__file__).resolve().parent.parent / "recipes" / "nf4-svd32.yaml"
 SMALL = ["data.seq_len=64", "data.calibration_windows=4", "data.evaluation_windows=3",
          "quantize_stage.quantizer.group_size=32", "reconstruct_stage.reconstructor.rank=8"]
 
@@ -26,7 +29,7 @@ def model_dir(tmp_path_factory):
 
 
 def small_recipe(*extra):
-    return load_recipe(None, [*SMALL, *extra])
+    return load_recipe(BASE, [*SMALL, *extra])
 
 
 def _tensors(path):
@@ -190,7 +193,7 @@ def test_nan_weight_is_a_one_line_error_naming_the_layer(tmp_path):
     state = load_file(d / "model.safetensors")
     state["model.layers.1.mlp.up_proj.weight"][3, 3] = float("nan")
     save_file(state, d / "model.safetensors", metadata={"format": "pt"})
-    res = subprocess.run([sys.executable, "-m", "lqframe.cli", "run", "--model", str(d), "--output",
+    res = subprocess.run([sys.executable, "-m", "lqframe.cli", "run", str(BASE), "--model", str(d), "--output",
                           str(tmp_path / "o"), "--quiet", *sum((["--set", s] for s in SMALL), [])],
                          capture_output=True, text=True)
     assert res.returncode != 0
@@ -201,7 +204,7 @@ def test_nan_weight_is_a_one_line_error_naming_the_layer(tmp_path):
 
 def test_data_free_run_and_allocation(model_dir, tmp_path):
     allocate = "allocate_stage={allocator: uniform, budget_bits: 3.6, candidates: [{bits: 4}, {bits: 3}]}"
-    recipe = load_recipe(None, [*SMALL, "data.calibration_windows=0", allocate])
+    recipe = load_recipe(BASE, [*SMALL, "data.calibration_windows=0", allocate])
     report = run(recipe, str(model_dir), tmp_path / "o", progress=False)
     assert all(r["rel_output_error"] is None for r in report["layers"])
     assert {r["bits"] for r in report["layers"]} == {3}
@@ -218,7 +221,8 @@ def test_data_free_run_and_allocation(model_dir, tmp_path):
     ],
 )
 def test_cli_bad_input(model_dir, tmp_path, args, needle):
-    cmd = [sys.executable, "-m", "lqframe.cli", "run", "--model", str(model_dir), "--output", str(tmp_path / "o"),
+    cmd = [sys.executable, "-m", "lqframe.cli", "run", str(BASE), "--model", str(model_dir),
+           "--output", str(tmp_path / "o"),
            "--quiet", *sum((["--set", s] for s in SMALL), []), *args]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode != 0
@@ -230,7 +234,7 @@ def test_cli_bad_input(model_dir, tmp_path, args, needle):
 def test_cli_empty_data_file(model_dir, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("   \n")
-    res = subprocess.run([sys.executable, "-m", "lqframe.cli", "run", "--model", str(model_dir), "--output",
+    res = subprocess.run([sys.executable, "-m", "lqframe.cli", "run", str(BASE), "--model", str(model_dir), "--output",
                           str(tmp_path / "o"), "--quiet", *sum((["--set", s] for s in SMALL), []),
                           "--set", f"data.source=text:{empty}"], capture_output=True, text=True)
     assert res.returncode != 0 and "empty" in res.stderr
@@ -316,7 +320,7 @@ def test_encoder_model_compresses_and_saves(tmp_path):
 
     from lqframe.recipe import parse_recipe
 
-    raw = yaml.safe_load(load_recipe(None, doc).to_yaml())
+    raw = yaml.safe_load(load_recipe(BASE, doc).to_yaml())
     with pytest.raises(lqframe.RecipeError, match="causal LM"):
         run(parse_recipe(raw), str(d), tmp_path / "o1", progress=False)
     raw.pop("evaluate_stage")
@@ -362,13 +366,13 @@ def test_linears_reading_the_same_input_share_statistics(model_dir):
 
 def test_allocation_with_data_aware_components_is_refused(model_dir, tmp_path):
     allocate = "allocate_stage={allocator: uniform, budget_bits: 3.6, candidates: [{bits: 4}, {bits: 3}]}"
-    recipe = load_recipe(None, [*SMALL, "reconstruct_stage.reconstructor.name=qera-approx", allocate])
+    recipe = load_recipe(BASE, [*SMALL, "reconstruct_stage.reconstructor.name=qera-approx", allocate])
     with pytest.raises(lqframe.RecipeError, match="data-free.*sq_sum"):
         run(recipe, str(model_dir), tmp_path / "o", progress=False)
 
 
 def test_data_aware_reconstructor_runs_in_the_pipeline(model_dir, tmp_path):
-    recipe = load_recipe(None, [*SMALL, "reconstruct_stage.reconstructor.name=qera-exact",
+    recipe = load_recipe(BASE, [*SMALL, "reconstruct_stage.reconstructor.name=qera-exact",
                                 "quantize_stage.quantizer.name=gptq", "evaluate_stage.float_baseline=false"])
     report = run(recipe, str(model_dir), tmp_path / "o", progress=False)
     assert {r["reconstructor"] for r in report["layers"]} == {"qera-exact"}

@@ -15,8 +15,8 @@ def write(tmp_path, text, name="recipe.yaml"):
 def test_default_recipe():
     r = load_recipe(None)
     assert r.stages() == ["quantize", "reconstruct", "evaluate", "save"]
-    assert r.quantize.quantizer.name == "nf" and r.quantize.quantizer.options == {"bits": 4, "group_size": 64}
-    assert r.reconstruct.reconstructor.options == {"rank": 32}
+    assert r.quantize.quantizer.name == "gptq" and r.quantize.quantizer.options == {"bits": 4, "group_size": 64}
+    assert r.reconstruct.reconstructor.name == "qera-exact" and r.reconstruct.reconstructor.options == {"rank": 32}
     assert r.data.source == "pydoc" and r.data.seq_len == 512
     assert "quantize_stage" in r.to_yaml()
 
