@@ -60,7 +60,7 @@ DEFAULT_RECIPE = """\
 # QERA-exact rank-32 correction (float16 factors) that minimises each layer's output error,
 # both from 16 × 512 calibration tokens; evaluated against the float model on pydoc text.
 # Chosen from benchmarks/results/methods.jsonl: the lowest perplexity of every measured 4-bit
-# combination (12.61 vs float 12.18 on the default model), about 4 minutes on 2 CPU cores.
+# combination (12.61 vs float 12.18 on the default model), 3 min 17 s on 2 CPU cores.
 data:
   source: pydoc
   seq_len: 512
