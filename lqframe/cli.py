@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plugins)
 
     p = sub.add_parser("run", help="compress a model with a recipe, evaluate and save it (the main job)")
-    p.add_argument("recipe", nargs="?", help="recipe YAML file (default: the built-in GPTQ int4 + QERA-exact r32 recipe)")
+    p.add_argument("recipe", nargs="?",
+                   help="recipe YAML file (default: the built-in GPTQ int4 + QERA-exact r32 recipe)")
     p.add_argument("--model", help="model folder, .gguf file, hub id, or 'default' (SmolLM2-135M-Instruct)")
     p.add_argument("--output", help="output folder (default: runs/<model name>)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",

@@ -54,8 +54,8 @@ import attrs
 import torch
 from attrs import validators as v
 
-from lqframe.interfaces import ErrorReconstructor
 from lqframe.factors import FACTOR_FORMATS, factor_bits, round_factor
+from lqframe.interfaces import ErrorReconstructor
 from lqframe.numerics import LowRankSolution, Scaling, check_weight, lowrank_solve
 from lqframe.quantization import integer
 from lqframe.types import Decomposition, LayerStats, LowRank, QuantizedWeight
