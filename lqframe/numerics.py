@@ -29,6 +29,8 @@ __all__ = [
     "lowrank_solve",
     "LowRankSolution",
     "symmetric_sqrt",
+    "TriangularScaling",
+    "cholesky_factor",
 ]
 
 
@@ -155,6 +157,52 @@ def symmetric_sqrt(matrix: torch.Tensor, rel_floor: float = 1e-8) -> SymmetricSc
     root = (evecs * evals.sqrt()) @ evecs.T
     inv_root = (evecs * evals.rsqrt()) @ evecs.T
     return SymmetricScaling(root, inv_root)
+
+
+@attrs.frozen(eq=False)
+class TriangularScaling(Scaling):
+    """A lower-triangular ``F`` with ``F Fᵀ = A`` (Cholesky). As a column scaling it weighs a matrix
+    exactly like ``A^{1/2}``: ``‖D F‖_F² = tr(D A Dᵀ) = ‖D A^{1/2}‖_F²``, so the weighted low-rank
+    problem has the same optimum; inverses are triangular solves."""
+
+    factor: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return self.factor.shape[0]
+
+    def left(self, m):
+        return self.factor.to(m.dtype) @ m
+
+    def right(self, m):
+        return m @ self.factor.to(m.dtype)
+
+    def left_inv(self, m):
+        return torch.linalg.solve_triangular(self.factor.to(m.dtype), m, upper=False)
+
+    def right_inv(self, m):
+        return torch.linalg.solve_triangular(self.factor.to(m.dtype), m, upper=False, left=False)
+
+
+def cholesky_factor(matrix: torch.Tensor, rel_floor: float = 1e-8) -> TriangularScaling:
+    """Cholesky factor of a symmetric PSD matrix in float64, with ``rel_floor · max(diag A)`` added
+    to the diagonal (the counterpart of :func:`symmetric_sqrt`'s eigenvalue floor: rank-deficient
+    statistics stay invertible). If round-off still breaks the factorisation, the ridge grows ×10
+    (at most six times)."""
+    a = matrix.to(torch.float64)
+    a = (a + a.T) / 2
+    n = a.shape[0]
+    top = float(a.diagonal().max()) if n else 0.0
+    if top <= 0.0:
+        return TriangularScaling(torch.eye(n, dtype=torch.float64))
+    ridge = max(rel_floor, 1e-15) * top
+    eye = torch.eye(n, dtype=torch.float64)
+    for _ in range(7):
+        factor, info = torch.linalg.cholesky_ex(a + ridge * eye)
+        if int(info) == 0:
+            return TriangularScaling(factor)
+        ridge *= 10
+    raise WeightError(f"second moment is not positive semi-definite (Cholesky failed with a ridge of {ridge:.3g})")
 
 
 # --------------------------------------------------------------------------- the low-rank solve

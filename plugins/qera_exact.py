@@ -7,6 +7,12 @@ solved in closed form by ``C = [Δ S]_r S⁻¹`` with an optimum of ``Σ_{i>r} �
 ``S⁻¹`` come from one ``eigh`` of the second moment, eigenvalues below ``eig_floor · λ_max`` raised
 to that floor (rank-deficient statistics: dead channels, fewer tokens than input features).
 
+``root: cholesky`` uses a Cholesky factor ``F`` (``E[xxᵀ] = F Fᵀ``, ridge ``eig_floor · max diag``)
+instead of the symmetric root: ``‖(Δ − C) F‖_F = ‖(Δ − C) S‖_F`` for every ``C``, so the optimum
+``C = [ΔF]_r F⁻¹`` and its error are the same (up to the different regularisation of
+rank-deficient statistics), at a small fraction of the cost for wide layers
+(benchmarks/sqrtm_speed.py).
+
 ``info``: ``tail_energy`` (exact method: the optimum ``Σ_{i>r} σ_i(ΔS)²``), ``output_error``
 (``E‖x(W − Q − LR)ᵀ‖²`` of the stored factors) and ``output_error_none`` (``E‖xΔᵀ‖²``), all per
 token, from the ``rxx`` statistic."""
@@ -19,7 +25,7 @@ import attrs
 
 from lqframe import hookimpl
 from lqframe.lowrank import LowRankReconstructor, real
-from lqframe.numerics import symmetric_sqrt
+from lqframe.numerics import cholesky_factor, symmetric_sqrt
 
 
 @attrs.frozen
@@ -30,8 +36,15 @@ class QERAExactReconstructor(LowRankReconstructor):
     needs = frozenset({"rxx"})
 
     eig_floor: float = attrs.field(default=1e-6, validator=real(0.0, 1.0, max_exclusive=True))
+    root: str = attrs.field(default="eigh", validator=attrs.validators.in_(("eigh", "cholesky")))
+
+    @classmethod
+    def test_configs(cls):
+        return [*super().test_configs(), {"rank": 3, "root": "cholesky"}]
 
     def column_scaling(self, stats):
+        if self.root == "cholesky":
+            return cholesky_factor(stats.second_moment(), rel_floor=self.eig_floor)
         return symmetric_sqrt(stats.second_moment(), rel_floor=self.eig_floor)
 
 

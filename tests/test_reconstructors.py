@@ -368,3 +368,23 @@ def test_evolve_keeps_subclass_options():
     r = REG.create("reconstructor", "qera-exact", rank=3, eig_floor=1e-8)
     r2 = attrs.evolve(r, rank=5)
     assert r2.rank == 5 and r2.eig_floor == 1e-8 and r2.needs == frozenset({"rxx"})
+
+
+@pytest.mark.parametrize("dead", [0, 5])
+def test_qera_exact_cholesky_root_reaches_the_same_optimum(dead):
+    """root: cholesky weighs by F with F Fᵀ = E[xxᵀ]; the optimum and its output error equal the
+    symmetric root's (full-rank statistics), and dead channels stay finite."""
+    n, m, rank = 30, 64, 5
+    w = torch.randn(n, m, generator=torch.Generator().manual_seed(11))
+    stats = correlated_stats(m, 3000, seed=12, dead=dead)
+    quantizer = REG.create("quantizer", "rtn", bits=3, group_size=32)
+    sym = recon("qera-exact", rank=rank).decompose(w, quantizer, stats)
+    chol = recon("qera-exact", rank=rank, root="cholesky").decompose(w, quantizer, stats)
+    assert torch.equal(sym.qweight.codes, chol.qweight.codes)
+    assert bool(torch.isfinite(chol.dense()).all())
+    # the ridge (eig_floor · max diag, on every eigenvalue) moves the optimum by well under 0.1 %
+    assert chol.info["output_error"] == pytest.approx(sym.info["output_error"], rel=1e-3)
+    if not dead:  # the symmetric root's solution is the exact optimum
+        tail, _ = scaled_tail(w - sym.qweight.dequantize(), stats, rank)
+        assert sym.info["output_error"] == pytest.approx(tail, rel=1e-6)
+        assert tail * (1 - 1e-9) <= chol.info["output_error"] <= tail * (1 + 1e-3)
