@@ -58,19 +58,20 @@ def is_quantized(fmt: str) -> bool:
     return check_format(fmt) not in FLOAT_FACTOR_DTYPES
 
 
+def _check_side(side: str) -> str:
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    return side
+
+
 def _oriented(t: torch.Tensor, side: str) -> torch.Tensor:
     """The matrix whose rows run along the rank: ``L`` itself, ``Rᵀ`` for the right factor."""
-    if side == "left":
-        return t
-    if side == "right":
-        return t.T
-    raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    return t if _check_side(side) == "left" else t.T
 
 
 def factor_bits(shape: tuple[int, int], fmt: str, side: str = "left") -> int:
     """Exact storage bits of one factor of ``shape`` (``L``: n×r, ``R``: r×m) in ``fmt``."""
-    rows, cols = shape if side == "left" else tuple(reversed(shape))
-    _oriented(torch.empty(0, 0), side)  # validates side
+    rows, cols = shape if _check_side(side) == "left" else tuple(reversed(shape))
     if not is_quantized(fmt):
         return rows * cols * torch.finfo(FLOAT_FACTOR_DTYPES[fmt]).bits
     return rows * cols * 8 + rows * (-(-cols // INT8_BLOCK)) * 16
@@ -80,7 +81,7 @@ def encode_factor(t: torch.Tensor, fmt: str, side: str = "left") -> torch.Tensor
     """The factor as stored: a tensor of the float dtype (same orientation), or a packed ``int8-sym``
     weight of ``L`` / ``Rᵀ`` (blocks along the rank)."""
     if not is_quantized(fmt):
-        _oriented(t, side)
+        _check_side(side)
         return t.detach().to(FLOAT_FACTOR_DTYPES[fmt])
     x = _oriented(t.detach().to(torch.float32), side).contiguous()
     rows, cols = x.shape

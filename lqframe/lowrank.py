@@ -181,8 +181,8 @@ class LowRankReconstructor(ErrorReconstructor):
         return float(torch.linalg.vector_norm(d))
 
     def _alternate(self, w, quantizer, stats, rows, cols) -> Decomposition:
-        def error(q_dense, lowrank):
-            return self._weighted_error(w - (q_dense + lowrank.to_dense()), rows, cols)
+        def error(q_dense, lr_dense):
+            return self._weighted_error(w - (q_dense + lr_dense), rows, cols)
 
         source = w  # what the current Q was quantized from
         q_dense = quantizer.roundtrip(source, stats)
@@ -190,12 +190,13 @@ class LowRankReconstructor(ErrorReconstructor):
         best = None
         for t in range(1, self.iterations + 1):
             lowrank, _ = self._solve(w - q_dense, rows, cols)
-            errors.append(error(q_dense, lowrank))
+            lr_dense = lowrank.to_dense()
+            errors.append(error(q_dense, lr_dense))
             if best is None or errors[-1] < best[1]:
                 best = (t, errors[-1], source, q_dense, lowrank)
             if t == self.iterations:
                 break
-            source = w - lowrank.to_dense()
+            source = w - lr_dense
             q_next = quantizer.roundtrip(source, stats)
             if torch.equal(q_next, q_dense):
                 break
@@ -210,7 +211,7 @@ class LowRankReconstructor(ErrorReconstructor):
         refit = self._finish(w, qweight, rows, cols, stats=stats, info=info)
         if torch.equal(q_packed, best_q):
             return attrs.evolve(refit, info={**refit.info, "final_error": best_err, "refit": False})
-        kept_err, refit_err = error(q_packed, lowrank), error(q_packed, refit.lowrank)
+        kept_err, refit_err = error(q_packed, lowrank.to_dense()), error(q_packed, refit.lowrank.to_dense())
         if refit_err <= kept_err:
             return attrs.evolve(refit, info={**refit.info, "final_error": refit_err, "refit": True})
         kept_info = {**refit.info, "final_error": kept_err, "refit": False}

@@ -217,13 +217,12 @@ class LQLinear(nn.Module):
                 param.copy_(value)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if is_quantized(self.lowrank_dtype):
-            self._encode_factors()  # the children's buffers are written after this
-            for name, value in self._parameters.items():
-                if value is not None and name not in ("left", "right"):
-                    destination[prefix + name] = value if keep_vars else value.detach()
-            return
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if is_quantized(self.lowrank_dtype):
+            self._encode_factors()  # the children's buffers (left_q, right_q) are written after this
+            for name in ("left", "right"):
+                del destination[prefix + name]
+            return
         dtype = FLOAT_FACTOR_DTYPES[self.lowrank_dtype]
         if dtype != torch.float32:
             for name in ("left", "right"):

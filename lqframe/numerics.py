@@ -161,9 +161,10 @@ def symmetric_sqrt(matrix: torch.Tensor, rel_floor: float = 1e-8) -> SymmetricSc
 
 @attrs.frozen(eq=False)
 class TriangularScaling(Scaling):
-    """A lower-triangular ``F`` with ``F Fᵀ = A`` (Cholesky). As a column scaling it weighs a matrix
-    exactly like ``A^{1/2}``: ``‖D F‖_F² = tr(D A Dᵀ) = ‖D A^{1/2}‖_F²``, so the weighted low-rank
-    problem has the same optimum; inverses are triangular solves."""
+    """A lower-triangular ``F`` with ``F Fᵀ = A`` (Cholesky), weighing a matrix exactly like
+    ``A^{1/2}``: from the right by ``F`` (``‖D F‖_F² = tr(D A Dᵀ) = ‖D A^{1/2}‖_F²``), from the left
+    by ``Fᵀ`` (``‖Fᵀ D‖_F² = tr(Dᵀ A D)``), so a weighted low-rank problem has the same optimum;
+    inverses are triangular solves."""
 
     factor: torch.Tensor
 
@@ -172,13 +173,13 @@ class TriangularScaling(Scaling):
         return self.factor.shape[0]
 
     def left(self, m):
-        return self.factor.to(m.dtype) @ m
+        return self.factor.to(m.dtype).T @ m
 
     def right(self, m):
         return m @ self.factor.to(m.dtype)
 
     def left_inv(self, m):
-        return torch.linalg.solve_triangular(self.factor.to(m.dtype), m, upper=False)
+        return torch.linalg.solve_triangular(self.factor.to(m.dtype).T, m, upper=True)
 
     def right_inv(self, m):
         return torch.linalg.solve_triangular(self.factor.to(m.dtype), m, upper=False, left=False)

@@ -34,7 +34,7 @@ from lqframe.errors import LqframeError, ModelError, RecipeError
 from lqframe.interfaces import ErrorReconstructor, Quantizer
 from lqframe.lqlinear import LQLinear, set_weight_cache
 from lqframe.models import block_linears, find_blocks, select, unmatched
-from lqframe.recipe import ComponentSpec, Recipe
+from lqframe.recipe import SEQUENTIAL_MODES, ComponentSpec, Recipe
 from lqframe.registry import registry
 from lqframe.types import CostTable, LayerStats, StatsAccumulator
 
@@ -351,7 +351,7 @@ def compress_blocks(
     windows (n × seq_len) or is None for data-free plugins only. ``sequential``: ``block`` (all
     linears of a block see the float block's inputs) or ``layer`` (each input group is captured
     after the groups before it were compressed)."""
-    if sequential not in ("block", "layer"):
+    if sequential not in SEQUENTIAL_MODES:
         raise RecipeError(f"sequential must be 'block' or 'layer', got {sequential!r}")
     blocks_path, blocks = find_blocks(model)
     by_block: dict[int, list[LayerPlan]] = {}

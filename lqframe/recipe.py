@@ -51,9 +51,12 @@ __all__ = [
     "apply_sets",
     "DEFAULT_RECIPE",
     "STAGE_ORDER",
+    "SEQUENTIAL_MODES",
 ]
 
 STAGE_ORDER = ("allocate", "quantize", "reconstruct", "tune", "evaluate", "save")
+#: quantize_stage.sequential: calibrate a block's linears together, or each input group in turn
+SEQUENTIAL_MODES = ("block", "layer")
 
 DEFAULT_RECIPE = """\
 # lqframe's default recipe: GPTQ int4 (group 64, float16 scale + 4-bit zero point per group) and a
@@ -354,7 +357,7 @@ def parse_recipe(doc: Any, origin: str = "<recipe>", check_components: bool = Tr
             overrides=_overrides(s.get("overrides"), c.child("overrides"), "quantizer"),
             sequential=_str(s.get("sequential", "block"), c.child("sequential")),
         )
-        if stage.sequential not in ("block", "layer"):
+        if stage.sequential not in SEQUENTIAL_MODES:
             raise c.child("sequential").error(f"must be 'block' or 'layer', got {stage.sequential!r}")
         if check_components:
             _check_with_overrides(stage.quantizer, stage.overrides, "quantizer", c)

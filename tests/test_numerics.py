@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lqframe
-from lqframe.numerics import DiagonalScaling, check_weight, lowrank_solve, symmetric_sqrt
+from lqframe.numerics import DiagonalScaling, check_weight, cholesky_factor, lowrank_solve, symmetric_sqrt
 
 
 def _spd(m, seed, deficient=0):
@@ -96,3 +96,21 @@ def test_check_weight_errors():
     w[3, 3] = float("inf")
     with pytest.raises(lqframe.WeightError, match=r"1 NaN and 1 Inf .*\[1, 2\]"):
         check_weight(w, "model.layers.0.q_proj")
+
+
+@pytest.mark.parametrize("side", ["row", "column"])
+def test_cholesky_factor_weighs_like_the_symmetric_root_on_either_side(side):
+    """F (F Fᵀ = A) as a column scaling and Fᵀ as a row scaling give the same weighted problem as
+    A^{1/2}: the same tail energy and the same optimal product."""
+    n = m = 24
+    a = _spd(m, seed=5)
+    delta = torch.randn(n, m, generator=torch.Generator().manual_seed(6))
+    chol, sym = cholesky_factor(a, rel_floor=0.0), symmetric_sqrt(a, rel_floor=0.0)
+    x = torch.randn(m, 7, dtype=torch.float64)
+    torch.testing.assert_close(chol.left_inv(chol.left(x)), x)
+    torch.testing.assert_close(chol.right_inv(chol.right(x.T)), x.T)
+    key = "row_scaling" if side == "row" else "col_scaling"
+    a_sol = lowrank_solve(delta, 4, dtype=torch.float64, **{key: chol})
+    b_sol = lowrank_solve(delta, 4, dtype=torch.float64, **{key: sym})
+    assert a_sol.tail_energy(4) == pytest.approx(b_sol.tail_energy(4), rel=1e-9)
+    torch.testing.assert_close(a_sol.left @ a_sol.right, b_sol.left @ b_sol.right, rtol=1e-4, atol=1e-5)
