@@ -26,11 +26,18 @@ def decode_blocks(
     ``scale`` and ``zero`` are float32 ``(rows, nblocks)``; ``lut(q)`` is ``codebook[q]`` when a
     codebook is given, else ``q − zero[block]``.
     """
-    cols = codes.shape[1]
-    s = expand_blocks(scale, block_size, cols)
-    if codebook is not None:
-        values = codebook.to(torch.float32)[codes] * s
+    rows, cols = codes.shape
+    if cols % block_size == 0 and rows * cols:  # whole blocks: broadcast per block, no expanded copies
+        blocks = (rows, cols // block_size, block_size)
+        lut = codebook.to(torch.float32)[codes] if codebook is not None else codes.to(torch.float32)
+        lut = lut.reshape(blocks)
+        if codebook is None:
+            lut = lut - zero.reshape(*blocks[:2], 1)
+        values = (lut * scale.reshape(*blocks[:2], 1)).reshape(rows, cols)
+    elif codebook is not None:
+        values = codebook.to(torch.float32)[codes] * expand_blocks(scale, block_size, cols)
     else:
+        s = expand_blocks(scale, block_size, cols)
         values = (codes.to(torch.float32) - expand_blocks(zero, block_size, cols)) * s
     if offset is not None:
         values = values + offset.to(torch.float32)
@@ -46,6 +53,8 @@ def lq_linear(
 ) -> torch.Tensor:
     """``y = x·Wᵀ + (x·Rᵀ)·Lᵀ + b`` with ``W`` the dequantized weight (out × in), ``L`` out × r and
     ``R`` r × in. Computed in the weight's dtype; the result has ``x``'s dtype."""
+    if weight.device != x.device:
+        raise ValueError(f"lq_linear: activations on {x.device}, weight on {weight.device}")
     dtype = weight.dtype
     xc = x.to(dtype)
     y = torch.nn.functional.linear(xc, weight, None)

@@ -1,12 +1,21 @@
 """lqframe: compress language models into packed low-bit weights plus low-rank terms, W ≈ Q + L·R.
 
-Public API::
+Public API (the example runs as a doctest in the test suite)::
 
-    import lqframe
-    reg = lqframe.registry()                       # components from all installed plugins
-    q = reg.create("quantizer", "nf", bits=4, block_size=64)
-    rec = reg.create("reconstructor", "svd", rank=32)
-    dec = rec.decompose(weight, q)                 # Decomposition(qweight, lowrank)
+    >>> import torch, lqframe
+    >>> reg = lqframe.registry()                      # components from all installed plugins
+    >>> q = reg.create("quantizer", "nf", bits=4, group_size=64)
+    >>> rec = reg.create("reconstructor", "svd", rank=32)
+    >>> weight = torch.randn(512, 256)
+    >>> dec = rec.decompose(weight, q)                # Decomposition(qweight, lowrank)
+    >>> dec.qweight.bits_per_param(), dec.rank        # NF4 codes + a float16 scale per 64 values
+    (4.25, 32)
+    >>> float((weight - dec.dense()).norm() / weight.norm()) < 0.1
+    True
+
+Whole models: ``lqframe.compress(model, recipe, data)`` compresses a loaded transformers model in
+place; ``lqframe.load(dir)`` rebuilds a saved checkpoint, and so does transformers'
+``from_pretrained(dir)`` once lqframe is imported.
 """
 
 from __future__ import annotations
@@ -37,9 +46,9 @@ from lqframe.types import (
     LayerStats,
     LowRank,
     QuantizedWeight,
-    StatsAccumulator,
     average_bits,
 )
+from lqframe.stats import StatisticKind, StatsAccumulator
 
 
 def load(path, device="cpu"):
@@ -49,12 +58,14 @@ def load(path, device="cpu"):
     return load_checkpoint(path, device)
 
 
-def compress(model, recipe, data=None, *, progress: bool = True):
+def compress(model, recipe, data=None, *, device=None, offload=None, progress: bool = True):
     """Compress a loaded transformers model in place.
 
     ``recipe``: a :class:`lqframe.recipe.Recipe`, a recipe file path, or a recipe mapping.
     ``data``: calibration token windows (a LongTensor ``n × seq_len``, or ``TokenWindows``), or None
-    for data-free methods. Returns the per-layer results.
+    for data-free methods. ``device``: ``auto`` (CUDA when present), ``cpu``, ``cuda[:N]``; default:
+    the recipe's ``device`` (auto). ``offload``: keep blocks in CPU memory, one on the device at a
+    time. Returns the per-layer results.
     """
     from pathlib import Path as _Path
 
@@ -68,7 +79,7 @@ def compress(model, recipe, data=None, *, progress: bool = True):
     elif not isinstance(recipe, Recipe):
         raise TypeError(f"recipe must be a Recipe, a path or a mapping, got {type(recipe).__name__}")
     calibration = getattr(data, "calibration", data)
-    return _compress(model, recipe, calibration, progress=progress)
+    return _compress(model, recipe, calibration, device=device, offload=offload, progress=progress)
 
 
 try:
@@ -93,6 +104,7 @@ __all__ = [
     "Decomposition",
     "LayerStats",
     "StatsAccumulator",
+    "StatisticKind",
     "CostTable",
     "Choice",
     "STAT_NAMES",
@@ -110,6 +122,8 @@ __all__ = [
     "CheckpointError",
 ]
 
-from lqframe.hf import register_with_transformers as _register_hf  # noqa: E402
+# After `import lqframe`, transformers' from_pretrained loads lqframe checkpoints. Registering imports
+# transformers' quantizer machinery (seconds), so it happens when transformers imports that, not here.
+from lqframe.hf import install as _install_hf  # noqa: E402
 
-_register_hf()
+_install_hf()

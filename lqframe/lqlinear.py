@@ -1,8 +1,12 @@
 """``LQLinear``: the drop-in replacement for ``nn.Linear`` holding ``W ≈ Q + L·R``.
 
 Q stays packed (uint8 codes and scales as buffers, frozen); L (out × r) and R (r × in) are
-trainable float32 parameters. ``forward`` computes ``x·Qᵀ + (x·Rᵀ)·Lᵀ + b`` through
-``lqframe.kernels`` (torch reference now; Triton kernels read the same buffers).
+trainable float32 parameters. ``forward`` computes ``x·Qᵀ + (x·Rᵀ)·Lᵀ + b`` by handing the packed
+weight (a :class:`~lqframe.QuantizedWeight` built once over the buffers) with L, R and the bias to
+the kernel entry point :func:`lqframe.kernels.lq_linear_packed`, which picks the first backend
+that handles the call (Triton kernels on GPUs; the torch reference everywhere), computing in the
+activations' dtype. With ``cache_weight`` set (:func:`set_weight_cache`), the dequantized weight is
+kept instead, for loops that run the same layer many times (calibration, evaluation).
 
 ``state_dict()`` is what is stored: L and R in their ``lowrank_dtype`` (:mod:`lqframe.factors`).
 For ``int8`` factors the stored tensors are the packed buffers ``left_q.*`` (L) / ``right_q.*`` (Rᵀ)
@@ -18,7 +22,7 @@ import torch
 from torch import nn
 
 from lqframe.factors import FLOAT_FACTOR_DTYPES, check_format, decode_factor, encode_factor, factor_bits, is_quantized
-from lqframe.kernels import lq_linear
+from lqframe.kernels import lq_linear, lq_linear_packed
 from lqframe.types import Decomposition, QuantizedWeight
 
 __all__ = ["PackedStorage", "LQLinear"]
@@ -113,6 +117,7 @@ class LQLinear(nn.Module):
             self.register_load_state_dict_post_hook(_factors_loaded)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self._cache: torch.Tensor | None = None
+        self._packed: tuple[tuple[int, ...], QuantizedWeight] | None = None
         self.cache_weight = False
 
     # ------------------------------------------------------------------ construction
@@ -157,9 +162,15 @@ class LQLinear(nn.Module):
         return self.left.shape[1]
 
     def quantized_weight(self) -> QuantizedWeight:
-        return self.qweight.to_qweight()
+        """The packed weight, built once over the buffers (rebuilt when a buffer is replaced, e.g.
+        by a device move or a loader that assigns new tensors)."""
+        key = tuple(id(b) for b in self.qweight.buffers())
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, self.qweight.to_qweight())
+        return self._packed[1]
 
     def dequantized_weight(self) -> torch.Tensor:
+        """Q as a dense float32 matrix (cached while ``cache_weight`` is set)."""
         if self._cache is not None:
             return self._cache
         w = self.quantized_weight().dequantize(torch.float32)
@@ -184,12 +195,15 @@ class LQLinear(nn.Module):
                 f"bits={h.get('bits')}, group_size={h.get('block_size')}, rank={self.rank}, "
                 f"bias={self.bias is not None}")
 
-    def _apply(self, fn, recurse=True):  # dropping the cache on .to()/.cuda()
+    def _apply(self, fn, recurse=True):  # dropping the caches on .to()/.cuda()
         self._cache = None
+        self._packed = None
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lq_linear(x, self.dequantized_weight(), self.left, self.right, self.bias)
+        if self.cache_weight or self._cache is not None:
+            return lq_linear(x, self.dequantized_weight(), self.left, self.right, self.bias)
+        return lq_linear_packed(x, self.quantized_weight(), self.left, self.right, self.bias)
 
     # ------------------------------------------------------------------ storage of L and R
     def _encode_factors(self) -> None:

@@ -1,28 +1,13 @@
-"""Sequential compression of a model, block by block.
-
-For each repeated block (decoder layer) in order:
-
-1. run the block on its calibration inputs with hooks on the target linears that accumulate only
-   the statistics the chosen plugins declare (float64), plus a token sample for error reporting;
-2. decompose every target linear (``ErrorReconstructor.decompose``) and swap it for an
-   :class:`~lqframe.lqlinear.LQLinear`;
-3. run the *compressed* block again: its outputs are the next block's inputs.
-
-With ``sequential="layer"`` (GPTQ's "true sequential") steps 1–2 run once per group of linears
-that read the same input, in execution order (q/k/v, then o, then gate/up, then down): each
-group's statistics are captured with the groups before it already compressed, so every layer is
-fitted to the inputs it will see in the compressed model. The forward pass stops as soon as the
-group's input has been captured, so this costs about one extra block forward in total.
-
-Only one block's activations are held at a time. After each block a ``checkpoint`` callback
-may persist progress, and a run can start from a given block with given inputs (resume).
+"""Planning and per-layer work of a compression run: which linears get which components, the
+allocation cost table, and one layer's decomposition into an :class:`~lqframe.lqlinear.LQLinear`
+with its report row. The run engine (:mod:`lqframe.engine`) drives these over the blocks.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -30,18 +15,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lqframe.errors import LqframeError, ModelError, RecipeError
+from lqframe.errors import LqframeError, RecipeError
 from lqframe.interfaces import ErrorReconstructor, Quantizer
-from lqframe.lqlinear import LQLinear, set_weight_cache
-from lqframe.models import block_linears, find_blocks, select, unmatched
-from lqframe.recipe import SEQUENTIAL_MODES, ComponentSpec, Recipe
+from lqframe.lowrank import output_error
+from lqframe.lqlinear import LQLinear
+from lqframe.models import block_linears, select, unmatched
+from lqframe.recipe import ComponentSpec, Recipe
 from lqframe.registry import registry
-from lqframe.types import CostTable, LayerStats, StatsAccumulator
+from lqframe.types import CostTable, Decomposition, LayerStats
 
-__all__ = ["LayerPlan", "LayerResult", "plan_layers", "compress_blocks", "capture_block_inputs", "set_module"]
-
-#: tokens per layer kept to measure the output error ‖X(W − Ŵ)ᵀ‖/‖XWᵀ‖
-OUTPUT_ERROR_TOKENS = 4096
+__all__ = ["LayerPlan", "LayerResult", "plan_layers", "set_module", "components", "layer_needs",
+           "decompose_layer", "layer_errors", "cost_table", "summarize"]
 
 
 @attrs.frozen
@@ -108,210 +92,55 @@ def plan_layers(model: nn.Module, recipe: Recipe) -> list[LayerPlan]:
     return [LayerPlan(n, block_of[n], recipe.quantizer_for(n), recipe.reconstructor_for(n)) for n in chosen]
 
 
-def allocate(model: nn.Module, recipe: Recipe, plans: list[LayerPlan], progress: bool = True) -> list[LayerPlan]:
-    """Choose each layer's quantizer options from the allocate stage's candidates (data-free costs:
-    the squared relative weight error of the layer's reconstructor with each candidate)."""
-    stage = recipe.allocate
-    if stage is None:
-        return plans
+def components(quantizer: ComponentSpec, reconstructor: ComponentSpec) -> tuple[Quantizer, ErrorReconstructor]:
     reg = registry()
-    configs = [dict(c) for c in stage.candidates]
-    cost = torch.zeros(len(plans), len(configs), dtype=torch.float64)
-    bits = torch.zeros(len(plans), len(configs), dtype=torch.float64)
-    numel = []
-    bar = tqdm(plans, desc="allocate: cost table", disable=not progress, leave=False)
-    for i, plan in enumerate(bar):
-        w = model.get_submodule(plan.name).weight.detach().float()
-        numel.append(w.numel())
-        rec = reg.create("reconstructor", plan.reconstructor.name, **plan.reconstructor.options)
-        for j, cand in enumerate(configs):
-            spec = plan.quantizer.merged(cand)
-            q = reg.create("quantizer", spec.name, **spec.options)
-            if rec.all_needs(q):
-                raise RecipeError(
-                    f"{recipe.origin}: allocate_stage: costs are computed data-free, but {spec.name} + "
-                    f"{plan.reconstructor.name} need calibration statistics {sorted(rec.all_needs(q))}; "
-                    "allocate with data-free components (e.g. nf/rtn with svd, loftq or none)")
-            dec = rec.decompose(w, q, None)
-            cost[i, j] = float(((w - dec.dense()) ** 2).sum() / max(float((w**2).sum()), 1e-30))
-            bits[i, j] = dec.storage_bits(include_lowrank=stage.include_lowrank)
-    table = CostTable([p.name for p in plans], configs, cost.numpy(), bits.numpy(), numel)
-    allocator = reg.create("allocator", stage.allocator.name, **stage.allocator.options)
-    choice = allocator.allocate(table, stage.budget_bits)
-    return [attrs.evolve(p, quantizer=p.quantizer.merged(choice[p.name].config)) for p in plans]
+    return (reg.create("quantizer", quantizer.name, **quantizer.options),
+            reg.create("reconstructor", reconstructor.name, **reconstructor.options))
 
 
-# --------------------------------------------------------------------------- calibration inputs
-
-
-class _Stop(Exception):
-    pass
-
-
-def capture_block_inputs(
-    model: nn.Module, block: nn.Module, windows: torch.Tensor, progress: bool = True
-) -> tuple[list[torch.Tensor], dict[str, Any]]:
-    """Run the model on each window up to ``block`` and return the block's hidden-state inputs
-    (one tensor per window) and the keyword arguments the model passes to its blocks."""
-    inputs: list[torch.Tensor] = []
-    kwargs_seen: dict[str, Any] = {}
-
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        inputs.append(hidden.detach())
-        if not kwargs_seen:
-            kwargs_seen.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
-            kwargs_seen["__extra_args__"] = tuple(args[1:])
-        raise _Stop
-
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.inference_mode():
-            for w in tqdm(windows, desc="capture block-0 inputs", disable=not progress, leave=False):
-                try:
-                    model(input_ids=w[None], use_cache=False)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-    if len(inputs) != len(windows):
-        raise ModelError("could not capture the inputs of the first block: the model never called it")
-    return inputs, kwargs_seen
-
-
-def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: Mapping[str, Any]) -> torch.Tensor:
-    extra = kwargs.get("__extra_args__", ())
-    kw = {k: v for k, v in kwargs.items() if k != "__extra_args__"}
-    out = block(hidden, *extra, **kw)
-    return out[0] if isinstance(out, tuple | list) else out
-
-
-# --------------------------------------------------------------------------- the block loop
-
-
-class _Capture:
-    """Statistics plus a token sample (for the output error) of one input shared by one or more
-    linears: q/k/v read the same normalised hidden state, gate/up another, and share one capture."""
-
-    def __init__(self, in_features: int, needs: frozenset[str]):
-        self.in_features = in_features
-        self.acc = StatsAccumulator(in_features, needs)
-        self.sample: list[torch.Tensor] = []
-        self.sampled = 0
-        self.last: torch.Tensor | None = None
-
-    def update(self, x: torch.Tensor) -> None:
-        if x is self.last:  # another member of the group sees the same tensor in the same call
-            return
-        self.last = x
-        flat = x.detach().reshape(-1, self.in_features)
-        self.acc.update(flat)
-        if self.sampled < OUTPUT_ERROR_TOKENS:
-            take = flat[: OUTPUT_ERROR_TOKENS - self.sampled].to(torch.float32).clone()
-            self.sample.append(take)
-            self.sampled += take.shape[0]
-
-
-class _Stop(Exception):
-    """Raised by a capture hook to end a block's forward pass once its input has been seen."""
-
-
-def _input_groups(block: nn.Module, names: Sequence[str], model: nn.Module, x: torch.Tensor,
-                  kwargs: Mapping[str, Any]) -> list[list[str]]:
-    """Group linears by the input tensor they receive (one forward of the block on one window),
-    in the order the block uses them (linears the forward never reaches come last)."""
-    seen: dict[str, torch.Tensor] = {}  # the tensors themselves: holding them keeps ids from being reused
-
-    def hook(name):
-        def fn(module, args):
-            seen[name] = args[0]
-        return fn
-
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        with torch.inference_mode():
-            _run_block(block, x, kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    order = {n: i for i, n in enumerate(seen)}
-    groups: list[tuple[torch.Tensor | None, list[str]]] = []
-    for n in sorted(names, key=lambda n: order.get(n, len(order))):
-        x = seen.get(n)
-        for tensor, members in groups:
-            if x is not None and tensor is x:
-                members.append(n)
-                break
-        else:
-            groups.append((x, [n]))
-    return [members for _, members in groups]
-
-
-def _capture(model: nn.Module, block: nn.Module, groups: list[list[str]], needs: Mapping[str, frozenset[str]],
-             inputs: Sequence[torch.Tensor], kwargs: Mapping[str, Any], stop: bool) -> dict[str, _Capture]:
-    """Run ``block`` on every input window and capture the inputs of the linears in ``groups`` (one
-    shared capture per group). ``stop``: end each forward once the (single) group was captured."""
-    captures: dict[str, _Capture] = {}
-    for group in groups:
-        shared = _Capture(model.get_submodule(group[0]).in_features, frozenset().union(*(needs[n] for n in group)))
-        captures.update(dict.fromkeys(group, shared))
-
-    def hook(module, args, c):
-        c.update(args[0])
-        if stop:
-            raise _Stop
-
-    handles = [model.get_submodule(name).register_forward_pre_hook(lambda m, args, c=cap: hook(m, args, c))
-               for name, cap in captures.items()]
-    set_weight_cache(block, True)  # compressed linears of earlier groups dequantize once
-    try:
-        with torch.inference_mode():
-            for x in inputs:
-                try:
-                    _run_block(block, x, kwargs)
-                except _Stop:
-                    pass
-    finally:
-        for h in handles:
-            h.remove()
-        for cap in captures.values():
-            cap.last = None
-        set_weight_cache(block, False)
-    return captures
-
-
-def _needs(plan: LayerPlan) -> frozenset[str]:
-    q, r = _components(plan)
+def layer_needs(plan: LayerPlan) -> frozenset[str]:
+    """The statistics a layer's components need."""
+    q, r = components(plan.quantizer, plan.reconstructor)
     return r.all_needs(q)
 
 
-def _components(plan: LayerPlan) -> tuple[Quantizer, ErrorReconstructor]:
-    reg = registry()
-    q = reg.create("quantizer", plan.quantizer.name, **plan.quantizer.options)
-    r = reg.create("reconstructor", plan.reconstructor.name, **plan.reconstructor.options)
-    return q, r
-
-
-def _decompose_layer(
-    name: str, linear: nn.Linear, plan: LayerPlan, stats: LayerStats | None, sample: torch.Tensor | None
-) -> tuple[LQLinear, LayerResult]:
-    quantizer, recon = _components(plan)
-    t0 = time.perf_counter()
-    w = linear.weight.detach()
-    try:
-        dec = recon.decompose(w, quantizer, stats)
-    except LqframeError as exc:
-        raise type(exc)(f"layer {name}: {exc}") from None
-    seconds = time.perf_counter() - t0
-    module = LQLinear.from_decomposition(linear, dec, meta={"quantizer": plan.quantizer.to_dict(),
-                                                            "reconstructor": plan.reconstructor.to_dict()})
+def layer_errors(w: torch.Tensor, approx: torch.Tensor, stats: LayerStats | None,
+                 sample: torch.Tensor | None) -> tuple[float, float | None]:
+    """Relative weight error ‖W − Ŵ‖/‖W‖ and relative output error ‖X(W − Ŵ)ᵀ‖/‖XWᵀ‖: exact over
+    every calibration token when ``rxx`` was captured, else over the token ``sample`` (None
+    without data)."""
     w32 = w.float()
-    approx = dec.dense()
-    rel_w = float((w32 - approx).norm() / max(float(w32.norm()), 1e-30))
-    rel_out = None
+    diff = w32 - approx
+    rel_w = float(diff.norm() / max(float(w32.norm()), 1e-30))
+    if stats is not None and stats.rxx is not None and stats.n_tokens:
+        ref = output_error(w32, stats)
+        return rel_w, (output_error(diff, stats) / ref) ** 0.5 if ref > 0 else 0.0
     if sample is not None and sample.numel():
         ref = sample @ w32.T
-        rel_out = float((sample @ (w32 - approx).T).norm() / max(float(ref.norm()), 1e-30))
+        return rel_w, float((sample @ diff.T).norm() / max(float(ref.norm()), 1e-30))
+    return rel_w, None
+
+
+def decompose_layer(
+    name: str, linear: nn.Linear, plan: LayerPlan, stats: LayerStats | None, sample: torch.Tensor | None,
+    prepared: tuple[Decomposition, float] | None = None,
+) -> tuple[LQLinear, LayerResult]:
+    """Decompose one linear (or take the decomposition the allocate stage already made, with its
+    seconds) and build its :class:`LQLinear` and report row."""
+    quantizer, recon = components(plan.quantizer, plan.reconstructor)
+    w = linear.weight.detach()
+    if prepared is None:
+        t0 = time.perf_counter()
+        try:
+            dec = recon.decompose(w, quantizer, stats)
+        except LqframeError as exc:
+            raise type(exc)(f"layer {name}: {exc}") from None
+        seconds = time.perf_counter() - t0
+    else:
+        dec, seconds = prepared
+    module = LQLinear.from_decomposition(linear, dec, meta={"quantizer": plan.quantizer.to_dict(),
+                                                            "reconstructor": plan.reconstructor.to_dict()})
+    rel_w, rel_out = layer_errors(w, dec.dense(), stats, sample)
     qw = dec.qweight
     result = LayerResult(
         name=name,
@@ -333,80 +162,67 @@ def _decompose_layer(
     return module, result
 
 
-BlockCallback = Callable[[int, list[LayerResult], list[torch.Tensor] | None], None]
+# --------------------------------------------------------------------------- allocation
 
 
-def compress_blocks(
-    model: nn.Module,
-    plans: Sequence[LayerPlan],
-    calibration: torch.Tensor | None,
-    *,
-    start_block: int = 0,
-    start_inputs: list[torch.Tensor] | None = None,
-    on_block_done: BlockCallback | None = None,
-    progress: bool = True,
-    sequential: str = "block",
-) -> list[LayerResult]:
-    """Compress the planned layers block by block (see module doc). ``calibration`` holds token
-    windows (n × seq_len) or is None for data-free plugins only. ``sequential``: ``block`` (all
-    linears of a block see the float block's inputs) or ``layer`` (each input group is captured
-    after the groups before it were compressed)."""
-    if sequential not in SEQUENTIAL_MODES:
-        raise RecipeError(f"sequential must be 'block' or 'layer', got {sequential!r}")
-    blocks_path, blocks = find_blocks(model)
-    by_block: dict[int, list[LayerPlan]] = {}
-    for p in plans:
-        by_block.setdefault(p.block, []).append(p)
-    needs = {p.name: _needs(p) for p in plans}
-    needs_any = any(needs.values())
-    use_data = calibration is not None and len(calibration) > 0
-    if needs_any and not use_data:
-        names = sorted({p.reconstructor.name for p in plans} | {p.quantizer.name for p in plans})
-        raise RecipeError(f"the components {names} need calibration statistics, but no calibration windows "
-                          "were given (data.calibration_windows is 0)")
-    results: list[LayerResult] = []
-    inputs: list[torch.Tensor] | None = None
-    kwargs: dict[str, Any] = {}
-    if use_data:
-        captured, kwargs = capture_block_inputs(model, blocks[0], calibration, progress)
-        inputs = start_inputs if start_inputs is not None else captured
-    bar = tqdm(range(start_block, len(blocks)), desc="compress", unit="block", disable=not progress)
-    for b in bar:
-        block = blocks[b]
-        layer_plans = by_block.get(b, [])
-        bar.set_postfix_str(f"{blocks_path}.{b}: {len(layer_plans)} layers")
-        plan_by_name = {p.name: p for p in layer_plans}
-        phases: list[list[list[str]]] = [[[p.name for p in layer_plans]]] if layer_plans else []
-        if use_data and layer_plans:
-            groups = _input_groups(block, list(plan_by_name), model, inputs[0], kwargs)
-            phases = [[g] for g in groups] if sequential == "layer" else [groups]
-        block_results = []
-        for phase in phases:
-            captures = _capture(model, block, phase, needs, inputs, kwargs, stop=sequential == "layer") \
-                if use_data else {}
-            for name in (n for group in phase for n in group):
-                lin = model.get_submodule(name)
-                if not isinstance(lin, nn.Linear):
-                    raise ModelError(f"layer {name} is a {type(lin).__name__}, not an nn.Linear")
-                cap = captures.get(name)
-                stats = cap.acc.finalize() if cap else None
-                sample = torch.cat(cap.sample) if cap and cap.sample else None
-                module, result = _decompose_layer(name, lin, plan_by_name[name], stats, sample)
-                set_module(model, name, module)
-                block_results.append(result)
-        order = {p.name: i for i, p in enumerate(layer_plans)}
-        block_results.sort(key=lambda r: order[r.name])
-        results += block_results
-        if use_data:
-            set_weight_cache(block, True)  # dequantize each Q once for all windows
+def candidate_plans(recipe: Recipe, plan: LayerPlan) -> list[LayerPlan]:
+    """The allocate stage's candidates applied to one layer's plan (quantizer and/or reconstructor
+    options; a bare mapping is quantizer options)."""
+    out = []
+    for cand in recipe.allocate.candidates:
+        out.append(attrs.evolve(plan, quantizer=plan.quantizer.merged(cand.get("quantizer", {})),
+                                reconstructor=plan.reconstructor.merged(cand.get("reconstructor", {}))))
+    return out
+
+
+def allocation_needs(recipe: Recipe, plans: Sequence[LayerPlan]) -> dict[str, frozenset[str]]:
+    """Per layer, the statistics any allocation candidate needs."""
+    if recipe.allocate is None:
+        return {}
+    return {p.name: frozenset().union(*(layer_needs(c) for c in candidate_plans(recipe, p))) for p in plans}
+
+
+def layer_cost(w: torch.Tensor, dec: Decomposition, stats: LayerStats | None) -> float:
+    """A candidate's cost: the squared relative output error ‖X(W − Ŵ)ᵀ‖²/‖XWᵀ‖² when ``rxx`` is
+    known, else the squared relative weight error."""
+    w32 = w.float()
+    diff = w32 - dec.dense()
+    if stats is not None and stats.rxx is not None and stats.n_tokens:
+        ref = output_error(w32, stats)
+        return output_error(diff, stats) / ref if ref > 0 else 0.0
+    return float((diff**2).sum() / max(float((w32**2).sum()), 1e-30))
+
+
+def cost_table(model: nn.Module, recipe: Recipe, plans: Sequence[LayerPlan], stats_of, progress: bool = True
+               ) -> tuple[CostTable, list[list[LayerPlan]], dict[tuple[int, int], tuple[Decomposition, float]]]:
+    """Decompose every layer with every candidate once: costs (see :func:`layer_cost`), exact bits
+    from the components' ``storage_bits(shape)`` (+ ``lowrank_bits(shape)`` when the budget
+    includes the low-rank term), and the decompositions themselves (reused for the chosen one).
+    ``stats_of(name)`` gives a layer's calibration statistics (None for data-free candidates)."""
+    stage = recipe.allocate
+    per_layer = [candidate_plans(recipe, p) for p in plans]
+    n, k = len(plans), len(stage.candidates)
+    cost = torch.zeros(n, k, dtype=torch.float64)
+    bits = torch.zeros(n, k, dtype=torch.float64)
+    decs: dict[tuple[int, int], tuple[Decomposition, float]] = {}
+    numel = []
+    for i, plan in enumerate(tqdm(plans, desc="allocate: cost table", disable=not progress, leave=False)):
+        w = model.get_submodule(plan.name).weight.detach()
+        shape = (w.shape[0], w.shape[1])
+        numel.append(w.numel())
+        stats = stats_of(plan.name)
+        for j, cand in enumerate(per_layer[i]):
+            q, rec = components(cand.quantizer, cand.reconstructor)
+            t0 = time.perf_counter()
             try:
-                with torch.inference_mode():
-                    inputs = [_run_block(block, x, kwargs) for x in inputs]
-            finally:
-                set_weight_cache(block, False)
-        if on_block_done is not None:
-            on_block_done(b, block_results, inputs)
-    return results
+                dec = rec.decompose(w, q, stats)
+            except LqframeError as exc:
+                raise type(exc)(f"layer {plan.name}, allocation candidate {j}: {exc}") from None
+            decs[(i, j)] = (dec, time.perf_counter() - t0)
+            cost[i, j] = layer_cost(w, dec, stats)
+            bits[i, j] = q.storage_bits(shape) + (rec.lowrank_bits(shape) if stage.include_lowrank else 0)
+    configs = [dict(c) for c in stage.candidates]
+    return CostTable([p.name for p in plans], configs, cost.numpy(), bits.numpy(), numel), per_layer, decs
 
 
 def summarize(results: Sequence[LayerResult]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import copy
 import difflib
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ __all__ = [
     "DEFAULT_RECIPE",
     "STAGE_ORDER",
     "SEQUENTIAL_MODES",
+    "check_device",
 ]
 
 STAGE_ORDER = ("allocate", "quantize", "reconstruct", "tune", "evaluate", "save")
@@ -236,6 +238,10 @@ class SaveStage:
 class Recipe:
     data: DataSpec = attrs.field(factory=DataSpec)
     model: str | None = None
+    #: compute device: auto (CUDA when present), cpu, cuda, cuda:N; `lqframe run --device` overrides
+    device: str = "auto"
+    #: keep the blocks (and the activations between them) in CPU memory, one block on the device
+    offload: bool = False
     quantize: QuantizeStage | None = None
     reconstruct: ReconstructStage | None = None
     allocate: AllocateStage | None = None
@@ -277,7 +283,7 @@ def _resolve(base: ComponentSpec, overrides: Sequence[Override], layer: str) -> 
 
 # --------------------------------------------------------------------------- parsing
 
-_TOP_KEYS = ("model", "data") + tuple(f"{s}_stage" for s in STAGE_ORDER)
+_TOP_KEYS = ("model", "device", "offload", "data") + tuple(f"{s}_stage" for s in STAGE_ORDER)
 
 
 def _component(value: Any, ctx: _Ctx, kind: str) -> ComponentSpec:
@@ -308,6 +314,27 @@ def _overrides(value: Any, ctx: _Ctx, key: str) -> tuple[Override, ...]:
     return tuple(out)
 
 
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_device(value: str, ctx: _Ctx | None = None) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (whether it exists is checked when the run starts)."""
+    if not _DEVICE_RE.match(value):
+        message = f"device must be auto, cpu, cuda or cuda:N, got {value!r}"
+        raise ctx.error(message) if ctx is not None else RecipeError(message)
+    return value
+
+
+def _candidate(value: Any, ctx: _Ctx) -> dict[str, dict[str, Any]]:
+    """An allocation candidate: ``{quantizer: {...}, reconstructor: {...}}`` (either may be left
+    out), or a bare mapping of quantizer options (``{bits: 3}``)."""
+    body = _mapping(value, ctx)
+    if set(body) & {"quantizer", "reconstructor"}:
+        body = _mapping(body, ctx, ("quantizer", "reconstructor"))
+        return {k: _mapping(body.get(k), ctx.child(k)) for k in ("quantizer", "reconstructor")}
+    return {"quantizer": body, "reconstructor": {}}
+
+
 def _check_component(spec: ComponentSpec, kind: str, ctx: _Ctx) -> None:
     """Instantiate through the registry so unknown names and bad options fail now, with a path."""
     from lqframe.registry import registry
@@ -331,6 +358,10 @@ def parse_recipe(doc: Any, origin: str = "<recipe>", check_components: bool = Tr
 
     if body.get("model") is not None:
         kw["model"] = _str(body["model"], root.child("model"))
+    if body.get("device") is not None:
+        kw["device"] = check_device(_str(str(body["device"]), root.child("device")), root.child("device"))
+    if "offload" in body:
+        kw["offload"] = _bool(body["offload"], root.child("offload"))
 
     c = root.child("data")
     d = _mapping(body.get("data"), c, [f.name for f in attrs.fields(DataSpec)])
@@ -387,7 +418,7 @@ def parse_recipe(doc: Any, origin: str = "<recipe>", check_components: bool = Tr
         if not isinstance(cands, list) or not cands:
             raise c.child("candidates").error("expected a non-empty list of quantizer option sets, e.g. "
                                               "[{bits: 4}, {bits: 3}]")
-        candidates = tuple(_mapping(x, c.child("candidates").child(i)) for i, x in enumerate(cands))
+        candidates = tuple(_candidate(x, c.child("candidates").child(i)) for i, x in enumerate(cands))
         budget = s.get("budget_bits")
         stage = AllocateStage(
             allocator=_component(s.get("allocator", "uniform"), c.child("allocator"), "allocator"),
@@ -397,9 +428,11 @@ def parse_recipe(doc: Any, origin: str = "<recipe>", check_components: bool = Tr
         )
         if check_components:
             _check_component(stage.allocator, "allocator", c.child("allocator"))
-            base = kw["quantize"].quantizer
+            recon = kw["reconstruct"].reconstructor if "reconstruct" in kw else ComponentSpec("none")
             for i, cand in enumerate(candidates):
-                _check_component(base.merged(cand), "quantizer", c.child("candidates").child(i))
+                where = c.child("candidates").child(i)
+                _check_component(kw["quantize"].quantizer.merged(cand["quantizer"]), "quantizer", where)
+                _check_component(recon.merged(cand["reconstructor"]), "reconstructor", where)
         kw["allocate"] = stage
 
     if "tune_stage" in body:

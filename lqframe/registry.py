@@ -25,6 +25,7 @@ import pluggy
 from lqframe import hookspecs
 from lqframe.errors import OptionError, PluginError, UnknownComponentError
 from lqframe.interfaces import BudgetAllocator, Component, ErrorReconstructor, LossObjective, Quantizer
+from lqframe.stats import BUILTIN_STATISTICS, StatisticKind
 
 __all__ = ["Registry", "ComponentInfo", "PluginFailure", "KINDS", "BLOCK_ENV", "registry"]
 
@@ -131,6 +132,8 @@ class Registry:
         self._failures: list[PluginFailure] = []
         self._blocked: list[str] = []
         self._context: tuple[str, str | None, str | None] | None = None
+        self._statistics: dict[str, StatisticKind] = {k.name: k for k in BUILTIN_STATISTICS}
+        self._statistic_owner: dict[str, str] = {}
         if load_entry_points:
             self.load_entry_points()
 
@@ -146,6 +149,23 @@ class Registry:
 
     def add_objective(self, name: str, cls: type[LossObjective]) -> None:
         self.add("objective", name, cls)
+
+    def add_statistic(self, kind: StatisticKind) -> None:
+        """A statistic kind components may list in ``needs`` (see :mod:`lqframe.stats`)."""
+        plugin = (self._context or ("<direct>",))[0]
+        if not isinstance(kind, StatisticKind):
+            raise PluginError(f"plugin {plugin!r}: add_statistic takes a lqframe.stats.StatisticKind, got {kind!r}")
+        if not _NAME_RE.match(kind.name):
+            raise PluginError(f"plugin {plugin!r}: statistic name {kind.name!r} must be lower-case letters, digits, "
+                              "'-', '_' or '.'")
+        if kind.name in self._statistics:
+            raise PluginError(f"plugin {plugin!r}: statistic {kind.name!r} is already defined")
+        self._statistics[kind.name] = kind
+        self._statistic_owner[kind.name] = plugin
+
+    def statistics(self) -> dict[str, StatisticKind]:
+        """Every known statistic kind by name (built-in and from plugins)."""
+        return dict(self._statistics)
 
     def add(self, kind: str, name: str, cls: type) -> None:
         plugin, dist, version = self._context or ("<direct>", None, None)
@@ -208,6 +228,7 @@ class Registry:
             return False
         impls = [i for i in self._pm.hook.lqframe_register.get_hookimpls() if i.plugin is plugin]
         before = set(self._components)
+        stats_before = set(self._statistics)
         self._context = (name, distribution, version)
         try:
             for impl in impls:
@@ -215,6 +236,8 @@ class Registry:
         except Exception as exc:  # noqa: BLE001
             for key in set(self._components) - before:
                 del self._components[key]
+            for key in set(self._statistics) - stats_before:
+                del self._statistics[key]
             self._pm.unregister(plugin)
             self._fail(name, distribution, version, "register", f"{type(exc).__name__}: {exc}",
                        traceback.format_exc())
@@ -227,6 +250,9 @@ class Registry:
         for key, info in list(self._components.items()):
             if info.plugin == name:
                 del self._components[key]
+        for key, owner in list(self._statistic_owner.items()):
+            if owner == name:
+                del self._statistics[key], self._statistic_owner[key]
         if self._pm.has_plugin(name):
             self._pm.unregister(name=name)
 

@@ -21,9 +21,11 @@ import torch
 from safetensors import safe_open
 
 from lqframe.checkpoint import atomic_write_json, save_checkpoint, save_tensors
-from lqframe.errors import LqframeError, RecipeError
-from lqframe.lqlinear import LQLinear, set_weight_cache
-from lqframe.pipeline import LayerResult, allocate, compress_blocks, plan_layers, set_module, summarize
+from lqframe.engine import COMPRESSION_STAGES, RunState, execute, versions
+from lqframe.errors import LqframeError
+from lqframe.executor import BlockSink, resolve_device
+from lqframe.lqlinear import LQLinear
+from lqframe.pipeline import LayerResult, set_module, summarize
 from lqframe.recipe import Recipe
 
 __all__ = ["run", "compress", "default_output", "peak_rss_mb", "format_table"]
@@ -51,14 +53,21 @@ def default_output(model_spec: str | None) -> Path:
 # --------------------------------------------------------------------------- output folder
 
 
-class _Partial:
-    """Progress of an unfinished run inside the output folder."""
+class CheckpointSink(BlockSink):
+    """The run's sink: progress of an unfinished run inside the output folder (``.lqframe-partial``:
+    one safetensors file per finished block, the next block's inputs, ``progress.json`` as the
+    commit point), and the final checkpoint (the save stage)."""
 
     def __init__(self, out: Path, identity: dict[str, Any]):
+        self.out = out
         self.dir = out / PARTIAL
         self.identity = identity
-        self.progress: dict[str, Any] = {"identity": identity, "finished_block": -1, "layers": [],
-                                         "layer_configs": {}, "fp_ppl": None}
+        self.state: RunState | None = None
+        self.finish: Callable[[RunState], dict[str, Any]] | None = None  # builds the report
+        self.progress: dict[str, Any] = self._fresh()
+
+    def _fresh(self) -> dict[str, Any]:
+        return {"identity": self.identity, "finished_block": -1, "layers": [], "layer_configs": {}, "fp_ppl": None}
 
     def load(self) -> bool:
         path = self.dir / "progress.json"
@@ -76,7 +85,7 @@ class _Partial:
     def save_progress(self) -> None:
         atomic_write_json(self.dir / "progress.json", self.progress)
 
-    def check_data(self, windows, out: Path) -> None:
+    def check_data(self, windows) -> None:
         """A resumed run must see the very same token windows (text, tokenizer and lqframe alike)."""
         data = {"total_tokens": windows.total_tokens, "calibration": list(windows.calibration_index),
                 "evaluation": list(windows.evaluation_index),
@@ -85,25 +94,30 @@ class _Partial:
             self.progress["data"] = data
             self.save_progress()
         elif self.progress["data"] != data:
-            raise LqframeError(f"the unfinished run in {out} used other data windows than this one (the text, "
+            raise LqframeError(f"the unfinished run in {self.out} used other data windows than this one (the text, "
                                "tokenizer or lqframe version changed); pass --overwrite to start afresh")
 
-    def set_fp_ppl(self, value: float | None) -> None:
-        self.progress["fp_ppl"] = value
+    def reset(self) -> None:
+        data = self.progress.get("data")
+        for f in self.dir.glob("*.safetensors"):
+            f.unlink(missing_ok=True)
+        self.progress = {**self._fresh(), "data": data}
         self.save_progress()
 
-    def block_done(self, model, block: int, results: list[LayerResult], inputs) -> None:
+    def write(self, block: int, module, results: list[LayerResult], inputs) -> None:
+        model = self.state.model
         tensors = {}
         for r in results:
-            module = model.get_submodule(r.name)
-            for key, t in module.state_dict().items():
+            layer = model.get_submodule(r.name)
+            for key, t in layer.state_dict().items():
                 tensors[f"{r.name}.{key}"] = t
-            self.progress["layer_configs"][r.name] = module.layer_config()
+            self.progress["layer_configs"][r.name] = layer.layer_config()
         save_tensors(self.dir / f"block-{block:05d}.safetensors", tensors)
         if inputs is not None:
             save_tensors(self.dir / f"inputs-{block + 1:05d}.safetensors",
                          {f"x.{i}": x for i, x in enumerate(inputs)})
         self.progress["finished_block"] = block
+        self.progress["fp_ppl"] = self.state.fp_ppl
         self.progress["layers"] += [r.as_dict() for r in results]
         self.save_progress()  # the commit point
         for old in self.dir.glob("inputs-*.safetensors"):
@@ -113,6 +127,8 @@ class _Partial:
     def restore(self, model) -> tuple[int, list[torch.Tensor] | None, list[LayerResult]]:
         """Swap the finished layers back in; return (next block, its inputs, finished results)."""
         done = int(self.progress["finished_block"])
+        if done < 0:
+            return 0, None, []
         for b in range(done + 1):
             path = self.dir / f"block-{b:05d}.safetensors"
             if not path.is_file():
@@ -124,9 +140,10 @@ class _Partial:
                 own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
                 if not own:
                     continue
+                device = model.get_submodule(name).weight.device
                 module = LQLinear.from_layer_config(cfg)
                 module.load_state_dict(own)
-                set_module(model, name, module)
+                set_module(model, name, module.to(device))
         inputs = None
         path = self.dir / f"inputs-{done + 1:05d}.safetensors"
         if path.is_file():
@@ -134,6 +151,14 @@ class _Partial:
                 inputs = [fh.get_tensor(f"x.{i}") for i in range(len(list(fh.keys())))]
         results = [LayerResult(**r) for r in self.progress["layers"]]
         return done + 1, inputs, results
+
+    def save(self, state: RunState) -> None:
+        recipe = state.recipe
+        report = self.finish(state)
+        save_checkpoint(state.model, self.out, recipe_yaml=recipe.to_yaml(), report=report,
+                        tokenizer=self.tokenizer if recipe.save.tokenizer else None,
+                        max_shard_size_mb=recipe.save.max_shard_size_mb)
+        self.remove()
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -165,8 +190,9 @@ def _lock(out: Path) -> Path:
     return lock
 
 
-def _prepare_output(out: Path, identity: dict[str, Any], overwrite: bool, log: Callable[[str], None]) -> _Partial:
-    partial = _Partial(out, identity)
+def _prepare_output(out: Path, identity: dict[str, Any], overwrite: bool, log: Callable[[str], None]
+                    ) -> CheckpointSink:
+    partial = CheckpointSink(out, identity)
     if out.exists() and not out.is_dir():
         raise LqframeError(f"output {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -186,7 +212,7 @@ def _prepare_output(out: Path, identity: dict[str, Any], overwrite: bool, log: C
                                f"({', '.join(sorted(foreign)[:5])})")
         for e in entries:
             shutil.rmtree(e) if e.is_dir() else e.unlink()
-        return _Partial(out, identity)
+        return CheckpointSink(out, identity)
     log(f"resuming the unfinished run in {out} after block {partial.progress['finished_block']}")
     return partial
 
@@ -238,101 +264,82 @@ def run(
     output: str | Path | None = None,
     *,
     overwrite: bool = False,
+    device: str | None = None,
+    offload: bool | None = None,
     progress: bool = True,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> dict[str, Any]:
-    """Run a recipe end to end and return the report (also written to ``OUTPUT/report.json``)."""
+    """Run a recipe end to end and return the report (also written to ``OUTPUT/report.json``).
+    ``device`` / ``offload`` override the recipe's (``auto``: CUDA when present)."""
     from lqframe import __version__
 
     t_start = time.perf_counter()
     spec = model_spec or recipe.model or "default"
     out = Path(output) if output is not None else default_output(spec)
+    dev = resolve_device(device if device is not None else recipe.device)
+    offload = recipe.offload if offload is None else offload
     if recipe.save is None:
-        return _run(recipe, spec, out, None, progress, log, t_start)
+        return _run(recipe, spec, out, None, dev, offload, progress, log, t_start)
     identity = {"recipe": recipe.fingerprint(), "model": spec, "lqframe": __version__}
-    partial = _prepare_output(out, identity, overwrite, log)  # takes the folder's lock
+    sink = _prepare_output(out, identity, overwrite, log)  # takes the folder's lock
     try:
-        return _run(recipe, spec, out, partial, progress, log, t_start)
+        return _run(recipe, spec, out, sink, dev, offload, progress, log, t_start)
     finally:
         (out / ".lqframe-lock").unlink(missing_ok=True)
 
 
-def _run(recipe: Recipe, spec: str, out: Path, partial, progress: bool, log, t_start: float) -> dict[str, Any]:
-    from lqframe.evaluate import perplexity
+def _run(recipe: Recipe, spec: str, out: Path, sink: CheckpointSink | None, device: torch.device, offload: bool,
+         progress: bool, log, t_start: float) -> dict[str, Any]:
     from lqframe.models import load_model
-
-    saving = partial is not None
 
     log(f"loading model {spec} …")
     loaded = load_model(spec)
-    model, tokenizer = loaded.model, loaded.tokenizer
     need_eval = recipe.evaluate is not None
-    if need_eval and loaded.task != "causal-lm":
-        raise RecipeError(f"{recipe.origin}: evaluate_stage: token perplexity needs a causal LM, and {spec} is a "
-                          f"{loaded.task} model; remove evaluate_stage to compress it")
-    windows = _windows(recipe, tokenizer, recipe.quantize is not None, need_eval)
+    windows = _windows(recipe, loaded.tokenizer, recipe.quantize is not None, need_eval)
     log(f"data: {recipe.data.source}, {windows.total_tokens} tokens; {len(windows.calibration)} calibration and "
-        f"{len(windows.evaluation)} evaluation windows of {windows.seq_len}")
-    if partial is not None:
-        partial.check_data(windows, out)
+        f"{len(windows.evaluation)} evaluation windows of {windows.seq_len}; device {device}"
+        + (" (blocks offloaded to CPU memory)" if offload else ""))
+    state = RunState(recipe, loaded.model, device=device, offload=offload, calibration=windows.calibration,
+                     evaluation=windows.evaluation if need_eval else None, task=loaded.task,
+                     progress=progress, log=log)
 
-    fp_ppl = partial.progress.get("fp_ppl") if partial is not None else None
-    if need_eval and recipe.evaluate.float_baseline and fp_ppl is None:
-        fp_ppl = perplexity(model, windows.evaluation, progress=progress, desc="float perplexity")
-        log(f"float perplexity: {fp_ppl:.4f}")
-        if partial is not None:
-            partial.set_fp_ppl(fp_ppl)
+    def finish(st: RunState) -> dict[str, Any]:
+        return {
+            "model": spec,
+            "recipe": recipe.origin,
+            "fp_ppl": st.fp_ppl,
+            "ppl": st.ppl,
+            **summarize(st.results),
+            "seconds": time.perf_counter() - t_start,
+            "peak_rss_mb": peak_rss_mb(),
+            "peak_device_mb": (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None),
+            "versions": versions(st),
+            "data": {"source": windows.source, "seq_len": windows.seq_len, "total_tokens": windows.total_tokens,
+                     "calibration_windows": list(windows.calibration_index),
+                     "evaluation_windows": list(windows.evaluation_index)},
+            "stages": recipe.stages(),
+            "stage_seconds": dict(st.timings),
+            "layers": [r.as_dict() for r in st.results],
+        }
 
-    results: list[LayerResult] = []
-    if recipe.quantize is not None:
-        plans = allocate(model, recipe, plan_layers(model, recipe), progress)
-        start, inputs, done = (0, None, [])
-        if partial is not None and partial.progress["finished_block"] >= 0:
-            start, inputs, done = partial.restore(model)
-        callback = None
-        if partial is not None:
-            callback = lambda b, res, x: partial.block_done(model, b, res, x)  # noqa: E731
-        results = done + compress_blocks(model, plans, windows.calibration, start_block=start,
-                                         start_inputs=inputs, on_block_done=callback, progress=progress,
-                                         sequential=_sequential(recipe))
-    if recipe.tune is not None:
-        raise RecipeError(f"{recipe.origin}: tune_stage: tuning is not available yet in this version")
-
-    ppl = None
-    if need_eval:
-        set_weight_cache(model, True)
-        try:
-            ppl = perplexity(model, windows.evaluation, progress=progress, desc="perplexity")
-        finally:
-            set_weight_cache(model, False)
-    report = {
-        "model": spec,
-        "recipe": recipe.origin,
-        "fp_ppl": fp_ppl,
-        "ppl": ppl,
-        **summarize(results),
-        "seconds": time.perf_counter() - t_start,
-        "peak_rss_mb": peak_rss_mb(),
-        "data": {"source": windows.source, "seq_len": windows.seq_len, "total_tokens": windows.total_tokens,
-                 "calibration_windows": list(windows.calibration_index),
-                 "evaluation_windows": list(windows.evaluation_index)},
-        "stages": recipe.stages(),
-        "layers": [r.as_dict() for r in results],
-    }
-    if saving:
-        save_checkpoint(model, out, recipe_yaml=recipe.to_yaml(), report=report,
-                        tokenizer=tokenizer if recipe.save.tokenizer else None,
-                        max_shard_size_mb=recipe.save.max_shard_size_mb)
-        partial.remove()
+    if sink is not None:
+        sink.check_data(windows)
+        sink.state, sink.finish, sink.tokenizer = state, finish, loaded.tokenizer
+        state.sink = sink
+        state.fp_ppl = sink.progress.get("fp_ppl")
+    execute(state)
+    report = finish(state)
+    if sink is not None:
         report["output"] = str(out)
     return report
 
 
-def compress(model, recipe: Recipe, calibration: torch.Tensor | None = None, *, progress: bool = True):
-    """Compress an already-loaded model in place (Python API); returns the per-layer results."""
-    plans = allocate(model, recipe, plan_layers(model, recipe), progress)
-    return compress_blocks(model, plans, calibration, progress=progress, sequential=_sequential(recipe))
-
-
-def _sequential(recipe: Recipe) -> str:
-    return recipe.quantize.sequential if recipe.quantize is not None else "block"
+def compress(model, recipe: Recipe, calibration: torch.Tensor | None = None, *, device: str | None = None,
+             offload: bool | None = None, progress: bool = True) -> list[LayerResult]:
+    """Compress an already-loaded model in place (Python API); returns the per-layer results. The
+    model ends on the compute device (``device``, else the recipe's, else CUDA when present)."""
+    state = RunState(recipe, model, device=resolve_device(device if device is not None else recipe.device),
+                     offload=recipe.offload if offload is None else offload, calibration=calibration,
+                     progress=progress, log=lambda s: None)
+    execute(state, only=COMPRESSION_STAGES)
+    return state.results

@@ -27,13 +27,13 @@ import torch
 from lqframe.errors import MissingStatisticError
 from lqframe.kernels.packing import pack_bits, packed_nbytes, unpack_bits
 from lqframe.kernels.reference import decode_blocks, expand_blocks
+from lqframe.quantization import factor_bits
 
 __all__ = [
     "QuantizedWeight",
     "LowRank",
     "Decomposition",
     "LayerStats",
-    "StatsAccumulator",
     "CostTable",
     "Choice",
     "STAT_NAMES",
@@ -297,8 +297,6 @@ class LowRank:
         return (self.left.to(torch.float32) @ self.right.to(torch.float32)).to(dtype)
 
     def storage_bits(self) -> int:
-        from lqframe.factors import factor_bits
-
         return (factor_bits(tuple(self.left.shape), self.format, "left")
                 + factor_bits(tuple(self.right.shape), self.format, "right"))
 
@@ -353,9 +351,15 @@ class LayerStats:
     abs_sum: torch.Tensor | None = None
     abs_mean_max: torch.Tensor | None = None
     fisher: torch.Tensor | None = None
+    #: statistics of kinds added by plugins (``registry.add_statistic``), by name
+    extra: Mapping[str, torch.Tensor] = attrs.field(factory=dict)
 
     def available(self) -> frozenset[str]:
-        return frozenset(n for n in STAT_NAMES if getattr(self, n) is not None)
+        return frozenset(n for n in STAT_NAMES if getattr(self, n) is not None) | frozenset(self.extra)
+
+    def get(self, name: str) -> torch.Tensor | None:
+        """A statistic by name, built-in or plugin-defined (None when not captured)."""
+        return getattr(self, name) if name in STAT_NAMES else self.extra.get(name)
 
     def require(self, needs: Iterable[str], who: str) -> None:
         missing = sorted(set(needs) - self.available())
@@ -384,44 +388,6 @@ class LayerStats:
         else:
             self.require({"sq_sum"}, "rms()")
         return (total / max(self.n_tokens, 1)).sqrt()
-
-
-class StatsAccumulator:
-    """Accumulates exactly the statistics in ``needs`` from batches of activations, in float64."""
-
-    def __init__(self, in_features: int, needs: Iterable[str]):
-        needs = frozenset(needs)
-        unknown = needs - STAT_NAMES
-        if unknown:
-            raise MissingStatisticError(f"unknown statistics {sorted(unknown)}; known: {sorted(STAT_NAMES)}")
-        self.in_features = in_features
-        self.needs = needs - {"fisher"}  # gradients are not activations
-        self.n_tokens = 0
-        self._acc: dict[str, torch.Tensor] = {}
-
-    def update(self, x: torch.Tensor) -> None:
-        # -1 is ambiguous for a zero-element tensor: give the row count explicitly
-        x = x.reshape(math.prod(x.shape[:-1]), 0) if self.in_features == 0 else x.reshape(-1, self.in_features)
-        if x.shape[0] == 0:
-            return
-        x64 = x.detach().to(torch.float64)
-        self.n_tokens += x64.shape[0]
-        for name in self.needs:
-            if name == "rxx":
-                value = x64.T @ x64
-            elif name == "sq_sum":
-                value = (x64 * x64).sum(0)
-            elif name == "abs_sum":
-                value = x64.abs().sum(0)
-            else:  # abs_mean_max
-                value = x64.abs().mean(0)
-                if name in self._acc:
-                    self._acc[name] = torch.maximum(self._acc[name], value)
-                    continue
-            self._acc[name] = self._acc[name] + value if name in self._acc else value
-
-    def finalize(self) -> LayerStats:
-        return LayerStats(n_tokens=self.n_tokens, **self._acc)
 
 
 # --------------------------------------------------------------------------- allocation

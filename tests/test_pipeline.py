@@ -135,7 +135,7 @@ def test_resume_after_interruption_gives_the_same_checkpoint(model_dir, tmp_path
     from lqframe import run as run_mod
 
     out = tmp_path / "out"
-    original = run_mod._Partial.block_done
+    original = run_mod.CheckpointSink.write
     calls = {"n": 0}
 
     def crash_after_first(self, *args, **kwargs):
@@ -144,13 +144,13 @@ def test_resume_after_interruption_gives_the_same_checkpoint(model_dir, tmp_path
         if calls["n"] == 1:
             raise KeyboardInterrupt  # killed right after block 0 was committed
 
-    monkeypatch.setattr(run_mod._Partial, "block_done", crash_after_first)
+    monkeypatch.setattr(run_mod.CheckpointSink, "write", crash_after_first)
     with pytest.raises(KeyboardInterrupt):
         run(small_recipe(), str(model_dir), out, progress=False)
     assert not (out / "report.json").exists() and not (out / "model.safetensors").exists()
     progress = json.loads((out / ".lqframe-partial" / "progress.json").read_text())
     assert progress["finished_block"] == 0
-    monkeypatch.setattr(run_mod._Partial, "block_done", original)
+    monkeypatch.setattr(run_mod.CheckpointSink, "write", original)
 
     messages = []
     report = run(small_recipe(), str(model_dir), out, progress=False, log=messages.append)
@@ -255,16 +255,16 @@ def test_resume_refuses_changed_data(model_dir, tmp_path, monkeypatch):
     text = tmp_path / "corpus.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
     recipe = small_recipe(f"data.source=text:{text}")
-    original = run_mod._Partial.block_done
+    original = run_mod.CheckpointSink.write
 
     def crash(self, *args, **kwargs):
         original(self, *args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(run_mod._Partial, "block_done", crash)
+    monkeypatch.setattr(run_mod.CheckpointSink, "write", crash)
     with pytest.raises(KeyboardInterrupt):
         run(recipe, str(model_dir), tmp_path / "o", progress=False)
-    monkeypatch.setattr(run_mod._Partial, "block_done", original)
+    monkeypatch.setattr(run_mod.CheckpointSink, "write", original)
     text.write_text("Pack my box with five dozen liquor jugs. " * 200)
     with pytest.raises(lqframe.LqframeError, match="other data windows"):
         run(recipe, str(model_dir), tmp_path / "o", progress=False)
@@ -350,25 +350,55 @@ def test_one_run_per_output_folder(model_dir, tmp_path):
 
 def test_linears_reading_the_same_input_share_statistics(model_dir):
     from lqframe.data import make_windows
-    from lqframe.models import find_blocks, load_model
-    from lqframe.pipeline import _input_groups, capture_block_inputs
+    from lqframe.executor import BlockExecutor
+    from lqframe.models import load_model
 
     loaded = load_model(str(model_dir))
     windows = make_windows(loaded.tokenizer, "pydoc", 64, 2, 0, 0)
-    _, blocks = find_blocks(loaded.model)
-    inputs, kwargs = capture_block_inputs(loaded.model, blocks[0], windows.calibration, progress=False)
+    ex = BlockExecutor(loaded.model, "cpu", progress=False)
+    inputs = ex.first_inputs(windows.calibration)
     names = [f"model.layers.0.{n}" for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                               "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
-    groups = _input_groups(blocks[0], names, loaded.model, inputs[0], kwargs)
+    with ex.block(0) as block:
+        groups = ex.input_groups(block, names, inputs[0])
     short = [[n.rsplit(".", 1)[1] for n in g] for g in groups]
     assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
 
 
-def test_allocation_with_data_aware_components_is_refused(model_dir, tmp_path):
-    allocate = "allocate_stage={allocator: uniform, budget_bits: 3.6, candidates: [{bits: 4}, {bits: 3}]}"
-    recipe = load_recipe(BASE, [*SMALL, "reconstruct_stage.reconstructor.name=qera-approx", allocate])
-    with pytest.raises(lqframe.RecipeError, match="data-free.*sq_sum"):
-        run(recipe, str(model_dir), tmp_path / "o", progress=False)
+def test_data_aware_allocation_runs_after_calibration(model_dir, tmp_path):
+    """gptq + qera-exact candidates at two bit widths (and two ranks): statistics are captured before
+    the cost table, bits come from storage_bits + lowrank_bits, and each chosen decomposition is
+    the one the cost table made (not computed twice)."""
+    from lqframe import pipeline
+
+    calls = {"n": 0}
+    original = pipeline.components
+
+    def counting(q, r):
+        quantizer, recon = original(q, r)
+        real = recon.decompose
+
+        def decompose(*args, **kwargs):
+            calls["n"] += 1
+            return real(*args, **kwargs)
+
+        object.__setattr__(recon, "decompose", decompose)
+        return quantizer, recon
+
+    allocate = ("allocate_stage={allocator: uniform, budget_bits: 4.0, candidates: ["
+                "{quantizer: {bits: 4}, reconstructor: {rank: 4}}, {quantizer: {bits: 3}, reconstructor: {rank: 8}}]}")
+    recipe = load_recipe(BASE, [*SMALL, "quantize_stage.quantizer.name=gptq",
+                                "reconstruct_stage.reconstructor.name=qera-exact", allocate])
+    import unittest.mock
+
+    with unittest.mock.patch.object(pipeline, "components", counting):
+        report = run(recipe, str(model_dir), tmp_path / "o", progress=False)
+    assert calls["n"] == 2 * 21  # every candidate once per layer; the chosen one is reused
+    layers = report["layers"]
+    assert {(r["bits"], r["rank"]) for r in layers} == {(3, 8)}  # 4-bit g32 int needs 4.625 bits
+    assert report["avg_bits"] <= 4.0
+    assert {r["quantizer"] for r in layers} == {"gptq"} and {r["reconstructor"] for r in layers} == {"qera-exact"}
+    assert all(r["rel_output_error"] < 0.6 for r in layers) and report["ppl"] < 1e4
 
 
 def test_data_aware_reconstructor_runs_in_the_pipeline(model_dir, tmp_path):

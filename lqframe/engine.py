@@ -1,0 +1,364 @@
+"""The run engine: a table of stages, each one function over one :class:`RunState`.
+
+::
+
+    baseline   float perplexity before anything changes      (evaluate_stage.float_baseline)
+    calibrate  block-0 inputs; gradient statistics; a float   (quantize_stage; the full pass only
+               pass filling the statistics store for a         when the allocate stage is
+               data-aware allocation                           data-aware)
+    allocate   cost table over candidates → BudgetAllocator   (allocate_stage)
+    decompose  per block: capture → decompose → propagate     (quantize_stage, reconstruct_stage)
+    tune       train L, R with Q frozen                       (tune_stage)
+    evaluate   perplexity on held-out windows, on the device  (evaluate_stage)
+    save       checkpoint (the run's sink decides where)      (save_stage)
+
+``lqframe run``, :func:`lqframe.compress` and the benchmark scripts all call :func:`execute`; a
+new stage is one :class:`Stage` entry in :data:`STAGES` plus its recipe spec. The per-block work is
+done by :class:`~lqframe.executor.BlockExecutor`, which owns devices, offloading, sources and sinks.
+
+Planning happens before any stage runs (:func:`prepare`): every statistic a component needs must
+be one that something can produce — a forward statistic captured by hooks, or a gradient
+statistic whose producer is installed — or the plan is refused with the layer and component named.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Container, Sequence
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lqframe.errors import ModelError, RecipeError
+from lqframe.executor import BlockExecutor, BlockSink, MemorySink, offloaded, resolve_device
+from lqframe.lqlinear import set_weight_cache
+from lqframe.pipeline import (
+    LayerPlan,
+    LayerResult,
+    allocation_needs,
+    cost_table,
+    decompose_layer,
+    layer_needs,
+    plan_layers,
+    set_module,
+    summarize,
+)
+from lqframe.recipe import Recipe
+from lqframe.registry import registry
+from lqframe.stats import StatsStore
+from lqframe.types import Decomposition
+
+__all__ = ["RunState", "Stage", "STAGES", "GradientContext", "prepare", "execute", "COMPRESSION_STAGES"]
+
+
+@attrs.define(eq=False)
+class GradientContext:
+    """What a gradient-statistic producer gets: the model (on ``device``), the calibration windows
+    and the layers that need the statistic."""
+
+    model: nn.Module
+    calibration: torch.Tensor
+    device: torch.device
+    layers: list[str]
+    progress: bool = True
+
+
+@attrs.define(eq=False)
+class RunState:
+    """Everything a run knows; stages read and extend it."""
+
+    recipe: Recipe
+    model: nn.Module
+    device: torch.device = attrs.field(factory=lambda: torch.device("cpu"))
+    offload: bool = False
+    calibration: torch.Tensor | None = None
+    evaluation: torch.Tensor | None = None
+    task: str = "causal-lm"
+    #: blocks whose float outputs (on the float model's own inputs) a later stage needs as targets
+    teacher_blocks: frozenset[int] = frozenset()
+    sink: BlockSink = attrs.field(factory=MemorySink)
+    progress: bool = True
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
+    # -- filled by prepare() and the stages
+    executor: BlockExecutor | None = None
+    plans: list[LayerPlan] = attrs.field(factory=list)
+    needs: dict[str, frozenset[str]] = attrs.field(factory=dict)
+    stats: StatsStore = attrs.field(factory=StatsStore)
+    inputs: list[torch.Tensor] | None = None
+    start_block: int = 0
+    prepared: dict[str, tuple[Decomposition, float]] = attrs.field(factory=dict)
+    teacher: dict[int, list[torch.Tensor]] = attrs.field(factory=dict)
+    results: list[LayerResult] = attrs.field(factory=list)
+    fp_ppl: float | None = None
+    ppl: float | None = None
+    timings: dict[str, float] = attrs.field(factory=dict)
+
+    @property
+    def uses_data(self) -> bool:
+        return self.calibration is not None and len(self.calibration) > 0
+
+
+@attrs.frozen
+class Stage:
+    """``run(state)`` when ``enabled(recipe)``; ``recipe_keys`` name the recipe stages that turn it on."""
+
+    name: str
+    recipe_keys: tuple[str, ...]
+    enabled: Callable[[Recipe], bool]
+    run: Callable[[RunState], None]
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _data_aware_allocation(state: RunState) -> bool:
+    return any(allocation_needs(state.recipe, state.plans).values())
+
+
+def prepare(state: RunState) -> RunState:
+    """Plan the layers, check that every statistic they need can be produced, and place the
+    model on the device."""
+    recipe = state.recipe
+    state.plans = plan_layers(state.model, recipe)
+    state.needs = {p.name: layer_needs(p) for p in state.plans}
+    alloc = allocation_needs(recipe, state.plans)
+    kinds = registry().statistics()
+    for plan in state.plans:
+        for name in sorted(state.needs[plan.name] | alloc.get(plan.name, frozenset())):
+            kind = kinds.get(name)
+            who = f"layer {plan.name} ({plan.quantizer.name} + {plan.reconstructor.name})"
+            if kind is None:
+                raise RecipeError(f"{recipe.origin}: {who} needs the statistic {name!r}, which no installed plugin "
+                                  f"defines (known: {', '.join(sorted(kinds))})")
+            if kind.source == "gradient" and kind.produce is None:
+                raise RecipeError(f"{recipe.origin}: {who} needs the statistic {name!r}, which comes from a gradient "
+                                  "pass, and no installed plugin produces it")
+    if any(state.needs.values()) or any(alloc.values()):
+        if not state.uses_data:
+            names = sorted({p.reconstructor.name for p in state.plans} | {p.quantizer.name for p in state.plans})
+            raise RecipeError(f"{recipe.origin}: the components {names} need calibration statistics, but no "
+                              "calibration windows were given (data.calibration_windows is 0)")
+    if recipe.tune is not None:
+        raise RecipeError(f"{recipe.origin}: tune_stage: tuning is not available yet in this version")
+    if recipe.evaluate is not None and state.evaluation is not None and state.task != "causal-lm":
+        raise RecipeError(f"{recipe.origin}: evaluate_stage: token perplexity needs a causal LM, and this is a "
+                          f"{state.task} model; remove evaluate_stage to compress it")
+    state.executor = BlockExecutor(state.model, state.device, offload=state.offload,
+                                   activations="cpu" if state.offload else "device", progress=state.progress)
+    state.executor.place_model()
+    return state
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def _baseline(state: RunState) -> None:
+    if state.fp_ppl is None:
+        state.fp_ppl = _perplexity(state, "float perplexity")
+        state.log(f"float perplexity: {state.fp_ppl:.4f}")
+
+
+def _perplexity(state: RunState, desc: str) -> float:
+    from lqframe.evaluate import perplexity
+
+    if state.evaluation is None:
+        raise RecipeError(f"{state.recipe.origin}: evaluate_stage: no evaluation windows were given")
+    if state.task != "causal-lm":
+        raise RecipeError(f"{state.recipe.origin}: evaluate_stage: token perplexity needs a causal LM, and this is "
+                          f"a {state.task} model; remove evaluate_stage to compress it")
+    set_weight_cache(state.model, True)  # each Q dequantized once for all windows
+    try:
+        if state.offload:
+            with offloaded(state.model, state.device):
+                return perplexity(state.model, state.evaluation, progress=state.progress, desc=desc)
+        return perplexity(state.model, state.evaluation, progress=state.progress, desc=desc)
+    finally:
+        set_weight_cache(state.model, False)
+
+
+def _gradient_statistics(state: RunState) -> None:
+    kinds = registry().statistics()
+    wanted: dict[str, list[str]] = {}
+    for plan in state.plans:
+        for name in state.needs[plan.name] | allocation_needs(state.recipe, [plan]).get(plan.name, frozenset()):
+            if kinds[name].source == "gradient":
+                wanted.setdefault(name, []).append(plan.name)
+    for name, layers in wanted.items():
+        ctx = GradientContext(state.model, state.calibration, state.device, layers, state.progress)
+        for layer, value in kinds[name].produce(ctx).items():
+            state.stats.add_gradient(layer, name, value)
+
+
+def _calibrate(state: RunState) -> None:
+    ex = state.executor
+    data_aware = _data_aware_allocation(state)
+    start, inputs, results = state.sink.restore(state.model)
+    if start > 0 and (data_aware or state.teacher_blocks):
+        why = ("chose its allocation from statistics of the float model" if data_aware
+               else "kept outputs of the float model")
+        state.log(f"the unfinished run {why}, which a resumed run cannot rebuild: starting afresh")
+        state.sink.reset()
+        start, inputs, results = 0, None, []
+    state.start_block, state.results = start, results
+    if not state.uses_data:
+        return
+    if inputs is None:
+        state.inputs = ex.first_inputs(state.calibration)
+    else:
+        ex.set_kwargs(state.calibration)
+        state.inputs = [ex._to_cache(x) for x in inputs]
+    _gradient_statistics(state)
+    if not data_aware:
+        return
+    # a data-aware allocation needs every layer's statistics before any layer is decomposed:
+    # one pass over the float model (whose block outputs are the teacher targets, too)
+    alloc = allocation_needs(state.recipe, state.plans)
+    needs = {p.name: state.needs[p.name] | alloc[p.name] for p in state.plans}
+    by_block = _by_block(state.plans)
+    x = state.inputs
+    for b in tqdm(range(len(ex)), desc="calibrate", unit="block", disable=not state.progress):
+        with ex.block(b) as block:
+            names = [p.name for p in by_block.get(b, [])]
+            if names:
+                ex.capture(block, ex.input_groups(block, names, x[0]), needs, x, state.stats)
+            x = ex.forward(block, x)
+            if b in state.teacher_blocks:
+                state.teacher[b] = x
+
+
+def _allocate(state: RunState) -> None:
+    recipe = state.recipe
+    table, per_layer, decs = cost_table(state.model, recipe, state.plans, state.stats.layer_stats, state.progress)
+    allocator = registry().create("allocator", recipe.allocate.allocator.name, **recipe.allocate.allocator.options)
+    choice = allocator.allocate(table, recipe.allocate.budget_bits)
+    plans = []
+    for i, plan in enumerate(state.plans):
+        j = choice[plan.name].index
+        plans.append(per_layer[i][j])
+        state.prepared[plan.name] = decs[(i, j)]
+    state.plans = plans
+    state.needs = {p.name: layer_needs(p) for p in plans}
+    state.log(f"allocation: {table.total_params:,} parameters, "
+              f"{sum(choice[p.name].bits for p in plans) / max(table.total_params, 1):.4f} bits per parameter")
+
+
+def _by_block(plans: Sequence[LayerPlan]) -> dict[int, list[LayerPlan]]:
+    by_block: dict[int, list[LayerPlan]] = {}
+    for p in plans:
+        by_block.setdefault(p.block, []).append(p)
+    return by_block
+
+
+def _decompose(state: RunState) -> None:
+    ex = state.executor
+    by_block = _by_block(state.plans)
+    sequential = state.recipe.quantize.sequential
+    teacher_in = state.inputs if state.teacher_blocks and not state.teacher and state.uses_data else None
+    bar = tqdm(range(state.start_block, len(ex)), desc="compress", unit="block", disable=not state.progress)
+    for b in bar:
+        plans = {p.name: p for p in by_block.get(b, [])}
+        bar.set_postfix_str(f"{ex.source.path}.{b}: {len(plans)} layers")
+        with ex.block(b) as block:
+            if teacher_in is not None:  # the float block's outputs on the float model's inputs
+                teacher_in = ex.forward(block, teacher_in)
+                if b in state.teacher_blocks:
+                    state.teacher[b] = teacher_in
+            todo = [n for n in plans if n not in state.prepared]
+            phases: list[list[list[str]]] = [[list(plans)]] if plans else []
+            if state.uses_data and todo:
+                groups = ex.input_groups(block, list(plans), state.inputs[0])
+                phases = [[g] for g in groups] if sequential == "layer" else [groups]
+            block_results = []
+            for phase in phases:
+                capture = [g for g in phase if any(n in todo for n in g)] if state.uses_data else []
+                samples = ex.capture(block, capture, state.needs, state.inputs, state.stats,
+                                     stop=sequential == "layer") if capture else {}
+                for name in (n for group in phase for n in group):
+                    lin = state.model.get_submodule(name)
+                    if not isinstance(lin, nn.Linear):
+                        raise ModelError(f"layer {name} is a {type(lin).__name__}, not an nn.Linear")
+                    module, result = decompose_layer(name, lin, plans[name], state.stats.layer_stats(name),
+                                                     samples.get(name), state.prepared.pop(name, None))
+                    set_module(state.model, name, module)
+                    block_results.append(result)
+                state.stats.drop(n for group in phase for n in group)
+            order = {n: i for i, n in enumerate(plans)}
+            block_results.sort(key=lambda r: order[r.name])
+            state.results += block_results
+            later = any(p.name not in state.prepared for c in range(b + 1, len(ex)) for p in by_block.get(c, []))
+            if state.uses_data and (later or teacher_in is not None):
+                state.inputs = ex.forward(block, state.inputs)
+            elif state.uses_data:
+                state.inputs = None  # every later layer is already decomposed: nothing needs them
+            state.sink.write(b, block, block_results, state.inputs)
+
+
+def _evaluate(state: RunState) -> None:
+    state.ppl = _perplexity(state, "perplexity")
+
+
+def _save(state: RunState) -> None:
+    state.sink.save(state)
+
+
+def _has_quantize(recipe: Recipe) -> bool:
+    return recipe.quantize is not None
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("baseline", ("evaluate_stage",), lambda r: r.evaluate is not None and r.evaluate.float_baseline, _baseline),
+    Stage("calibrate", ("quantize_stage",), _has_quantize, _calibrate),
+    Stage("allocate", ("allocate_stage",), lambda r: r.allocate is not None, _allocate),
+    Stage("decompose", ("quantize_stage", "reconstruct_stage"), _has_quantize, _decompose),
+    Stage("tune", ("tune_stage",), lambda r: r.tune is not None, lambda s: None),
+    Stage("evaluate", ("evaluate_stage",), lambda r: r.evaluate is not None, _evaluate),
+    Stage("save", ("save_stage",), lambda r: r.save is not None, _save),
+)
+#: the stages that change the model (what :func:`lqframe.compress` runs)
+COMPRESSION_STAGES = ("calibrate", "allocate", "decompose", "tune")
+
+
+def execute(state: RunState, only: Container[str] | None = None) -> RunState:
+    """Plan, then run every enabled stage in order (``only``: just these stage names)."""
+    prepare(state)
+    for stage in STAGES:
+        if (only is None or stage.name in only) and stage.enabled(state.recipe):
+            t0 = time.perf_counter()
+            stage.run(state)
+            state.timings[stage.name] = state.timings.get(stage.name, 0.0) + time.perf_counter() - t0
+    return state
+
+
+def versions(state: RunState) -> dict[str, Any]:
+    """Versions of lqframe, torch, transformers and of every plugin whose components the run used."""
+    import importlib.metadata
+
+    from lqframe import __version__
+
+    out: dict[str, Any] = {"lqframe": __version__, "torch": torch.__version__, "python": sys.version.split()[0]}
+    try:
+        out["transformers"] = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
+        out["transformers"] = None
+    reg = registry()
+    used = {("quantizer", p.quantizer.name) for p in state.plans} | {("reconstructor", p.reconstructor.name)
+                                                                      for p in state.plans}
+    if state.recipe.allocate is not None:
+        used.add(("allocator", state.recipe.allocate.allocator.name))
+    plugins = {}
+    for kind, name in sorted(used):
+        info = reg.info(kind, name)
+        plugins[f"{kind}:{name}"] = {"plugin": info.plugin, "distribution": info.distribution,
+                                     "version": info.version}
+    out["plugins"] = plugins
+    out["device"] = str(state.device) + (f" ({torch.cuda.get_device_name(state.device)})"
+                                         if state.device.type == "cuda" else "")
+    return out
+
+
+def report(state: RunState) -> dict[str, Any]:
+    return {**summarize(state.results), "fp_ppl": state.fp_ppl, "ppl": state.ppl}

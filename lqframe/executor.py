@@ -1,0 +1,340 @@
+"""The block executor: runs a model's repeated blocks one at a time on the compute device.
+
+A causal LM is ``embed → block 0 → … → block N−1 → head``. The executor captures the inputs of
+block 0 for every calibration window (a pre-hook stops the forward there), then walks the blocks
+in order: it *loads* block ``b`` from a :class:`BlockSource` onto the device, runs the per-block
+actions the stages give it, *propagates* the activations through the (by then compressed) block
+to get block ``b+1``'s inputs, hands the finished block to a :class:`BlockSink`, and *releases*
+it (back to CPU memory when blocks are offloaded). Only one block's activations exist at a time;
+they live on the device or, with ``activations="cpu"``, in CPU memory, moved to the device one
+window at a time.
+
+Actions it offers the stages:
+
+- :meth:`BlockExecutor.input_groups` — which target linears read the same input tensor (q/k/v,
+  gate/up): one statistics capture serves each group;
+- :meth:`BlockExecutor.capture` — forward hooks that fill a :class:`~lqframe.stats.StatsStore` with
+  exactly the statistics the plugins declare (float64), plus a token sample per input for the
+  output-error report when ``rxx`` (which gives it exactly) is not captured;
+- :meth:`BlockExecutor.forward` — the block's outputs for a list of inputs (teacher targets when
+  run before compression, the next block's inputs after it).
+
+Sources and sinks are in memory now; a sharded-safetensors source (models larger than memory) and
+a streaming sink plug in through the same two small interfaces without touching the stages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lqframe.errors import LqframeError, ModelError
+from lqframe.lqlinear import set_weight_cache
+from lqframe.models import find_blocks
+from lqframe.stats import StatsStore
+
+__all__ = ["resolve_device", "BlockSource", "MemorySource", "BlockSink", "MemorySink", "BlockExecutor",
+           "OUTPUT_ERROR_TOKENS", "ACTIVATION_PLACES"]
+
+#: tokens per input kept to measure the output error when ``rxx`` is not captured
+OUTPUT_ERROR_TOKENS = 4096
+ACTIVATION_PLACES = ("device", "cpu")
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` (or None): the first CUDA device when one is available, else the CPU; ``cpu``;
+    ``cuda`` / ``cuda:N``. A CUDA device that is not there is a clear error."""
+    if spec is None or str(spec) == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise LqframeError(f"device {spec!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise LqframeError(f"device {spec!r} is not supported: use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise LqframeError(f"device {spec!r} was asked for, but no CUDA device is available "
+                           "(torch.cuda.is_available() is False); use --device cpu or auto")
+    index = 0 if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise LqframeError(f"device {spec!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", index)
+
+
+# --------------------------------------------------------------------------- sources and sinks
+
+
+class BlockSource:
+    """Where blocks come from. ``load(b, device)`` returns block ``b`` on ``device``; ``release``
+    is called when the executor is done with it."""
+
+    path: str
+    def __len__(self) -> int: ...  # noqa: E704
+    def load(self, index: int, device: torch.device) -> nn.Module: ...  # noqa: E704
+    def release(self, index: int, block: nn.Module, offload: bool) -> None: ...  # noqa: E704
+
+
+class MemorySource(BlockSource):
+    """The blocks of a model held in memory (moved to the device in place)."""
+
+    def __init__(self, model: nn.Module):
+        self.path, self.blocks = find_blocks(model)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def load(self, index: int, device: torch.device) -> nn.Module:
+        return self.blocks[index].to(device)
+
+    def release(self, index: int, block: nn.Module, offload: bool) -> None:
+        if offload:
+            block.to("cpu")
+
+
+class BlockSink:
+    """Where finished blocks go, and where a run resumes from.
+
+    ``write(b, block, results, next_inputs)`` is called once per block after its layers are
+    compressed and its outputs computed (``next_inputs`` None when nothing needs them);
+    ``restore(model)`` puts finished blocks back and returns ``(next block, its inputs or None,
+    finished layer results)``; ``reset()`` forgets all progress; ``save(state)`` is the save stage.
+    """
+
+    def restore(self, model: nn.Module) -> tuple[int, list[torch.Tensor] | None, list]:
+        return 0, None, []
+
+    def reset(self) -> None:
+        pass
+
+    def write(self, index: int, block: nn.Module, results: list, next_inputs: list[torch.Tensor] | None) -> None:
+        pass
+
+    def save(self, state: Any) -> None:
+        pass
+
+
+class MemorySink(BlockSink):
+    """Finished blocks stay in the model in memory."""
+
+
+# --------------------------------------------------------------------------- the executor
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the input it wanted has been seen."""
+
+
+class _Capture:
+    """Statistics of one input shared by one or more linears, plus an optional token sample."""
+
+    def __init__(self, acc, sample: bool):
+        self.acc = acc
+        self.sample: list[torch.Tensor] | None = [] if sample else None
+        self.sampled = 0
+        self.last: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        if x is self.last:  # another member of the group sees the same tensor in the same call
+            return
+        self.last = x
+        flat = x.detach().reshape(-1, self.acc.in_features)
+        self.acc.update(flat)
+        if self.sample is not None and self.sampled < OUTPUT_ERROR_TOKENS:
+            take = flat[: OUTPUT_ERROR_TOKENS - self.sampled].to(torch.float32).clone()
+            self.sample.append(take)
+            self.sampled += take.shape[0]
+
+    def sample_tensor(self) -> torch.Tensor | None:
+        return torch.cat(self.sample) if self.sample else None
+
+
+class BlockExecutor:
+    """Runs blocks one at a time on ``device`` (see module doc).
+
+    ``offload``: keep every block in CPU memory except the one being worked on (the rest of the
+    model — embeddings, final norm, head — lives on the device). ``activations``: where the
+    activation cache lives between blocks, ``device`` or ``cpu``.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device | str = "cpu", *, offload: bool = False,
+                 activations: str = "device", source: BlockSource | None = None, progress: bool = True):
+        if activations not in ACTIVATION_PLACES:
+            raise LqframeError(f"activations must be one of {ACTIVATION_PLACES}, got {activations!r}")
+        self.model = model
+        self.device = torch.device(device)
+        self.offload = offload
+        self.cache_device = self.device if activations == "device" else torch.device("cpu")
+        self.source = source if source is not None else MemorySource(model)
+        self.progress = progress
+        self.kwargs: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    # ------------------------------------------------------------------ placement
+    def place_model(self) -> None:
+        """Put the model on the device: all of it, or with ``offload`` all but the blocks."""
+        if not self.offload:
+            self.model.to(self.device)
+            return
+        in_blocks = {id(m) for i in range(len(self.source)) for m in self.source.blocks[i].modules()} \
+            if isinstance(self.source, MemorySource) else set()
+        for module in self.model.modules():
+            if id(module) not in in_blocks:
+                module._apply(lambda t: t.to(self.device), recurse=False)
+
+    @contextmanager
+    def block(self, index: int) -> Iterator[nn.Module]:
+        """Block ``index`` on the device for the duration of the ``with``."""
+        block = self.source.load(index, self.device)
+        try:
+            yield block
+        finally:
+            self.source.release(index, block, self.offload)
+
+    def _to_cache(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.cache_device)
+
+    # ------------------------------------------------------------------ block-0 inputs
+    def first_inputs(self, windows: torch.Tensor, desc: str = "capture block-0 inputs") -> list[torch.Tensor]:
+        """Run the model on each window up to block 0; return block 0's hidden-state inputs (one
+        tensor per window, on the cache device) and remember the keyword arguments the model
+        passes to its blocks (attention mask, position embeddings …)."""
+        inputs: list[torch.Tensor] = []
+        kwargs_seen: dict[str, Any] = {}
+        first = self.source.blocks[0] if isinstance(self.source, MemorySource) else None
+        if first is None:
+            raise ModelError("capturing block inputs needs the model's blocks in memory")
+
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            inputs.append(self._to_cache(hidden.detach()))
+            if not kwargs_seen:
+                kwargs_seen.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+                kwargs_seen["__extra_args__"] = tuple(args[1:])
+            raise _Stop
+
+        handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.inference_mode():
+                for w in tqdm(windows, desc=desc, disable=not self.progress, leave=False):
+                    try:
+                        self.model(input_ids=w[None].to(self.device), use_cache=False)
+                    except _Stop:
+                        pass
+        finally:
+            handle.remove()
+        if len(inputs) != len(windows):
+            raise ModelError("could not capture the inputs of the first block: the model never called it")
+        self.kwargs = kwargs_seen
+        return inputs
+
+    def set_kwargs(self, windows: torch.Tensor) -> None:
+        """Capture the block keyword arguments only (a resumed run has its inputs already)."""
+        self.first_inputs(windows[:1], desc="capture block arguments")
+
+    # ------------------------------------------------------------------ running a block
+    def run_block(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        extra = self.kwargs.get("__extra_args__", ())
+        kw = {k: v for k, v in self.kwargs.items() if k != "__extra_args__"}
+        out = block(hidden.to(self.device), *extra, **kw)
+        return out[0] if isinstance(out, tuple | list) else out
+
+    def forward(self, block: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The block's outputs for every input (each compressed linear dequantizes once)."""
+        set_weight_cache(block, True)
+        try:
+            with torch.inference_mode():
+                return [self._to_cache(self.run_block(block, x)) for x in inputs]
+        finally:
+            set_weight_cache(block, False)
+
+    def input_groups(self, block: nn.Module, names: Sequence[str], x: torch.Tensor) -> list[list[str]]:
+        """Group linears by the input tensor they receive (one forward of the block on one window),
+        in the order the block uses them (linears the forward never reaches come last)."""
+        seen: dict[str, torch.Tensor] = {}  # the tensors themselves: holding them keeps ids from being reused
+
+        def hook(name):
+            def fn(module, args):
+                seen[name] = args[0]
+            return fn
+
+        handles = [self.model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+        try:
+            with torch.inference_mode():
+                self.run_block(block, x)
+        finally:
+            for h in handles:
+                h.remove()
+        order = {n: i for i, n in enumerate(seen)}
+        groups: list[tuple[torch.Tensor | None, list[str]]] = []
+        for n in sorted(names, key=lambda n: order.get(n, len(order))):
+            t = seen.get(n)
+            for tensor, members in groups:
+                if t is not None and tensor is t:
+                    members.append(n)
+                    break
+            else:
+                groups.append((t, [n]))
+        return [members for _, members in groups]
+
+    def capture(self, block: nn.Module, groups: Sequence[Sequence[str]], needs: Mapping[str, frozenset[str]],
+                inputs: Sequence[torch.Tensor], store: StatsStore, *, stop: bool = False
+                ) -> dict[str, torch.Tensor | None]:
+        """Run ``block`` on every input with hooks on the linears in ``groups`` that accumulate
+        their statistics into ``store`` (one entry per group). ``stop``: end each forward once
+        the (single) group was captured. Returns each layer's token sample (None where ``rxx``
+        is captured, which measures the output error exactly)."""
+        captures: dict[str, _Capture] = {}
+        for group in groups:
+            want = frozenset().union(*(needs[n] for n in group))
+            in_features = self.model.get_submodule(group[0]).in_features
+            acc = store.accumulator(group[0], group, in_features, want)
+            shared = _Capture(acc, sample="rxx" not in want)
+            captures.update(dict.fromkeys(group, shared))
+
+        def hook(module, args, c):
+            c.update(args[0])
+            if stop:
+                raise _Stop
+
+        handles = [self.model.get_submodule(name).register_forward_pre_hook(
+            lambda m, args, c=cap: hook(m, args, c)) for name, cap in captures.items()]
+        set_weight_cache(block, True)  # compressed linears of earlier groups dequantize once
+        try:
+            with torch.inference_mode():
+                for x in inputs:
+                    try:
+                        self.run_block(block, x)
+                    except _Stop:
+                        pass
+        finally:
+            for h in handles:
+                h.remove()
+            for cap in captures.values():
+                cap.last = None
+            set_weight_cache(block, False)
+        return {name: cap.sample_tensor() for name, cap in captures.items()}
+
+
+@contextmanager
+def offloaded(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Run a whole-model forward with the blocks kept in CPU memory: each block moves to ``device``
+    just before it runs and back right after (for evaluation of an offloaded model)."""
+    _, blocks = find_blocks(model)
+    handles = []
+    for block in blocks:
+        handles.append(block.register_forward_pre_hook(lambda m, a: m.to(device)))
+        handles.append(block.register_forward_hook(lambda m, a, o: m.to("cpu")))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
