@@ -24,10 +24,11 @@ import yaml
 
 import lqframe
 from lqframe.data import make_windows
+from lqframe.engine import RunState, execute, versions
 from lqframe.evaluate import perplexity
-from lqframe.lqlinear import set_weight_cache
+from lqframe.executor import resolve_device
 from lqframe.models import load_model
-from lqframe.pipeline import compress_blocks, plan_layers, summarize
+from lqframe.pipeline import summarize
 from lqframe.recipe import parse_recipe
 
 
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--reconstructor-options", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--sequential", choices=["block", "layer"], default="block",
                     help="quantize_stage.sequential: calibrate each block at once, or each input group in turn")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     ap.add_argument("--out", default="benchmarks/results/methods.jsonl")
     ap.add_argument("--table", action="store_true", help="only print the markdown table of what --out holds")
     args = ap.parse_args()
@@ -70,7 +72,8 @@ def main() -> None:
     loaded = load_model(args.model)
     base = loaded.model
     windows = make_windows(loaded.tokenizer, "pydoc", args.seq_len, args.calibration, args.evaluation, 0)
-    fp = perplexity(base, windows.evaluation, progress=False)
+    device = resolve_device(args.device)
+    fp = perplexity(base.to(device), windows.evaluation, progress=False)
     print(f"float perplexity {fp:.4f} ({args.evaluation}×{args.seq_len} evaluation tokens)", flush=True)
     registered = set(lqframe.registry().names("quantizer")) | set(lqframe.registry().names("reconstructor"))
     for bits in args.bits:
@@ -92,27 +95,28 @@ def main() -> None:
                     "quantize_stage": {"quantizer": {"name": qname, "bits": bits, "group_size": args.group_size,
                                                      **qopts},
                                        "sequential": args.sequential},
+                    "evaluate_stage": {"float_baseline": False},
                 }
                 if rname != "none":
                     doc["reconstruct_stage"] = {"reconstructor": {"name": rname, "rank": args.rank, **r_opts}}
                 recipe = parse_recipe(doc, f"{qname}-{bits}-{rname}")
-                model = copy.deepcopy(base)
+                state = RunState(recipe, copy.deepcopy(base), device=device, calibration=windows.calibration,
+                                 evaluation=windows.evaluation, progress=False, log=lambda s: None)
                 t0 = time.perf_counter()
-                results = compress_blocks(model, plan_layers(model, recipe), windows.calibration, progress=False,
-                                          sequential=recipe.quantize.sequential)
+                execute(state, only=("calibrate", "allocate", "decompose"))
                 seconds = time.perf_counter() - t0
-                set_weight_cache(model, True)
-                ppl = perplexity(model, windows.evaluation, progress=False)
+                execute(state, only=("evaluate",))
+                ppl, results = state.ppl, state.results
                 row = {"quantizer": qname, "bits": bits, "reconstructor": rname, "rank": rank,
                        "quantizer_options": qopts, "reconstructor_options": r_opts, "sequential": args.sequential,
                        "calibration_windows": args.calibration, "group_size": args.group_size,
                        "ppl": ppl, "fp_ppl": fp, "ratio": ppl / fp,
-                       "compress_seconds": seconds, **summarize(results)}
+                       "compress_seconds": seconds, **summarize(results), "versions": versions(state)}
                 with out.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
                 print(f"{label} ppl {ppl:10.4f}  ×{ppl / fp:6.3f}  bits {row['avg_bits']:.3f}"
                       f"/{row['avg_bits_with_lowrank']:.3f}  {seconds:6.1f} s", flush=True)
-                del model
+                del state
 
 
 def render(rows: list[dict]) -> str:

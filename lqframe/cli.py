@@ -50,7 +50,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lqframe.run import format_table, run
 
     recipe = load_recipe(args.recipe, args.set or ())
-    report = run(recipe, args.model, args.output, overwrite=args.overwrite, progress=not args.quiet)
+    report = run(recipe, args.model, args.output, overwrite=args.overwrite, device=args.device,
+                 offload=True if args.offload else None, progress=not args.quiet)
     if args.json:
         print(json.dumps({k: v for k, v in report.items()}, indent=2, default=str))
     else:
@@ -91,7 +92,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         loaded = load_model(args.target)
         model, tokenizer = loaded.model, loaded.tokenizer
+    from lqframe.executor import resolve_device
+
     windows = _eval_windows(args.data, recipe_path, tokenizer, args.windows, args.seq_len)
+    model.to(resolve_device(args.device))
     set_weight_cache(model, True)
     ppl = perplexity(model, windows.evaluation, progress=not args.json)
     result = {"model": args.target, "data": windows.source, "seq_len": windows.seq_len,
@@ -126,6 +130,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(value: str) -> str:
+    from lqframe.recipe import check_device
+
+    try:
+        return check_device(value)
+    except Exception as exc:  # noqa: BLE001 - argparse turns this into a usage error
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lqframe import __version__
 
@@ -147,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set quantize_stage.quantizer.bits=3 (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--device", type=_device, help="compute device: auto (CUDA when present), cpu, cuda, cuda:N "
+                                                   "(default: the recipe's device, auto)")
+    p.add_argument("--offload", action="store_true",
+                   help="keep the blocks and activations in CPU memory, one block on the device at a time")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     p.set_defaults(func=cmd_run)
@@ -157,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "default: the checkpoint recipe's source")
     p.add_argument("--windows", type=int, help="evaluation windows (default: the recipe's)")
     p.add_argument("--seq-len", type=int, help="tokens per window (default: the recipe's)")
+    p.add_argument("--device", type=_device, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 

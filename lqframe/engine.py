@@ -323,8 +323,10 @@ COMPRESSION_STAGES = ("calibrate", "allocate", "decompose", "tune")
 
 
 def execute(state: RunState, only: Container[str] | None = None) -> RunState:
-    """Plan, then run every enabled stage in order (``only``: just these stage names)."""
-    prepare(state)
+    """Plan (once per state), then run every enabled stage in order (``only``: just these stage
+    names; a later call can run the rest)."""
+    if state.executor is None:
+        prepare(state)
     for stage in STAGES:
         if (only is None or stage.name in only) and stage.enabled(state.recipe):
             t0 = time.perf_counter()

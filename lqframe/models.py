@@ -9,9 +9,13 @@ A model is named by a *spec*:
 - anything else: a Hugging Face hub id, ``org/name`` or ``name`` (needs the hub to be reachable).
 
 :func:`resolve_model` classifies a spec without loading anything; :func:`load_model` loads it as a
-float ``nn.Module`` in eval mode. Causal LMs (Llama, Qwen2, Mistral, OPT, …) load with
-``AutoModelForCausalLM``, encoder-only models (BERT, RoBERTa, DeBERTa, …) with
-``AutoModelForMaskedLM``.
+float ``nn.Module`` in eval mode, as the class its config declares (``config.architectures``: a
+``BertModel`` sentence-embedding folder loads as ``BertModel``, with its pooler and without an
+invented head; a ``BertForMaskedLM`` folder with its MLM head; causal LMs as their ``…ForCausalLM``),
+so that a compressed checkpoint keeps the source's module names and classes and reloads with
+``lqframe.load`` and transformers alike. A folder that declares no (known) class loads as causal or
+masked LM when its config has such a model and the weights fill that model completely, else with
+``AutoModel`` (no head).
 
 The structure helpers know no model by name: :func:`find_blocks` finds the repeated block stack
 (the largest ``nn.ModuleList`` of same-class modules that hold ``nn.Linear`` layers), and
@@ -57,7 +61,9 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_MODULE = DEFAULT_MODEL_PACKAGE.replace("-", "_")
 
 KINDS = ("default", "dir", "gguf", "hub")
-TASKS = ("causal-lm", "masked-lm")
+#: what a loaded model's head does: next-token LM, masked LM, no head at all (``AutoModel``, e.g.
+#: sentence-embedding encoders), or another head the source declares (classification, …)
+TASKS = ("causal-lm", "masked-lm", "base", "other")
 
 # Files whose presence means a model folder carries a tokenizer.
 _TOKENIZER_FILES = (
@@ -194,8 +200,8 @@ def load_model(
     """Load a model (see :func:`resolve_model` for the specs) in eval mode, weights in ``dtype``.
 
     GGUF files load with ``from_pretrained(folder, gguf_file=name)`` for model and tokenizer and
-    are dequantized to ``dtype``. Folders and hub ids load as causal LM, or as masked LM when the
-    config describes an encoder-only model. A folder without tokenizer files gives
+    are dequantized to ``dtype``. Folders and hub ids load as the class their config declares (see
+    the module doc; ``task`` says which head it has). A folder without tokenizer files gives
     ``tokenizer=None``. transformers' loading progress bars are hidden unless ``progress`` is true.
     Every failure is a one-line :class:`ModelError`.
     """
@@ -282,16 +288,46 @@ def _load_gguf(info: dict[str, Any], dtype: torch.dtype) -> tuple[nn.Module, Any
     return model, tokenizer, "causal-lm"
 
 
+def _flat_names(mapping: dict[str, Any]) -> set[str]:
+    names: set[str] = set()
+    for value in mapping.values():
+        names.update((value,) if isinstance(value, str) else value)
+    return names
+
+
+def _task_of_class(name: str) -> str:
+    """The task (:data:`TASKS`) of a transformers model class, by its name."""
+    from transformers.models.auto import modeling_auto
+
+    if name in _flat_names(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) or name.endswith(
+            ("ForCausalLM", "LMHeadModel")):
+        return "causal-lm"
+    if name in _flat_names(modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES) or name.endswith("ForMaskedLM"):
+        return "masked-lm"
+    if name in _flat_names(modeling_auto.MODEL_MAPPING_NAMES):
+        return "base"
+    return "other"
+
+
+def _declared_class(config: Any) -> type | None:
+    """The first class of ``config.architectures`` that transformers provides, or None."""
+    import transformers
+
+    for arch in list(getattr(config, "architectures", None) or []):
+        try:
+            cls = getattr(transformers, arch, None)
+        except Exception:  # noqa: BLE001 - a lazy attribute whose import fails: not usable here
+            cls = None
+        if isinstance(cls, type) and hasattr(cls, "from_pretrained"):
+            return cls
+    return None
+
+
 def _task_of(config: Any, where: str) -> str:
-    """``"causal-lm"`` or ``"masked-lm"`` for a transformers config, decided from its declared
-    architectures when they name an LM head, else from which auto classes accept the config."""
+    """``"causal-lm"`` or ``"masked-lm"`` for a config that declares no usable class, from which auto
+    classes accept the config."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
 
-    architectures = list(getattr(config, "architectures", None) or [])
-    if any(arch.endswith(("ForCausalLM", "LMHeadModel")) for arch in architectures):
-        return "causal-lm"
-    if any(arch.endswith("ForMaskedLM") for arch in architectures):
-        return "masked-lm"
     causal = type(config) in MODEL_FOR_CAUSAL_LM_MAPPING
     masked = type(config) in MODEL_FOR_MASKED_LM_MAPPING
     # Encoder models (BERT, RoBERTa, …) also have a causal head, used only when configured as decoder.
@@ -301,7 +337,7 @@ def _task_of(config: Any, where: str) -> str:
         return "causal-lm"
     raise ModelError(
         f"{where}: model type {getattr(config, 'model_type', '?')!r} is neither a causal nor a masked "
-        "language model, which is what lqframe loads"
+        "language model and its config declares no model class (config.architectures) that transformers has"
     )
 
 
@@ -311,7 +347,7 @@ def _is_hub_error(exc: BaseException) -> bool:
 
 
 def _load_pretrained(info: dict[str, Any], dtype: torch.dtype) -> tuple[nn.Module, Any, str]:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
     hub = info["kind"] == "hub"
     source = info["hub_id"] if hub else info["path"]
@@ -328,10 +364,20 @@ def _load_pretrained(info: dict[str, Any], dtype: torch.dtype) -> tuple[nn.Modul
         config = AutoConfig.from_pretrained(source)
     except Exception as exc:
         raise failure(exc) from (None if hub else exc)
-    task = _task_of(config, where)
-    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForMaskedLM
+    declared = _declared_class(config)
     try:
-        model = auto.from_pretrained(source, config=config, dtype=dtype)
+        if declared is not None:  # exactly the model the source holds: no invented head, nothing dropped
+            model = declared.from_pretrained(source, config=config, dtype=dtype)
+            return model, _load_tokenizer(info, source), _task_of_class(declared.__name__)
+        task = _task_of(config, where)
+        auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForMaskedLM
+        model, loading = auto.from_pretrained(source, config=config, dtype=dtype, output_loading_info=True)
+        if loading.get("missing_keys") or loading.get("mismatched_keys"):
+            # the weights lack the LM head (a headless encoder saved without architectures): no invented head
+            model = AutoModel.from_pretrained(source, config=config, dtype=dtype)
+            task = "base"
+    except ModelError:
+        raise
     except Exception as exc:
         raise failure(exc) from (None if hub else exc)
     return model, _load_tokenizer(info, source), task
@@ -365,12 +411,15 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     class and that holds at least one ``nn.Linear`` (``"model.layers"`` for Llama/Qwen2/Mistral,
     ``"model.decoder.layers"`` for OPT, ``"bert.encoder.layer"`` for BERT). No per-model tables.
     """
+    from lqframe.lqlinear import LQLinear  # a compressed model's blocks hold LQLinear instead
+
+    linear_types = (nn.Linear, LQLinear)
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList):
             continue
         classes = {type(child) for child in module.children()}
-        if len(classes) != 1 or not any(isinstance(m, nn.Linear) for m in module.modules()):
+        if len(classes) != 1 or not any(isinstance(m, linear_types) for m in module.modules()):
             continue
         count = sum(p.numel() for p in module.parameters())
         if best is None or count > best[0]:
@@ -378,7 +427,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if best is None:
         raise ModelError(
             f"{type(model).__name__}: no repeated block stack found (an nn.ModuleList of same-class blocks "
-            "holding nn.Linear layers)"
+            "holding nn.Linear or LQLinear layers)"
         )
     return best[1], best[2]
 
