@@ -54,7 +54,9 @@ from lqframe.stats import StatisticKind, StatsAccumulator
 def load(path, device="cpu"):
     """Load a checkpoint written by ``lqframe run`` (or :func:`lqframe.checkpoint.save_checkpoint`)."""
     from lqframe.checkpoint import load_checkpoint
+    from lqframe.hf import register_with_transformers
 
+    register_with_transformers()  # explicitly: transformers is needed now anyway
     return load_checkpoint(path, device)
 
 

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lqframe.errors import CheckpointError
+from lqframe.factors import layer_factor_dtype
 from lqframe.lqlinear import LQLinear
 
 __all__ = [
@@ -175,6 +176,10 @@ def _write_checkpoint(model, out: Path, written: list[Path], recipe_yaml, report
         written.append(out / "model.safetensors.index.json")
     config = getattr(model, "config", None)
     cfg = config.to_dict() if config is not None else {}
+    if config is not None and hasattr(model, "save_pretrained"):
+        # the class whose module names the checkpoint holds (as save_pretrained records it), whatever
+        # the source's config said: lqframe.load and from_pretrained rebuild exactly this model
+        cfg["architectures"] = [type(model).__name__]
     cfg.pop("quantization_config", None)
     cfg["quantization_config"] = quantization_config(model)
     atomic_write_json(out / "config.json", cfg)
@@ -220,16 +225,38 @@ def read_quantization_config(path: str | Path) -> dict[str, Any]:
     return qc
 
 
-def swap_in_skeletons(model: nn.Module, layers: Mapping[str, Mapping[str, Any]]) -> None:
-    """Replace the named linears by empty :class:`LQLinear` modules of the recorded layout."""
-    from lqframe.pipeline import set_module
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
-    for name, layer_cfg in layers.items():
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(f"the checkpoint compresses layer {name!r}, which the model does not have") from None
-        set_module(model, name, LQLinear.from_layer_config(dict(layer_cfg)))
+
+def _model_name(model: nn.Module, name: str) -> str:
+    """``name`` as ``model`` spells it: the same, or with transformers' ``base_model_prefix`` added or
+    removed (a head model loading a bare model's checkpoint, or the reverse, as from_pretrained
+    allows: ``AutoModel.from_pretrained`` of a ``BertForMaskedLM`` checkpoint)."""
+    if _has_module(model, name):
+        return name
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if prefix:
+        other = name.removeprefix(prefix + ".") if name.startswith(prefix + ".") else f"{prefix}.{name}"
+        if _has_module(model, other):
+            return other
+    raise CheckpointError(f"the checkpoint compresses layer {name!r}, which the {type(model).__name__} model "
+                          "does not have")
+
+
+def swap_in_skeletons(model: nn.Module, layers: Mapping[str, Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """Replace the named linears by empty :class:`LQLinear` modules of the recorded layout. Returns
+    the layers by the names they have in ``model`` (see :func:`_model_name`)."""
+    resolved = {_model_name(model, name): cfg for name, cfg in layers.items()}
+    for name, layer_cfg in resolved.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LQLinear.from_layer_config(dict(layer_cfg)))
+    return resolved
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -338,7 +365,7 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
             "bits": header.get("bits"),
             "group_size": header.get("block_size"),
             "rank": cfg["rank"],
-            "lowrank_format": cfg.get("lowrank_dtype", "float32") if cfg["rank"] else None,
+            "factor_dtype": layer_factor_dtype(cfg) if cfg["rank"] else None,
             "numel": numel,
             "storage_bits": q_bits,
             "lowrank_bits": lr_bits,

@@ -83,7 +83,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     recipe_path = None
     if target.is_dir() and (target / "config.json").is_file() and _is_lqframe_dir(target):
         from lqframe.checkpoint import load_checkpoint, load_tokenizer
+        from lqframe.hf import register_with_transformers
 
+        register_with_transformers()  # explicitly, as lqframe.load does
         model = load_checkpoint(target)
         tokenizer = load_tokenizer(target)
         recipe_path = target / "recipe.yaml"

@@ -87,7 +87,7 @@ class RunState:
     executor: BlockExecutor | None = None
     plans: list[LayerPlan] = attrs.field(factory=list)
     needs: dict[str, frozenset[str]] = attrs.field(factory=dict)
-    stats: StatsStore = attrs.field(factory=StatsStore)
+    stats: StatsStore = attrs.field(factory=lambda: StatsStore(registry().statistics()))
     inputs: list[torch.Tensor] | None = None
     start_block: int = 0
     prepared: dict[str, tuple[Decomposition, float]] = attrs.field(factory=dict)

@@ -25,37 +25,30 @@ back to the same values bit for bit, so what is evaluated in memory is what a ch
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
-from lqframe.errors import OptionError
-from lqframe.quantization import blockify, unblockify
+from lqframe.quantization import (
+    FACTOR_FORMATS,
+    FLOAT_FACTOR_DTYPES,
+    INT8_BLOCK,
+    blockify,
+    check_format,
+    factor_bits,
+    is_quantized,
+    unblockify,
+)
 from lqframe.types import QuantizedWeight
 
+# The format table (FACTOR_FORMATS, FLOAT_FACTOR_DTYPES, INT8_BLOCK, check_format, is_quantized,
+# factor_bits) lives in lqframe.quantization, which the value types use for storage accounting; it is
+# re-exported here, next to the encoders.
 __all__ = ["FACTOR_FORMATS", "FLOAT_FACTOR_DTYPES", "INT8_BLOCK", "check_format", "factor_bits", "round_factor",
-           "encode_factor", "decode_factor", "is_quantized"]
+           "encode_factor", "decode_factor", "is_quantized", "layer_factor_dtype"]
 
-#: float formats and their torch dtypes
-FLOAT_FACTOR_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-#: every factor format, by option value
-FACTOR_FORMATS: tuple[str, ...] = (*FLOAT_FACTOR_DTYPES, "int8")
-#: values per int8 scale (along a row)
-INT8_BLOCK = 64
 _ZERO = 128
-
-
-def check_format(name: str, who: str = "factor_dtype") -> str:
-    if name not in FACTOR_FORMATS:
-        raise OptionError(f"{who} must be one of {list(FACTOR_FORMATS)}, got {name!r}")
-    return name
-
-
-def is_quantized(fmt: str) -> bool:
-    """True for formats stored as a :class:`~lqframe.QuantizedWeight` (not a plain tensor)."""
-    return check_format(fmt) not in FLOAT_FACTOR_DTYPES
 
 
 def _check_side(side: str) -> str:
@@ -67,14 +60,6 @@ def _check_side(side: str) -> str:
 def _oriented(t: torch.Tensor, side: str) -> torch.Tensor:
     """The matrix whose rows run along the rank: ``L`` itself, ``Rᵀ`` for the right factor."""
     return t if _check_side(side) == "left" else t.T
-
-
-def factor_bits(shape: tuple[int, int], fmt: str, side: str = "left") -> int:
-    """Exact storage bits of one factor of ``shape`` (``L``: n×r, ``R``: r×m) in ``fmt``."""
-    rows, cols = shape if _check_side(side) == "left" else tuple(reversed(shape))
-    if not is_quantized(fmt):
-        return rows * cols * torch.finfo(FLOAT_FACTOR_DTYPES[fmt]).bits
-    return rows * cols * 8 + rows * (-(-cols // INT8_BLOCK)) * 16
 
 
 def encode_factor(t: torch.Tensor, fmt: str, side: str = "left") -> torch.Tensor | QuantizedWeight:
@@ -108,3 +93,12 @@ def round_factor(t: torch.Tensor, fmt: str, side: str = "left") -> torch.Tensor:
     """``t`` rounded to what ``fmt`` stores: the float dtype itself, or float32 values on the int8 grid."""
     stored = encode_factor(t, fmt, side)
     return stored if isinstance(stored, torch.Tensor) else decode_factor(stored, side)
+
+
+def layer_factor_dtype(layer_config: Mapping[str, Any]) -> str:
+    """The factor format recorded in a compressed layer's entry of ``quantization_config["layers"]``:
+    its ``factor_dtype``; checkpoints written before the rename say ``lowrank_dtype``; a layer that
+    names neither (rank 0) is ``float32``."""
+    if "factor_dtype" in layer_config:
+        return layer_config["factor_dtype"]
+    return layer_config.get("lowrank_dtype", "float32")

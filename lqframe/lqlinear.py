@@ -8,7 +8,7 @@ that handles the call (Triton kernels on GPUs; the torch reference everywhere), 
 activations' dtype. With ``cache_weight`` set (:func:`set_weight_cache`), the dequantized weight is
 kept instead, for loops that run the same layer many times (calibration, evaluation).
 
-``state_dict()`` is what is stored: L and R in their ``lowrank_dtype`` (:mod:`lqframe.factors`).
+``state_dict()`` is what is stored: L and R in their ``factor_dtype`` (:mod:`lqframe.factors`).
 For ``int8`` factors the stored tensors are the packed buffers ``left_q.*`` (L) / ``right_q.*`` (Rᵀ)
 (re-encoded from the parameters whenever the state is taken) and the float parameters are rebuilt
 from them on load (``load_state_dict``, :meth:`LQLinear.restore_factors` after a transformers load).
@@ -21,7 +21,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from lqframe.factors import FLOAT_FACTOR_DTYPES, check_format, decode_factor, encode_factor, factor_bits, is_quantized
+from lqframe.factors import (
+    FLOAT_FACTOR_DTYPES,
+    check_format,
+    decode_factor,
+    encode_factor,
+    factor_bits,
+    is_quantized,
+    layer_factor_dtype,
+)
 from lqframe.kernels import lq_linear, lq_linear_packed
 from lqframe.types import Decomposition, QuantizedWeight
 
@@ -99,21 +107,21 @@ class LQLinear(nn.Module):
         qheader: dict[str, Any],
         rank: int,
         bias: bool,
-        lowrank_dtype: str = "float16",
+        factor_dtype: str = "float16",
         qtensors: dict[str, torch.Tensor] | None = None,
         meta: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.lowrank_dtype = check_format(lowrank_dtype, "lowrank_dtype")
+        self.factor_dtype = check_format(factor_dtype, "factor_dtype")
         self.meta = dict(meta or {})
         self.qweight = PackedStorage(qheader, qtensors)
         self.left = nn.Parameter(torch.zeros(out_features, rank))
         self.right = nn.Parameter(torch.zeros(rank, in_features))
-        if is_quantized(self.lowrank_dtype):  # packed storage of the factors, kept in step on save
-            self.left_q = PackedStorage(_factor_header((out_features, rank), self.lowrank_dtype, "left"))
-            self.right_q = PackedStorage(_factor_header((rank, in_features), self.lowrank_dtype, "right"))
+        if is_quantized(self.factor_dtype):  # packed storage of the factors, kept in step on save
+            self.left_q = PackedStorage(_factor_header((out_features, rank), self.factor_dtype, "left"))
+            self.right_q = PackedStorage(_factor_header((rank, in_features), self.factor_dtype, "right"))
             self.register_load_state_dict_post_hook(_factors_loaded)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self._cache: torch.Tensor | None = None
@@ -127,9 +135,9 @@ class LQLinear(nn.Module):
     ) -> LQLinear:
         tensors, header = PackedStorage.describe(dec.qweight)
         rank = dec.rank
-        lr_dtype = "float32" if dec.lowrank is None else dec.lowrank.format
+        factor_dtype = "float32" if dec.lowrank is None else dec.lowrank.factor_dtype
         module = cls(linear.in_features, linear.out_features, header, rank, linear.bias is not None,
-                     lowrank_dtype=lr_dtype, qtensors=tensors, meta=meta)
+                     factor_dtype=factor_dtype, qtensors=tensors, meta=meta)
         with torch.no_grad():
             if dec.lowrank is not None:
                 module.left.copy_(dec.lowrank.left.to(torch.float32))
@@ -146,15 +154,22 @@ class LQLinear(nn.Module):
             "out_features": self.out_features,
             "rank": self.rank,
             "bias": self.bias is not None,
-            "lowrank_dtype": self.lowrank_dtype,
+            "factor_dtype": self.factor_dtype,
             "qweight": self.qweight.full_header(),
             "meta": self.meta,
         }
 
     @classmethod
     def from_layer_config(cls, config: dict[str, Any]) -> LQLinear:
+        """Inverse of :meth:`layer_config`; also reads checkpoints that call ``factor_dtype``
+        ``lowrank_dtype`` (:func:`~lqframe.factors.layer_factor_dtype`)."""
         return cls(config["in_features"], config["out_features"], config["qweight"], config["rank"],
-                   config["bias"], config.get("lowrank_dtype", "float32"), meta=config.get("meta"))
+                   config["bias"], layer_factor_dtype(config), meta=config.get("meta"))
+
+    @property
+    def lowrank_dtype(self) -> str:
+        """Deprecated alias of :attr:`factor_dtype`."""
+        return self.factor_dtype
 
     # ------------------------------------------------------------------ properties
     @property
@@ -185,8 +200,8 @@ class LQLinear(nn.Module):
     def storage_bits(self, include_lowrank: bool = True) -> int:
         bits = self.quantized_weight().storage_bits()
         if include_lowrank:
-            bits += factor_bits(tuple(self.left.shape), self.lowrank_dtype, "left")
-            bits += factor_bits(tuple(self.right.shape), self.lowrank_dtype, "right")
+            bits += factor_bits(tuple(self.left.shape), self.factor_dtype, "left")
+            bits += factor_bits(tuple(self.right.shape), self.factor_dtype, "right")
         return bits
 
     def extra_repr(self) -> str:
@@ -208,11 +223,11 @@ class LQLinear(nn.Module):
     # ------------------------------------------------------------------ storage of L and R
     def _encode_factors(self) -> None:
         """Refresh the packed factor buffers from the parameters (int8 factors only)."""
-        if not is_quantized(self.lowrank_dtype) or self.left.is_meta:  # meta: a skeleton being loaded
+        if not is_quantized(self.factor_dtype) or self.left.is_meta:  # meta: a skeleton being loaded
             return
         for key in ("left", "right"):
             storage: PackedStorage = getattr(self, f"{key}_q")
-            tensors, _ = encode_factor(getattr(self, key), self.lowrank_dtype, key).to_state()
+            tensors, _ = encode_factor(getattr(self, key), self.factor_dtype, key).to_state()
             for name, value in tensors.items():
                 getattr(storage, name).copy_(value)
 
@@ -220,7 +235,7 @@ class LQLinear(nn.Module):
     def restore_factors(self) -> None:
         """Set the float parameters L and R from the packed factor buffers (after those were loaded
         by something other than ``load_state_dict``, e.g. transformers). No-op for float factors."""
-        if not is_quantized(self.lowrank_dtype):
+        if not is_quantized(self.factor_dtype):
             return
         for key in ("left", "right"):
             value = decode_factor(getattr(self, f"{key}_q").to_qweight(), key)
@@ -232,19 +247,19 @@ class LQLinear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if is_quantized(self.lowrank_dtype):
+        if is_quantized(self.factor_dtype):
             self._encode_factors()  # the children's buffers (left_q, right_q) are written after this
             for name in ("left", "right"):
                 del destination[prefix + name]
             return
-        dtype = FLOAT_FACTOR_DTYPES[self.lowrank_dtype]
+        dtype = FLOAT_FACTOR_DTYPES[self.factor_dtype]
         if dtype != torch.float32:
             for name in ("left", "right"):
                 destination[prefix + name] = getattr(self, name).detach().to(dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        if is_quantized(self.lowrank_dtype):
+        if is_quantized(self.factor_dtype):
             # L and R are not stored: they are decoded from left_q/right_q once those are loaded
             for name in ("left", "right"):
                 state_dict.setdefault(prefix + name, getattr(self, name).detach())

@@ -26,6 +26,7 @@ outside the stack are never compressed. :func:`select` applies recipe ``targets`
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import logging
@@ -275,14 +276,47 @@ def _disabled(bar: Callable[..., Any]) -> Callable[..., Any]:
     return quiet
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """transformers parses a GGUF file three times (config, weights, tokenizer) and rebuilds gguf's
+    tensor-name map for every tensor; inside this block each file is parsed once and each map built
+    once (about half of the default model's load time). Both are looked up on the ``gguf`` module
+    at call time, so the block swaps in memoised versions and puts the originals back after."""
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    original_reader = gguf.GGUFReader
+    original_map = getattr(gguf, "get_tensor_name_map", None)
+    readers: dict[Any, Any] = {}
+
+    def reader(path, *args, **kwargs):
+        key = (os.path.realpath(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = original_reader(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    if original_map is not None:
+        gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original_reader
+        if original_map is not None:
+            gguf.get_tensor_name_map = original_map
+
+
 def _load_gguf(info: dict[str, Any], dtype: torch.dtype) -> tuple[nn.Module, Any, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = info["path"], info["gguf_file"]
     where = os.path.join(folder, name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        with _gguf_parsed_once():
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as exc:
         raise ModelError(f"cannot load GGUF file {where}: {_one_line(exc)}") from exc
     return model, tokenizer, "causal-lm"

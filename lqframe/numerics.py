@@ -151,7 +151,7 @@ def symmetric_sqrt(matrix: torch.Tensor, rel_floor: float = 1e-8) -> SymmetricSc
     evals, evecs = torch.linalg.eigh(a)
     top = float(evals.max()) if evals.numel() else 0.0
     if top <= 0.0:
-        eye = torch.eye(a.shape[0], dtype=torch.float64)
+        eye = torch.eye(a.shape[0], dtype=torch.float64, device=a.device)
         return SymmetricScaling(eye, eye.clone())
     evals = evals.clamp_min(rel_floor * top)
     root = (evecs * evals.sqrt()) @ evecs.T
@@ -195,9 +195,9 @@ def cholesky_factor(matrix: torch.Tensor, rel_floor: float = 1e-8) -> Triangular
     n = a.shape[0]
     top = float(a.diagonal().max()) if n else 0.0
     if top <= 0.0:
-        return TriangularScaling(torch.eye(n, dtype=torch.float64))
+        return TriangularScaling(torch.eye(n, dtype=torch.float64, device=a.device))
     ridge = max(rel_floor, 1e-15) * top
-    eye = torch.eye(n, dtype=torch.float64)
+    eye = torch.eye(n, dtype=torch.float64, device=a.device)
     for _ in range(7):
         factor, info = torch.linalg.cholesky_ex(a + ridge * eye)
         if int(info) == 0:

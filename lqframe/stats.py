@@ -73,11 +73,9 @@ assert {k.name for k in BUILTIN_STATISTICS} == STAT_NAMES
 
 
 def _kinds(kinds: Mapping[str, StatisticKind] | None) -> Mapping[str, StatisticKind]:
-    if kinds is not None:
-        return kinds
-    from lqframe.registry import registry
-
-    return registry().statistics()
+    """The kinds given, or the built-in ones (the engine passes ``registry().statistics()``, which
+    adds the kinds plugins define)."""
+    return kinds if kinds is not None else {k.name: k for k in BUILTIN_STATISTICS}
 
 
 class StatsAccumulator:
@@ -136,10 +134,12 @@ class StatsStore:
         self.inputs: dict[str, StatsAccumulator] = {}
         self.key_of: dict[str, str] = {}
         self.gradient: dict[str, dict[str, torch.Tensor]] = {}
+        self._final: dict[str, LayerStats] = {}
 
     def accumulator(self, key: str, layers: Iterable[str], in_features: int, needs: Iterable[str]) -> StatsAccumulator:
         acc = StatsAccumulator(in_features, needs, self.kinds)
         self.inputs[key] = acc
+        self._final.pop(key, None)
         for layer in layers:
             self.key_of[layer] = key
         return acc
@@ -153,15 +153,23 @@ class StatsStore:
         return layer in self.key_of
 
     def layer_stats(self, layer: str) -> LayerStats | None:
+        """The layer's statistics. Layers reading one input get one shared object (finalized once,
+        so quantities derived from it with ``LayerStats.cached`` are shared), unless they have
+        gradient statistics of their own."""
         key = self.key_of.get(layer)
         if key is None and layer not in self.gradient:
             return None
-        stats = self.inputs[key].finalize() if key is not None else LayerStats()
+        if key is None:
+            stats = LayerStats()
+        else:
+            if key not in self._final:
+                self._final[key] = self.inputs[key].finalize()
+            stats = self._final[key]
         grads = self.gradient.get(layer, {})
         if grads:
             builtin = {k: v for k, v in grads.items() if k in STAT_NAMES}
             extra = {**stats.extra, **{k: v for k, v in grads.items() if k not in STAT_NAMES}}
-            stats = attrs.evolve(stats, extra=extra, **builtin)
+            stats = attrs.evolve(stats, extra=extra, memo={}, **builtin)
         return stats
 
     def drop(self, layers: Iterable[str]) -> None:
@@ -171,6 +179,7 @@ class StatsStore:
             self.gradient.pop(layer, None)
             if key is not None and key not in self.key_of.values():
                 self.inputs.pop(key, None)
+                self._final.pop(key, None)
 
     def state(self) -> dict[str, Any]:
         return {key: acc.state() for key, acc in self.inputs.items()}

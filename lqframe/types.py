@@ -17,7 +17,7 @@ so kernels and checkpoints need to know nothing about the method that produced t
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -130,7 +130,7 @@ class QuantizedWeight:
             z = unpack_bits(self.zero, self.bits, self.nblocks_total).to(torch.float32)
             return z.reshape(self.rows, self.blocks_per_row)
         z = float(self.zero or 0)
-        return torch.full((self.rows, self.blocks_per_row), z, dtype=torch.float32)
+        return torch.full((self.rows, self.blocks_per_row), z, dtype=torch.float32, device=self.codes.device)
 
     def _expand(self, per_block: torch.Tensor) -> torch.Tensor:
         return expand_blocks(per_block, self.block_size, self.cols).reshape(self.shape)
@@ -158,7 +158,7 @@ class QuantizedWeight:
         if self.codebook is not None:
             lut = torch.sort(self.codebook.to(torch.float32)).values
             lo_l, hi_l = lut[0], lut[-1]
-            gap = (lut[1:] - lut[:-1]).max() if lut.numel() > 1 else torch.tensor(0.0)
+            gap = (lut[1:] - lut[:-1]).max() if lut.numel() > 1 else torch.zeros((), device=lut.device)
             lo = torch.minimum(lo_l * scale, hi_l * scale)
             hi = torch.maximum(lo_l * scale, hi_l * scale)
             half = gap * scale.abs() / 2
@@ -270,20 +270,26 @@ class QuantizedWeight:
 class LowRank:
     """The low-rank term ``L·R`` with ``left`` (n×r) and ``right`` (r×m).
 
-    ``format`` is the factors' storage format (:mod:`lqframe.factors`): by default the tensors'
-    dtype; ``int8`` factors are float32 tensors holding values on the int8 grid."""
+    ``factor_dtype`` is the factors' storage format (:mod:`lqframe.factors`; the reconstructors'
+    ``factor_dtype`` option, an ``LQLinear``'s ``factor_dtype``): by default the tensors' dtype;
+    ``int8`` factors are float32 tensors holding values on the int8 grid."""
 
     left: torch.Tensor
     right: torch.Tensor
-    format: str = attrs.field(default=None)
+    factor_dtype: str = attrs.field(default=None)
 
     def __attrs_post_init__(self) -> None:
         if self.left.dim() != 2 or self.right.dim() != 2 or self.left.shape[1] != self.right.shape[0]:
             raise ValueError(
                 f"low-rank factors do not chain: left {tuple(self.left.shape)}, right {tuple(self.right.shape)}"
             )
-        if self.format is None:
-            object.__setattr__(self, "format", str(self.left.dtype).removeprefix("torch."))
+        if self.factor_dtype is None:
+            object.__setattr__(self, "factor_dtype", str(self.left.dtype).removeprefix("torch."))
+
+    @property
+    def format(self) -> str:
+        """Deprecated alias of :attr:`factor_dtype`."""
+        return self.factor_dtype
 
     @property
     def rank(self) -> int:
@@ -297,8 +303,8 @@ class LowRank:
         return (self.left.to(torch.float32) @ self.right.to(torch.float32)).to(dtype)
 
     def storage_bits(self) -> int:
-        return (factor_bits(tuple(self.left.shape), self.format, "left")
-                + factor_bits(tuple(self.right.shape), self.format, "right"))
+        return (factor_bits(tuple(self.left.shape), self.factor_dtype, "left")
+                + factor_bits(tuple(self.right.shape), self.factor_dtype, "right"))
 
 
 @attrs.frozen(eq=False)
@@ -353,6 +359,18 @@ class LayerStats:
     fisher: torch.Tensor | None = None
     #: statistics of kinds added by plugins (``registry.add_statistic``), by name
     extra: Mapping[str, torch.Tensor] = attrs.field(factory=dict)
+    #: quantities derived from these statistics (see :meth:`cached`); never compared or copied
+    memo: dict[Any, Any] = attrs.field(factory=dict, repr=False, kw_only=True)
+
+    def cached(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per ``key`` for these statistics. Linears that read the same input
+        (q/k/v, gate/up) get the very same ``LayerStats``, so a quantity derived from the input's
+        statistics alone — QERA's ``E[xxᵀ]^{1/2}``, GPTQ's damped inverse Hessian — is computed
+        once per input instead of once per layer. ``key`` must name every option the quantity
+        depends on (e.g. ``("qera-exact", root, eig_floor)``)."""
+        if key not in self.memo:
+            self.memo[key] = compute()
+        return self.memo[key]
 
     def available(self) -> frozenset[str]:
         return frozenset(n for n in STAT_NAMES if getattr(self, n) is not None) | frozenset(self.extra)

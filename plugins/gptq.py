@@ -40,17 +40,27 @@ Without ``rxx`` statistics the quantizer raises :class:`~lqframe.MissingStatisti
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import attrs
 import torch
 from attrs import validators as v
 
-import lqframe
 from lqframe import DataError, LayerStats, MissingStatisticError, QuantizedWeight, Quantizer, WeightError, hookimpl
 from lqframe.numerics import check_weight
-from lqframe.quantization import SCALE_DTYPES, integer, nearest_code, scale_dtype, store_scales
+from lqframe.quantization import (
+    SCALE_DTYPES,
+    int_format,
+    int_grid,
+    int_storage_bits,
+    integer,
+    nearest_code,
+    nf_format,
+    nf_grid,
+    nf_storage_bits,
+    normal_float_codebook,
+    scale_dtype,
+)
 
 log = logging.getLogger("lqframe.gptq")
 
@@ -63,13 +73,6 @@ def _positive_number(instance, attribute, value) -> None:
         raise TypeError(f"{attribute.name} must be a number, got {value!r}")
     if not 0.0 < float(value) < float("inf"):
         raise ValueError(f"{attribute.name} must be a positive finite number, got {value!r}")
-
-
-@functools.cache
-def _nf_codebook(bits: int) -> torch.Tensor:
-    """The NormalFloat-k codebook exactly as the registered ``nf`` quantizer stores it."""
-    nf = lqframe.registry().create("quantizer", "nf", bits=bits, group_size=1)
-    return nf.quantize(torch.zeros(1, 1)).codebook.clone()
 
 
 @attrs.frozen
@@ -114,42 +117,26 @@ class GPTQ(Quantizer):
 
     @property
     def format_name(self) -> str:
-        if self.grid == "nf":
-            return f"nf{self.bits}"
-        return f"int{self.bits}-{'sym' if self.symmetric else 'asym'}"
-
-    def _base(self, cols: int) -> Quantizer:
-        """The data-free quantizer whose format this configuration emits."""
-        reg = lqframe.registry()
-        if self.grid == "nf":
-            return reg.create("quantizer", "nf", bits=self.bits, group_size=self._group(cols),
-                              scale_dtype=self.scale_dtype)
-        return reg.create("quantizer", "rtn", bits=self.bits, group_size=self.group_size,
-                          symmetric=self.symmetric, scale_dtype=self.scale_dtype)
+        return nf_format(self.bits) if self.grid == "nf" else int_format(self.bits, self.symmetric)
 
     def storage_bits(self, shape) -> int:
-        return self._base(shape[1]).storage_bits(shape)
+        """Exactly the storage of the ``rtn`` / ``nf`` (no double quantization) configuration whose format
+        this one emits (the same core functions, :mod:`lqframe.quantization`, compute both)."""
+        group = self._group(shape[1])
+        if self.grid == "nf":
+            return nf_storage_bits(shape, self.bits, group, self.scale_dtype)
+        return int_storage_bits(shape, self.bits, group, self.symmetric, self.scale_dtype)
 
     # ------------------------------------------------------------------ one group's grid
     def _grid(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Grid of one group from its (rows, k) float32 values, exactly as ``rtn`` / ``nf`` compute it:
+        """Grid of one group from its (rows, k) float32 values, exactly as ``rtn`` / ``nf`` compute it
+        (the core's :func:`~lqframe.quantization.int_grid` / :func:`~lqframe.quantization.nf_grid`):
         (stored scales, decoded float32 scales, zero points as float32 — 0 for NF)."""
-        maxq = (1 << self.bits) - 1
+        dtype = scale_dtype(self.scale_dtype)
         if self.grid == "nf":
-            absmax = values.abs().amax(dim=1)
-            stored = store_scales(absmax, scale_dtype(self.scale_dtype), "block absmax")
-            return stored, stored.to(torch.float32), torch.zeros_like(absmax)
-        hi = values.amax(dim=1).clamp_min(0)
-        lo = values.amin(dim=1).clamp_max(0)
-        raw = 2 * torch.maximum(hi, -lo) / maxq if self.symmetric else (hi - lo) / maxq
-        stored = store_scales(raw, scale_dtype(self.scale_dtype), "group scale")
-        scale = stored.to(torch.float32)
-        if self.symmetric:
-            zero = torch.full_like(scale, float(1 << (self.bits - 1)))
-        else:
-            safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-            zero = torch.clamp(torch.round(-lo / safe), 0, maxq)
-        return stored, scale, zero
+            stored, scale = nf_grid(values.abs().amax(dim=1), dtype)
+            return stored, scale, torch.zeros_like(scale)
+        return int_grid(values.amin(dim=1), values.amax(dim=1), self.bits, self.symmetric, dtype)
 
     # ------------------------------------------------------------------ Hessian
     def _hessian(self, stats: LayerStats, m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,6 +183,17 @@ class GPTQ(Quantizer):
             )
             damp = new
 
+    def _prepare_hessian(self, stats: LayerStats, n: int, m: int, device: torch.device):
+        """(dead columns, column order, upper inverse factor, damp used) of the input statistics."""
+        h, dead = self._hessian(stats, m, device)
+        if self.act_order:
+            perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+            h = h[perm][:, perm]
+        else:
+            perm = torch.arange(m, device=device)
+        u, used_damp = self._inverse_factor(h, (n, m))
+        return dead, perm, u, used_damp
+
     # ------------------------------------------------------------------ quantize
     def quantize(self, weight, stats=None) -> QuantizedWeight:
         w = check_weight(weight, f"gptq {self.format_name} quantizer")
@@ -217,19 +215,17 @@ class GPTQ(Quantizer):
         codes = torch.zeros(n, m, dtype=torch.uint8, device=w.device)  # bits <= 8
         meta = {"method": "gptq", "act_order": self.act_order, "static_groups": self.static_groups}
         if n and m:
-            h, dead = self._hessian(stats, m, w.device)
-            if self.act_order:
-                perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-                h = h[perm][:, perm]
-            else:
-                perm = torch.arange(m, device=w.device)
-            u, used_damp = self._inverse_factor(h, (n, m))
+            # the damped inverse Hessian depends on the input statistics alone: once per input
+            # (q/k/v and gate/up share theirs), and once per alternation of a reconstructor
+            key = ("gptq", self.act_order, self.damp, self.max_damp, str(w.device))
+            dead, perm, u, used_damp = stats.cached(key, lambda: self._prepare_hessian(stats, n, m, w.device))
             meta["damp"] = used_damp
             meta["dead_columns"] = int(dead.sum())
             self._sweep(w, perm, u, group, stored, scale, zero, codes)
         if self.grid == "nf":
             return QuantizedWeight.from_codes(
-                codes, self.bits, group, stored, codebook=_nf_codebook(self.bits), format=self.format_name,
+                codes, self.bits, group, stored, codebook=normal_float_codebook(self.bits, codes.device),
+                format=self.format_name,
                 meta={"double_quant": "none", **meta},
             )
         return QuantizedWeight.from_codes(
@@ -260,7 +256,7 @@ class GPTQ(Quantizer):
         if self.static_groups:
             for g in range(nblocks):
                 set_grid(g, w[:, g * group:(g + 1) * group].T)
-        cb = _nf_codebook(self.bits).to(w.device) if self.grid == "nf" else None
+        cb = normal_float_codebook(self.bits).to(w.device) if self.grid == "nf" else None
         zero_code = int(torch.argmin(cb.abs())) if cb is not None else 0
         perm_list = perm.tolist()
 

@@ -3,7 +3,8 @@ quantization of the block scales in either the QLoRA (bitsandbytes) or the LQ-Lo
 
 Code values (METHODS.md §0.1): with ``δ = 0.9677083`` and ``σ`` such that ``Φ_σ(δ) = 1``, the
 quantiles ``linspace(1-δ, ½, 2^{k-1})[:-1] ∪ linspace(½, δ, 2^{k-1}+1)`` of ``N(0, σ)``; for k = 4
-these are bitsandbytes' NF4 values.
+these are bitsandbytes' NF4 values. The codebook and the plain (not double-quantized) format live in
+:mod:`lqframe.quantization`, shared with ``gptq grid: nf``.
 
 Double quantization (``double_quant``):
 
@@ -20,7 +21,6 @@ Each matrix also stores one float32 offset (32 bits) when double-quantized; it i
 from __future__ import annotations
 
 import functools
-import math
 
 import attrs
 import torch
@@ -28,42 +28,26 @@ from attrs import validators as v
 
 from lqframe import QuantizedWeight, Quantizer, hookimpl
 from lqframe.numerics import check_weight
-from lqframe.quantization import SCALE_DTYPES, codebook_quantize, integer, scale_bits, scale_dtype, store_scales
-
-NF_OFFSET = 0.9677083
-
-# bitsandbytes' NF4 values as published (float32). The formula below reproduces them to one ulp;
-# using the published constants keeps NF4 codes bit-compatible with bitsandbytes checkpoints.
-NF4_VALUES = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+from lqframe.quantization import (  # noqa: F401 - NF_OFFSET, NF4_VALUES, normal_float_formula: re-exported
+    NF4_VALUES,
+    NF_OFFSET,
+    SCALE_DTYPES,
+    codebook_quantize,
+    integer,
+    nf_format,
+    nf_grid,
+    nf_storage_bits,
+    normal_float_codebook,
+    normal_float_formula,
+    packed_code_bits,
+    scale_bits,
+    scale_dtype,
+    store_scales,
 )
 
 
 @functools.cache
-def normal_float_codebook(bits: int) -> torch.Tensor:
-    """The 2^bits NormalFloat values in increasing order, from -1 to 1 (float32)."""
-    if bits == 4:
-        return torch.tensor(NF4_VALUES, dtype=torch.float32)
-    return normal_float_formula(bits)
-
-
-def normal_float_formula(bits: int) -> torch.Tensor:
-    """NF-k from the quantile formula (computed in float64)."""
-    half = 2 ** (bits - 1)
-    sigma = 1.0 / (math.sqrt(2.0) * float(torch.special.erfinv(torch.tensor(2 * NF_OFFSET - 1, dtype=torch.float64))))
-    neg = torch.linspace(1 - NF_OFFSET, 0.5, half, dtype=torch.float64)[:-1]
-    pos = torch.linspace(0.5, NF_OFFSET, half + 1, dtype=torch.float64)
-    q = torch.cat([neg, pos])
-    values = sigma * math.sqrt(2.0) * torch.special.erfinv(2 * q - 1)
-    values[half - 1] = 0.0  # the 0.5 quantile, exactly
-    return values.to(torch.float32)
-
-
-@functools.cache
-def dynamic_map() -> torch.Tensor:
+def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
     """bitsandbytes' signed 8-bit dynamic tree map (256 values in [-1, 1], increasing).
 
     For each of 7 decades ``10^{i-6}``, ``2^i`` magnitudes at the midpoints of ``linspace(0.1, 1,
@@ -71,10 +55,10 @@ def dynamic_map() -> torch.Tensor:
     """
     values = [0.0, 1.0]
     for i in range(7):
-        edges = torch.linspace(0.1, 1.0, 2**i + 1, dtype=torch.float64)
+        edges = torch.linspace(0.1, 1.0, 2**i + 1, dtype=torch.float64, device="cpu")
         mids = ((edges[:-1] + edges[1:]) / 2) * (10.0 ** (i - 6))
         values += mids.tolist() + (-mids).tolist()
-    return torch.tensor(sorted(values), dtype=torch.float32)
+    return torch.tensor(sorted(values), dtype=torch.float32, device=device)
 
 
 @attrs.frozen
@@ -105,14 +89,13 @@ class NormalFloat(Quantizer):
 
     @property
     def format_name(self) -> str:
-        return f"nf{self.bits}"
+        return nf_format(self.bits)
 
     # ------------------------------------------------------------------ scales
     def _encode_scales(self, absmax: torch.Tensor) -> tuple[torch.Tensor | QuantizedWeight, torch.Tensor]:
         """Block absmaxes → (what is stored, the decoded float32 scales the codes are rounded with)."""
         if self.double_quant == "none":
-            stored = store_scales(absmax, scale_dtype(self.scale_dtype), "block absmax")
-            return stored, stored.to(torch.float32)
+            return nf_grid(absmax, scale_dtype(self.scale_dtype))
         flat = absmax.reshape(1, -1)
         outer = scale_dtype(self.dq_scale_dtype)
         if self.double_quant == "qlora":
@@ -122,9 +105,9 @@ class NormalFloat(Quantizer):
                 s = store_scales(a, outer, "double-quant absmax")
                 return s, s.to(torch.float32)
 
-            codes, s2, _ = codebook_quantize(flat - offset, dynamic_map(), self.dq_group_size, encode_outer)
+            codes, s2, _ = codebook_quantize(flat - offset, dynamic_map(flat.device), self.dq_group_size, encode_outer)
             nested = QuantizedWeight.from_codes(
-                codes.reshape(-1), 8, self.dq_group_size, s2.reshape(-1), codebook=dynamic_map(),
+                codes.reshape(-1), 8, self.dq_group_size, s2.reshape(-1), codebook=dynamic_map(flat.device),
                 offset=offset, format="dynamic8",
             )
         else:  # lqlora: unsigned dq_bits-bit integers above the minimum
@@ -146,30 +129,30 @@ class NormalFloat(Quantizer):
     # ------------------------------------------------------------------ quantize
     def _encode(self, weight: torch.Tensor):
         w = check_weight(weight, f"nf{self.bits} quantizer")
-        return w, codebook_quantize(w, normal_float_codebook(self.bits), self.group_size, self._encode_scales)
+        return w, codebook_quantize(w, normal_float_codebook(self.bits, w.device), self.group_size,
+                                    self._encode_scales)
 
     def quantize(self, weight, stats=None) -> QuantizedWeight:
         _, (codes, stored, _) = self._encode(weight)
         return QuantizedWeight.from_codes(
-            codes, self.bits, self.group_size, stored, codebook=normal_float_codebook(self.bits),
+            codes, self.bits, self.group_size, stored, codebook=normal_float_codebook(self.bits, codes.device),
             format=self.format_name, meta={"double_quant": self.double_quant},
         )
 
     def roundtrip(self, weight, stats=None) -> torch.Tensor:
         w, (codes, _, decoded) = self._encode(weight)
         scale = decoded.repeat_interleave(self.group_size, dim=1)[:, : w.shape[1]]
-        return normal_float_codebook(self.bits)[codes] * scale
+        return normal_float_codebook(self.bits, codes.device)[codes] * scale
 
     # ------------------------------------------------------------------ storage
     def storage_bits(self, shape) -> int:
+        if self.double_quant == "none":
+            return nf_storage_bits(shape, self.bits, self.group_size, self.scale_dtype)
         n, m = shape
         nscales = n * (-(-m // self.group_size) if m else 0)
-        bits = -(-n * m * self.bits // 8) * 8
-        if self.double_quant == "none":
-            return bits + nscales * scale_bits(self.scale_dtype)
         ngroups = -(-nscales // self.dq_group_size)
         dq_code_bits = 8 if self.double_quant == "qlora" else self.dq_bits
-        bits += -(-nscales * dq_code_bits // 8) * 8
+        bits = packed_code_bits(n * m, self.bits) + packed_code_bits(nscales, dq_code_bits)
         bits += ngroups * scale_bits(self.dq_scale_dtype)
         return bits + 32  # the float32 offset
 

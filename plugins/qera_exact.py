@@ -46,9 +46,12 @@ class QERAExactReconstructor(LowRankReconstructor):
         return [*super().test_configs(), {"rank": 3, "root": "cholesky"}]
 
     def column_scaling(self, stats):
+        # one root per input: q/k/v (and gate/up) share their statistics object
         if self.root == "cholesky":
-            return cholesky_factor(stats.second_moment(), rel_floor=self.eig_floor)
-        return symmetric_sqrt(stats.second_moment(), rel_floor=self.eig_floor)
+            return stats.cached(("qera-exact", "cholesky", self.eig_floor),
+                                lambda: cholesky_factor(stats.second_moment(), rel_floor=self.eig_floor))
+        return stats.cached(("qera-exact", "eigh", self.eig_floor),
+                            lambda: symmetric_sqrt(stats.second_moment(), rel_floor=self.eig_floor))
 
 
 @hookimpl

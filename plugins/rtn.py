@@ -16,7 +16,16 @@ from attrs import validators as v
 
 from lqframe import QuantizedWeight, Quantizer, hookimpl
 from lqframe.numerics import check_weight
-from lqframe.quantization import SCALE_DTYPES, blockify, integer, scale_bits, scale_dtype, store_scales, unblockify
+from lqframe.quantization import (
+    SCALE_DTYPES,
+    blockify,
+    int_format,
+    int_grid,
+    int_storage_bits,
+    integer,
+    scale_dtype,
+    unblockify,
+)
 
 
 @attrs.frozen
@@ -50,21 +59,11 @@ class RoundToNearest(Quantizer):
         blocks = blockify(w, group)
         maxq = (1 << self.bits) - 1
         if blocks.numel():
-            hi = blocks.amax(dim=2).clamp_min(0)
-            lo = blocks.amin(dim=2).clamp_max(0)
+            hi, lo = blocks.amax(dim=2), blocks.amin(dim=2)
         else:
             hi = lo = blocks.new_zeros(blocks.shape[:2])
-        if self.symmetric:
-            raw = 2 * torch.maximum(hi, -lo) / maxq
-        else:
-            raw = (hi - lo) / maxq
-        stored = store_scales(raw, scale_dtype(self.scale_dtype), "group scale")
-        scale = stored.to(torch.float32)
+        stored, scale, zero = int_grid(lo, hi, self.bits, self.symmetric, scale_dtype(self.scale_dtype))
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-        if self.symmetric:
-            zero = torch.full_like(scale, float(1 << (self.bits - 1)))
-        else:
-            zero = torch.clamp(torch.round(-lo / safe), 0, maxq)
         codes = torch.clamp(torch.round(blocks / safe[..., None]) + zero[..., None], 0, maxq)
         return w, group, unblockify(codes, w.shape[1]).to(torch.int64), stored, zero
 
@@ -73,7 +72,7 @@ class RoundToNearest(Quantizer):
         return QuantizedWeight.from_codes(
             codes, self.bits, group, stored,
             zero=(1 << (self.bits - 1)) if self.symmetric else zero.to(torch.int64),
-            format=f"int{self.bits}-{'sym' if self.symmetric else 'asym'}",
+            format=int_format(self.bits, self.symmetric),
         )
 
     def roundtrip(self, weight, stats=None) -> torch.Tensor:
@@ -82,12 +81,7 @@ class RoundToNearest(Quantizer):
         return (codes.to(torch.float32) - expand(zero)) * expand(stored.to(torch.float32))
 
     def storage_bits(self, shape) -> int:
-        n, m = shape
-        groups = n * (-(-m // self._group(m)) if m else 0)
-        bits = -(-n * m * self.bits // 8) * 8 + groups * scale_bits(self.scale_dtype)
-        if not self.symmetric:
-            bits += -(-groups * self.bits // 8) * 8
-        return bits
+        return int_storage_bits(shape, self.bits, self._group(shape[1]), self.symmetric, self.scale_dtype)
 
 
 @hookimpl

@@ -1,9 +1,14 @@
-"""The example plugin in ``examples/lqframe-example-plugin`` works as a separately installed
-distribution: built and installed into a scratch directory (never into the test environment),
-found through its ``lqframe`` entry point, listed by ``lqframe plugins``, usable through the
-registry, composable with a built-in reconstructor, and blockable with ``LQFRAME_BLOCK_PLUGINS``.
+"""The example plugins in ``examples/`` work as separately installed distributions: built and
+installed into a scratch directory (never into the test environment), found through their
+``lqframe`` entry points, listed by ``lqframe plugins``, usable through the registry, composable
+with built-in components, blockable with ``LQFRAME_BLOCK_PLUGINS``, and passing their own
+conformance tests (``tests/`` of each example, written against :mod:`lqframe.testing`) with only
+lqframe and the plugin installed.
 
-Everything that needs the plugin runs in a subprocess whose ``PYTHONPATH`` points at the scratch
+* ``lqframe-example-plugin``: the ``binary`` quantizer;
+* ``lqframe-example-reconstructor``: the ``abs-mean`` reconstructor.
+
+Everything that needs a plugin runs in a subprocess whose ``PYTHONPATH`` points at its scratch
 directory, so this process (and lqframe itself) never sees it.
 """
 
@@ -13,6 +18,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,9 +30,13 @@ import pytest
 import lqframe
 from lqframe.registry import BLOCK_ENV, Registry
 
-EXAMPLE_DIR = Path(__file__).resolve().parent.parent / "examples" / "lqframe-example-plugin"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLE_DIR = EXAMPLES / "lqframe-example-plugin"
 DIST_NAME = "lqframe-example-plugin"
 MODULE_NAME = "lqframe_example_plugin"
+RECON_DIR = EXAMPLES / "lqframe-example-reconstructor"
+RECON_DIST = "lqframe-example-reconstructor"
+RECON_MODULE = "lqframe_example_reconstructor"
 
 
 def _run(cmd: list[str], env: dict[str, str], cwd: Path, hint: str = "") -> subprocess.CompletedProcess[str]:
@@ -51,15 +61,15 @@ def _setuptools_hint() -> str:
     )
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The example plugin installed (once per module) into a scratch target directory."""
-    root = tmp_path_factory.mktemp("example-plugin")
+def _install(tmp_path_factory: pytest.TempPathFactory, example: Path, module: str) -> Path:
+    """Install an example (from a copy kept in ``<root>/src``) into the scratch target ``<root>/site``."""
+    root = tmp_path_factory.mktemp(example.name)
     # Build from a copy: setuptools builds in the source tree and would leave build/ and
     # *.egg-info directories in the repository.
     source = root / "src"
     shutil.copytree(
-        EXAMPLE_DIR, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__", "dist")
+        example, source,
+        ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__", "dist", ".pytest_cache", ".hypothesis"),
     )
     target = root / "site"
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
@@ -71,8 +81,21 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
         root,
         hint=_setuptools_hint(),
     )
-    assert (target / f"{MODULE_NAME}.py").is_file(), sorted(p.name for p in target.iterdir())
+    assert (target / f"{module}.py").is_file(), sorted(p.name for p in target.iterdir())
+    assert not (target / "tests").exists(), "the example's tests must not be installed"
     return target
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example quantizer plugin installed (once per module) into a scratch target directory."""
+    return _install(tmp_path_factory, EXAMPLE_DIR, MODULE_NAME)
+
+
+@pytest.fixture(scope="module")
+def recon_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example reconstructor plugin installed (once per module) into its own scratch target."""
+    return _install(tmp_path_factory, RECON_DIR, RECON_MODULE)
 
 
 def _env(site: Path, **extra: str) -> dict[str, str]:
@@ -176,13 +199,15 @@ def test_quantizer_used_through_the_registry(site: Path) -> None:
     assert res["err_lr"] < res["err_q"] * 0.999
 
 
-def test_absent_without_installation() -> None:
-    if importlib.util.find_spec(MODULE_NAME) is not None:
-        pytest.skip(f"{MODULE_NAME} is installed in this environment; nothing to check")
-    assert "binary" not in lqframe.registry().names("quantizer")
-    assert "binary" not in Registry().names("quantizer")
-    with pytest.raises(lqframe.UnknownComponentError, match="binary"):
-        lqframe.registry().create("quantizer", "binary")
+@pytest.mark.parametrize("module,kind,name", [(MODULE_NAME, "quantizer", "binary"),
+                                               (RECON_MODULE, "reconstructor", "abs-mean")])
+def test_absent_without_installation(module: str, kind: str, name: str) -> None:
+    if importlib.util.find_spec(module) is not None:
+        pytest.skip(f"{module} is installed in this environment; nothing to check")
+    assert name not in lqframe.registry().names(kind)
+    assert name not in Registry().names(kind)
+    with pytest.raises(lqframe.UnknownComponentError, match=name):
+        lqframe.registry().create(kind, name)
 
 
 @pytest.mark.parametrize("blocked", ["binary", DIST_NAME])
@@ -195,3 +220,99 @@ def test_block_env_hides_the_plugin(site: Path, blocked: str) -> None:
     proc = _run([sys.executable, "-m", "lqframe.cli", "plugins"], _env(site, **{BLOCK_ENV: blocked}),
                 site.parent)
     assert f"blocked by {BLOCK_ENV}: binary" in proc.stdout
+
+
+def _own_tests(site: Path) -> dict[str, int]:
+    """Run an example's own tests (``tests/`` of its source copy, run from that folder as its author
+    would) with only lqframe and the installed plugin importable; the counts of the outcomes."""
+    source = site.parent / "src"
+    # -P: the source folder is not put on sys.path, so the plugin comes from the installed copy
+    proc = _run([sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+                _env(site, TRITON_INTERPRET="1"), source)
+    counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|skipped|failed|errors?)", proc.stdout)}
+    assert not counts.get("failed") and not counts.get("error") and not counts.get("errors"), proc.stdout
+    return counts
+
+
+def test_example_plugin_passes_its_own_tests(site: Path) -> None:
+    counts = _own_tests(site)
+    reg = lqframe.registry()
+    n_pairs = 2 * sum(len(reg.get("reconstructor", r).test_configs()) for r in ("none", "svd", "qera-exact"))
+    # 1 registration test, 2 configs × 2 devices, the pairs × 2 devices, 2 Eckart–Young tests
+    assert counts.get("passed", 0) + counts.get("skipped", 0) == 1 + 2 * 2 + 2 * n_pairs + 2, counts
+    assert counts.get("passed", 0) >= 1 + 2 + n_pairs + 2, counts  # all but the CUDA cases run everywhere
+
+
+def test_example_reconstructor_passes_its_own_tests(recon_site: Path) -> None:
+    counts = _own_tests(recon_site)
+    reg = lqframe.registry()
+    n_pairs = 3 * sum(len(reg.get("quantizer", q).test_configs()) for q in reg.names("quantizer"))
+    # 1 registration test, every quantizer config × 3 configs × 2 devices, 2 optimum tests, alpha 0
+    assert counts.get("passed", 0) + counts.get("skipped", 0) == 1 + 2 * n_pairs + 2 + 1, counts
+    assert counts.get("passed", 0) >= 1 + n_pairs + 1 + 1, counts
+
+
+def test_plugins_lists_the_installed_reconstructor(recon_site: Path) -> None:
+    entries = _plugins_json(recon_site)
+    found = _find(entries, "reconstructor", "abs-mean")
+    assert found is not None, entries
+    assert (found["plugin"], found["distribution"], found["version"]) == ("abs-mean", RECON_DIST, "0.1.0")
+    # the low-rank options come from lqframe's base class, alpha and scale_floor from the plugin
+    assert found["options"] == {"rank": 32, "method": "exact", "factor_dtype": "float16", "oversample": 10,
+                                "niter": 2, "seed": 0, "iterations": 1, "alpha": 1.0, "scale_floor": 1e-6}
+    assert _find(entries, "reconstructor", "svd") is not None, entries
+    assert _find(entries, "quantizer", "binary") is None, entries  # each example in its own site
+    assert not [e for e in entries if e.get("kind") == "failed"], entries
+
+
+RECON_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import lqframe, torch
+    from lqframe.stats import StatsAccumulator
+
+    r = lqframe.registry()
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(48, 96, generator=g)
+    x = torch.randn(400, 96, generator=g)
+    x[:, :6] *= 30                                        # a few outlier input channels
+    acc = StatsAccumulator(96, {"abs_sum"})
+    acc.update(x)
+    stats = acc.finalize()
+    q = r.create("quantizer", "rtn", bits=3, group_size=32)
+    rec = r.create("reconstructor", "abs-mean", rank=8, factor_dtype="float32")
+    dec = rec.decompose(W, q, stats)
+    svd = r.create("reconstructor", "svd", rank=8, factor_dtype="float32").decompose(W, q)
+    weight = (stats.abs_sum / stats.n_tokens).float()
+    try:
+        rec.decompose(W, q)
+        missing = ""
+    except lqframe.MissingStatisticError as err:
+        missing = str(err)
+    print(json.dumps({
+        "module": type(rec).__module__,
+        "distribution": r.info("reconstructor", "abs-mean").distribution,
+        "rank": dec.rank,
+        "lowrank_bits": rec.lowrank_bits((48, 96)),
+        "actual_bits": dec.lowrank.storage_bits(),
+        "same_q": bool(torch.equal(dec.qweight.codes, svd.qweight.codes)),
+        "weighted": [float(torch.linalg.norm((W - d.dense()) * weight)) for d in (dec, svd)],
+        "output": [float(torch.linalg.norm(x @ (W - d.dense()).T)) for d in (dec, svd)],
+        "missing": missing,
+    }))
+    """
+)
+
+
+def test_reconstructor_used_through_the_registry(recon_site: Path) -> None:
+    proc = _run([sys.executable, "-c", RECON_SCRIPT], _env(recon_site), recon_site.parent)
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["module"] == RECON_MODULE and res["distribution"] == RECON_DIST
+    assert res["rank"] == 8
+    assert res["lowrank_bits"] == res["actual_bits"] == (48 * 8 + 8 * 96) * 32
+    assert res["same_q"]  # one-shot: the same Q = q(W), only the correction differs
+    # optimal in its own weighting, and better than plain SVD on the outputs of the outlier inputs
+    assert res["weighted"][0] < res["weighted"][1]
+    assert res["output"][0] < res["output"][1]
+    assert "abs_sum" in res["missing"]
+

@@ -118,3 +118,52 @@ def test_float_factors_are_stored_in_their_dtype(fmt):
     state = mod.state_dict()
     assert state["left"].dtype == getattr(torch, fmt) and state["right"].dtype == getattr(torch, fmt)
     assert mod.left.dtype == torch.float32  # the trainable parameter itself stays float32
+
+
+@pytest.mark.parametrize("fmt", ["float16", "int8"])
+def test_one_name_factor_dtype_and_old_layer_configs_load(fmt, tmp_path):
+    """The storage format is ``factor_dtype`` everywhere (reconstructor option, LowRank, LQLinear, the
+    per-layer config, ``lqframe inspect``); checkpoints that wrote ``lowrank_dtype`` still load."""
+    import json
+
+    import transformers
+
+    import lqframe
+    from lqframe.checkpoint import inspect_checkpoint, save_checkpoint
+    from lqframe.factors import layer_factor_dtype
+
+    lin, dec, mod = _module(fmt)
+    assert dec.lowrank.factor_dtype == fmt and mod.factor_dtype == fmt
+    config = mod.layer_config()
+    assert config["factor_dtype"] == fmt and "lowrank_dtype" not in config
+
+    old = {k: v for k, v in config.items() if k != "factor_dtype"} | {"lowrank_dtype": fmt}
+    assert layer_factor_dtype(old) == fmt and layer_factor_dtype({"rank": 0}) == "float32"
+    clone = LQLinear.from_layer_config(old)
+    assert clone.factor_dtype == fmt
+    clone.load_state_dict(mod.state_dict(), strict=True)
+    assert torch.equal(clone.dense_weight(), mod.dense_weight())
+
+    # a whole checkpoint in the old spelling: lqframe.load, from_pretrained and inspect read it
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64))
+    q = REG.create("quantizer", "rtn", bits=4, group_size=16)
+    rec = REG.create("reconstructor", "svd", rank=4, factor_dtype=fmt)
+    name = "model.layers.0.mlp.down_proj"
+    linear = model.get_submodule(name)
+    model.model.layers[0].mlp.down_proj = LQLinear.from_decomposition(linear, rec.decompose(linear.weight.detach(), q))
+    save_checkpoint(model, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    layer = cfg["quantization_config"]["layers"][name]
+    layer["lowrank_dtype"] = layer.pop("factor_dtype")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ids = torch.arange(10)[None]
+    with torch.no_grad():
+        expected = model(ids).logits
+        for loaded in (lqframe.load(tmp_path), transformers.AutoModelForCausalLM.from_pretrained(tmp_path)):
+            assert loaded.get_submodule(name).factor_dtype == fmt
+            torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=1e-5)
+    (info,) = inspect_checkpoint(tmp_path)["layers"]
+    assert info["factor_dtype"] == fmt and "lowrank_format" not in info

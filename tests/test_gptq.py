@@ -351,3 +351,55 @@ def test_needs_and_flags():
     assert cls.needs == frozenset({"rxx"}) and cls.rounds_to_nearest is False
     assert issubclass(cls, lqframe.Quantizer)
     assert len({tuple(sorted(c.items())) for c in cls.test_configs()}) == len(cls.test_configs()) >= 3
+
+
+_BLOCKED_SCRIPT = r"""
+import json, sys, torch, lqframe
+reg = lqframe.registry()
+names = sorted(i.name for i in reg.components() if i.kind == "quantizer")
+w, x = torch.load(sys.argv[1])
+acc = lqframe.StatsAccumulator(x.shape[1], {"rxx"})
+acc.update(x)
+stats = acc.finalize()
+out = {}
+for i, opts in enumerate(json.loads(sys.argv[2])):
+    q = reg.create("quantizer", "gptq", **opts)
+    qw = q.quantize(w, stats)
+    out[str(i)] = (*qw.to_state(), q.storage_bits(tuple(w.shape)))
+torch.save({"quantizers": names, "blocked": list(reg.blocked), "results": out}, sys.argv[3])
+"""
+
+
+def test_gptq_works_with_rtn_and_nf_blocked(tmp_path):
+    """gptq takes its int and NF grids from the core, not from the ``rtn`` / ``nf`` plugins: with those
+    blocked it still quantizes, bit for bit as in a normal process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from lqframe.registry import BLOCK_ENV
+
+    n, m = 12, 100
+    w, x = correlated_layer(n, m, tokens=300, seed=5)
+    torch.save((w, x), tmp_path / "layer.pt")
+    cases = [c for c in FORMAT_CASES if c.get("grid") == "nf"][:2] + [c for c in FORMAT_CASES if "grid" not in c][:3]
+    env = {**os.environ, BLOCK_ENV: "rtn,nf", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", _BLOCKED_SCRIPT, str(tmp_path / "layer.pt"), json.dumps(cases),
+                           str(tmp_path / "out.pt")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    assert "gptq" in got["quantizers"] and not {"rtn", "nf"} & set(got["quantizers"])
+    assert sorted(got["blocked"]) == ["nf", "rtn"]
+    st = stats_of(x)
+    for i, opts in enumerate(cases):
+        q = gptq(**opts)
+        ours = q.quantize(w, st)
+        tensors, header, bits = got["results"][str(i)]
+        ref_tensors, ref_header = ours.to_state()
+        assert header == ref_header, opts
+        assert bits == q.storage_bits((n, m)) == base_of(q, m).storage_bits((n, m))
+        assert tensors.keys() == ref_tensors.keys()
+        for key, value in tensors.items():
+            assert value.dtype == ref_tensors[key].dtype and torch.equal(value, ref_tensors[key]), (opts, key)
+        assert header["format"] == base_of(q, m).quantize(w).format

@@ -468,3 +468,91 @@ def test_default_model(capfd):
     err = capfd.readouterr().err
     assert "de-quantizing GGUF tensors" not in err  # the GGUF progress bar is hidden
     print(f"default model loaded in {seconds:.1f} s")
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints reload for every architecture that compresses
+
+ENCODER_RECIPE = {
+    "data": {"source": "pydoc", "seq_len": 32, "calibration_windows": 2, "evaluation_windows": 1},
+    "quantize_stage": {"quantizer": {"name": "rtn", "bits": 4, "group_size": 16}},
+    "reconstruct_stage": {"reconstructor": {"name": "svd", "rank": 4}},
+    "save_stage": {},
+}
+
+
+def tiny_encoder_dir(path, cls_name: str, architectures: list[str] | None = None):
+    """A tiny random BERT saved as ``cls_name`` with a byte-level tokenizer (no hub)."""
+    from tests.tiny import byte_tokenizer
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(**{**SMALL, "vocab_size": 256}, max_position_embeddings=64,
+                                     architectures=[cls_name] if architectures is None else architectures)
+    getattr(transformers, cls_name)(config).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def _outputs(model, ids) -> list[torch.Tensor]:
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return [t for t in (getattr(out, k, None) for k in ("last_hidden_state", "pooler_output", "logits"))
+            if t is not None]
+
+
+@pytest.mark.parametrize(("cls_name", "factor_dtype", "task"), [
+    ("BertModel", "float16", "base"),  # a sentence-embedding encoder: no head, a pooler
+    ("BertModel", "int8", "base"),
+    ("BertForMaskedLM", "float16", "masked-lm"),
+])
+def test_encoder_checkpoint_round_trip(tmp_path, cls_name, factor_dtype, task):
+    import lqframe
+    from lqframe.lqlinear import LQLinear
+    from lqframe.recipe import parse_recipe
+    from lqframe.run import run
+
+    src = tiny_encoder_dir(tmp_path / "src", cls_name)
+    body = json.loads(json.dumps(ENCODER_RECIPE))
+    body["reconstruct_stage"]["reconstructor"]["factor_dtype"] = factor_dtype
+    recipe = parse_recipe(body, "<test>")
+
+    loaded = load_model(str(src))
+    assert type(loaded.model).__name__ == cls_name and loaded.task == task  # the declared class, no invented head
+    source_state = getattr(transformers, cls_name).from_pretrained(src).state_dict()
+    assert set(loaded.model.state_dict()) == set(source_state)  # nothing invented, nothing dropped (pooler)
+    model = loaded.model
+    lqframe.compress(model, recipe, None, progress=False)
+    compressed = [name for name, m in model.named_modules() if isinstance(m, LQLinear)]
+    assert len(compressed) == 12
+
+    out = tmp_path / "out"
+    report = run(recipe, str(src), str(out), progress=False, log=lambda s: None)
+    assert report["output"] == str(out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == [cls_name]
+    assert sorted(config["quantization_config"]["layers"]) == sorted(compressed)  # the model's own names
+
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    expected = _outputs(model, ids)
+    autos = [transformers.AutoModel, getattr(transformers, cls_name)]
+    if task == "masked-lm":
+        autos.append(transformers.AutoModelForMaskedLM)
+    for name, reloaded in [("lqframe.load", lqframe.load(out))] + [(a.__name__, a.from_pretrained(out)) for a in autos]:
+        assert sum(isinstance(m, LQLinear) for m in reloaded.modules()) == 12, name
+        got = _outputs(reloaded.eval(), ids)
+        if name == "AutoModel" and task == "masked-lm":  # the bare encoder of a head model (head dropped)
+            got, want = got[:1], [model.bert(input_ids=ids).last_hidden_state.detach()]
+        else:
+            want = expected
+        assert type(reloaded).__name__ == (cls_name if name != "AutoModel" else "BertModel"), name
+        assert len(got) == len(want), name
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+
+
+def test_headless_encoder_without_architectures_gets_no_head(tmp_path):
+    src = tiny_encoder_dir(tmp_path / "src", "BertModel", architectures=[])
+    loaded = load_model(str(src))
+    assert type(loaded.model) is transformers.BertModel and loaded.task == "base"
+    masked = tiny_encoder_dir(tmp_path / "masked", "BertForMaskedLM", architectures=[])
+    assert type(load_model(str(masked)).model) is transformers.BertForMaskedLM

@@ -1,185 +1,229 @@
-"""Property tests over every registered quantizer × reconstructor pair.
+"""Property tests over every registered component, through the public conformance suite
+:mod:`lqframe.testing`.
 
 The cases come from the live registry, each component contributing its ``test_configs()``, so an
-installed third-party plugin is covered without editing this file.
+installed third-party plugin is covered without editing this file: every quantizer on its own,
+every quantizer × reconstructor pair, the built-in ``svd`` against every quantizer (Eckart–Young),
+every allocator; each on the CPU and, where one is available, on a CUDA device. The last tests
+check that the checks themselves catch broken components.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import attrs
+import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import Phase, settings
 
 import lqframe
-from lqframe.kernels import pack_bits, packed_nbytes
-from lqframe.registry import option_names
-from tests.strategies import make_matrix, matrices, synthetic_stats
+from lqframe import testing
+from lqframe.lowrank import LowRankReconstructor
+from lqframe.numerics import DiagonalScaling
+from lqframe.registry import Registry
 
 REG = lqframe.registry()
+QUANTIZERS = testing.component_cases("quantizer", REG)
+RECONSTRUCTORS = testing.component_cases("reconstructor", REG)
+
+# Examples per case, as before the suite moved to lqframe.testing. The pair suite grows as
+# (quantizers × reconstructors): fewer examples per pair, still every pair.
+QUANTIZER_EXAMPLES = 60
+PAIR_EXAMPLES = 15
+EY_EXAMPLES = 60
+
+on_devices = testing.parametrize_devices()
 
 
-def _cases(kind: str) -> list[tuple[str, dict]]:
-    return [(name, cfg) for name in REG.names(kind) for cfg in REG.get(kind, name).test_configs()]
+@on_devices
+@testing.parametrize_components("quantizer", registry=REG)
+def test_quantizer_properties(quantizer_case, device):
+    """Packing, exact storage, serialisation, determinism, the rounding bound, the fast roundtrip,
+    low-precision inputs, NaN/Inf and empty matrices."""
+    testing.check_quantizer(quantizer_case, registry=REG, device=device, max_examples=QUANTIZER_EXAMPLES)
 
 
-QUANTIZERS = _cases("quantizer")
-RECONSTRUCTORS = _cases("reconstructor")
+@on_devices
+@testing.parametrize_pairs(registry=REG)
+def test_pair_properties(quantizer_case, reconstructor_case, device):
+    """Shapes, packing and exact storage of both parts, serialisation, determinism, Eckart–Young
+    where it applies, NaN/Inf and empty matrices, for one quantizer × reconstructor pair."""
+    testing.check_reconstructor(reconstructor_case, quantizer=quantizer_case, registry=REG, device=device,
+                                max_examples=PAIR_EXAMPLES)
 
 
-def _id(case: tuple[str, dict]) -> str:
-    name, cfg = case
-    return name + "".join(f"-{k}={v}" for k, v in cfg.items())
-
-
-PAIRS = [pytest.param(q, r, id=f"{_id(q)}|{_id(r)}") for q in QUANTIZERS for r in RECONSTRUCTORS]
-QCASES = [pytest.param(q, id=_id(q)) for q in QUANTIZERS]
-
-PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-# the pair suite grows as (quantizers × reconstructors): fewer examples per pair, still every pair
-PAIR_PROPERTY = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-def _stored_bits(qw: lqframe.QuantizedWeight) -> int:
-    """Bits actually stored, counted from the serialised tensors (codebooks are format constants)."""
-    tensors, _ = qw.to_state()
-    return sum(t.numel() * t.element_size() * 8 for k, t in tensors.items() if not k.endswith("codebook"))
-
-
-def _check_packed(qw: lqframe.QuantizedWeight) -> None:
-    codes = qw.unpacked_codes()
-    assert codes.shape == tuple(qw.shape)
-    if codes.numel():
-        assert int(codes.min()) >= 0 and int(codes.max()) < (1 << qw.bits)
-    assert qw.codes.dtype == torch.uint8
-    assert qw.codes.numel() == packed_nbytes(qw.numel, qw.bits)  # real bit width, no padding slack
-    assert torch.equal(pack_bits(codes, qw.bits), qw.codes)  # pack(unpack(x)) == x
-    if isinstance(qw.scale, lqframe.QuantizedWeight):
-        _check_packed(qw.scale)
-
-
-def _with_rank(recon, rank: int):
-    cls = type(recon)
-    return attrs.evolve(recon, rank=rank) if "rank" in option_names(cls) and attrs.has(cls) else recon
-
-
-@pytest.mark.parametrize("qcase,rcase", PAIRS)
-@PAIR_PROPERTY
-@given(w=matrices(), data=st.data())
-def test_pair_properties(qcase, rcase, w, data):
-    quantizer = REG.create("quantizer", qcase[0], **qcase[1])
-    recon = REG.create("reconstructor", rcase[0], **rcase[1])
-    n, m = w.shape
-    recon = _with_rank(recon, data.draw(st.integers(0, min(n, m) + 2), label="rank"))
-    stats = synthetic_stats(n, m, recon.all_needs(quantizer), seed=data.draw(st.integers(0, 99), label="stats"))
-
-    dec = recon.decompose(w, quantizer, stats)
-    qw = dec.qweight
-
-    # shapes and finiteness
-    assert tuple(qw.shape) == (n, m)
-    dense = dec.dense()
-    assert dense.shape == (n, m) and dense.dtype == torch.float32
-    assert bool(torch.isfinite(dense).all())
-
-    # Q is stored in its real bits, and the accounting is exact
-    _check_packed(qw)
-    assert qw.storage_bits() == _stored_bits(qw)
-    assert quantizer.storage_bits((n, m)) == qw.storage_bits()
-    lr_bits = 0 if dec.lowrank is None else dec.lowrank.storage_bits()
-    assert recon.lowrank_bits((n, m)) == lr_bits
-    assert dec.storage_bits() == qw.storage_bits() + lr_bits
-
-    # the checkpoint representation round-trips exactly
-    tensors, header = qw.to_state("layer.")
-    again = lqframe.QuantizedWeight.from_state(tensors, header, "layer.")
-    assert torch.equal(again.dequantize(), qw.dequantize())
-
-    # deterministic: the same input gives the same bytes
-    dec2 = recon.decompose(w, quantizer, stats)
-    assert torch.equal(dec2.qweight.codes, qw.codes)
-    assert torch.equal(dec2.dense(), dense)
-
-
-@pytest.mark.parametrize("qcase", QCASES)
-@PROPERTY
-@given(w=matrices())
-def test_quantizer_rounding_bound(qcase, w):
-    """Every dequantized element is within the format's rounding step of its input (for quantizers
-    that round to nearest), and the fast ``roundtrip`` path agrees with the packed path."""
-    quantizer = REG.create("quantizer", qcase[0], **qcase[1])
-    w32 = w.float()
-    stats = synthetic_stats(*w.shape, quantizer.needs)
-    qw = quantizer.quantize(w, stats)
-    deq = qw.dequantize()
-    if quantizer.rounds_to_nearest:
-        bound = qw.error_bound(w32)
-        slack = 1e-6 * (w32.abs() + bound) + 1e-30
-        excess = (w32 - deq).abs() - bound - slack
-        assert float(excess.max()) <= 0, f"rounding error exceeds the format step by {float(excess.max()):.3g}"
-    torch.testing.assert_close(quantizer.roundtrip(w, stats), deq, rtol=1e-6, atol=0)
-    # low-precision inputs are quantized as their exact float32 values
-    assert torch.equal(quantizer.quantize(w32, stats).codes, qw.codes)
-
-
-@pytest.mark.parametrize("qcase,rcase", PAIRS)
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_non_finite_weight_is_a_clear_error(qcase, rcase, bad):
-    quantizer = REG.create("quantizer", qcase[0], **qcase[1])
-    recon = REG.create("reconstructor", rcase[0], **rcase[1])
-    w = torch.randn(8, 40)
-    w[3, 7] = bad
-    stats = synthetic_stats(8, 40, recon.all_needs(quantizer))
-    with pytest.raises(lqframe.WeightError, match=r"NaN|Inf") as err:
-        recon.decompose(w, quantizer, stats)
-    assert "[3, 7]" in str(err.value)
-
-
-@pytest.mark.parametrize("qcase", QCASES)
-@PROPERTY
-@given(w=matrices(max_rows=20, max_cols=60), data=st.data())
-def test_svd_reaches_the_eckart_young_tail(qcase, w, data):
+@on_devices
+@testing.parametrize_components("quantizer", registry=REG)
+def test_svd_reaches_the_eckart_young_tail(quantizer_case, device):
     """For the Q the quantizer produced, ‖W − Q − LR‖_F² equals Σ_{i>r} σ_i(W − Q)²."""
-    quantizer = REG.create("quantizer", qcase[0], **qcase[1])
-    n, m = w.shape
-    rank = data.draw(st.integers(0, min(n, m) + 2), label="rank")
-    recon = REG.create("reconstructor", "svd", rank=rank, factor_dtype="float32")
-    dec = recon.decompose(w, quantizer, synthetic_stats(n, m, quantizer.needs))
-    w64 = w.double()
-    delta = w64 - dec.qweight.dequantize().double()
-    sigma = torch.linalg.svdvals(delta)
-    tail = float((sigma[min(rank, n, m):] ** 2).sum())
-    err = float(((w64 - dec.dense().double()) ** 2).sum())
-    scale = float((delta**2).sum()) + 1e-30
-    assert abs(err - tail) <= 1e-5 * scale + 1e-12, (err, tail)
-    if rank >= min(n, m):
-        assert err <= 1e-9 * scale + 1e-12
-    # never worse than no correction, and never worse than any other rank-r term we try
-    assert err <= scale * (1 + 1e-6)
-    probe = torch.randn(n, min(rank, n, m), dtype=torch.float64) @ torch.randn(min(rank, n, m), m, dtype=torch.float64)
-    assert err <= float(((delta - 1e-3 * probe) ** 2).sum()) + 1e-6 * scale
+    testing.check_eckart_young("svd", quantizer=quantizer_case, registry=REG, device=device,
+                               max_examples=EY_EXAMPLES)
+
+
+@on_devices
+@testing.parametrize_components("allocator", registry=REG)
+def test_allocator_properties(allocator_case, device):
+    testing.check_allocator(allocator_case, registry=REG, device=device)
 
 
 def test_every_builtin_is_covered():
-    names = {q[0] for q in QUANTIZERS}, {r[0] for r in RECONSTRUCTORS}
-    assert {"nf", "rtn"} <= names[0] and {"svd", "none"} <= names[1]
-    assert len(PAIRS) == len(QUANTIZERS) * len(RECONSTRUCTORS)
+    names = {c.name for c in QUANTIZERS}, {c.name for c in RECONSTRUCTORS}
+    assert {"nf", "rtn", "gptq"} <= names[0]
+    assert {"svd", "none", "lqer", "qera-exact", "qera-approx", "loftq"} <= names[1]
+    assert "uniform" in {c.name for c in testing.component_cases("allocator", REG)}
+    pairs = testing.pair_params(REG)
+    assert len(pairs) == len(QUANTIZERS) * len(RECONSTRUCTORS)
+    assert len({p.id for p in pairs}) == len(pairs)
 
 
-def test_bf16_and_f16_inputs_compress_like_their_float32_values():
-    w = make_matrix(16, 70, "gaussian", "bfloat16", seed=3)
-    for name, cfg in QUANTIZERS:
-        q = REG.create("quantizer", name, **cfg)
-        stats = synthetic_stats(16, 70, q.needs)
-        assert torch.equal(q.quantize(w, stats).codes, q.quantize(w.float(), stats).codes)
+def test_case_ids_and_devices():
+    case = testing.ComponentCase("reconstructor", "svd", {"rank": 4, "factor_dtype": "float32"})
+    assert case.id == str(case) == "svd[rank=4,factor_dtype=float32]"
+    assert testing.component_id("none", {}) == "none"
+    assert "rtn[bits=4,group_size=64]+svd[rank=4,factor_dtype=float32]" in {p.id for p in testing.pair_params(REG)}
+    assert testing.devices()[0] == "cpu"
+    assert ("cuda" in testing.devices()) == torch.cuda.is_available()
+    assert [p.id for p in testing.device_params()] == ["cpu", "cuda"]
+    with pytest.raises(lqframe.UnknownComponentError):
+        testing.component_cases("quantizer", REG, names=["no-such-quantizer"])
 
 
-@pytest.mark.parametrize("qcase,rcase", PAIRS)
-@pytest.mark.parametrize("shape", [(0, 16), (5, 0), (0, 0)])
-def test_empty_matrices(qcase, rcase, shape):
-    quantizer = REG.create("quantizer", qcase[0], **qcase[1])
-    recon = REG.create("reconstructor", rcase[0], **rcase[1])
-    dec = recon.decompose(torch.zeros(shape), quantizer, synthetic_stats(*shape, recon.all_needs(quantizer)))
-    assert dec.dense().shape == shape
-    assert dec.qweight.storage_bits() == quantizer.storage_bits(shape)
+# --------------------------------------------------------------------------- objectives
+# No objective is built in yet: check_objective is tested on a small one defined here.
+
+
+@attrs.frozen
+class MeanSquaredError(lqframe.LossObjective):
+    """Mean squared error between student and teacher outputs, summed over ``needs``."""
+
+    needs: ClassVar[frozenset[str]] = frozenset({"hidden", "logits"})
+
+    def loss(self, student, teacher, batch):
+        return sum(torch.mean((student[k] - teacher[k]) ** 2) for k in sorted(self.needs))
+
+
+@attrs.frozen
+class SoftCrossEntropy(lqframe.LossObjective):
+    """Cross-entropy against the teacher's softmax: minimal (the teacher's entropy) at equality."""
+
+    needs: ClassVar[frozenset[str]] = frozenset({"logits"})
+
+    def loss(self, student, teacher, batch):
+        target = torch.softmax(teacher["logits"], dim=-1)
+        return -(target * torch.log_softmax(student["logits"], dim=-1)).sum(-1).mean()
+
+
+@on_devices
+def test_objective_check_on_a_small_objective(device):
+    testing.check_objective(MeanSquaredError(), device=device)
+    testing.check_objective(SoftCrossEntropy(), expect_zero=False, device=device)
+
+
+def test_objective_check_through_a_registry():
+    class _Plugin:
+        @lqframe.hookimpl
+        def lqframe_register(self, registry):
+            registry.add_objective("mse", MeanSquaredError)
+
+    reg = Registry(load_entry_points=False)
+    assert reg.register_plugin(_Plugin(), "test-mse"), reg.failures
+    cases = testing.component_cases("objective", reg)
+    assert [c.id for c in cases] == ["mse"]
+    testing.check_objective(cases[0], registry=reg, max_examples=5)
+
+
+# --------------------------------------------------------------------------- the checks catch bugs
+
+FAST_FAIL = settings(phases=[Phase.generate], database=None)
+
+
+def _fails(check, *args, match: str | None = None, **kwargs) -> None:
+    with pytest.raises(AssertionError, match=match):
+        check(*args, hypothesis_settings=FAST_FAIL, **kwargs)
+
+
+@attrs.frozen
+class _OffByOneBits(lqframe.Quantizer):
+    inner: lqframe.Quantizer = attrs.field(factory=lambda: REG.create("quantizer", "rtn"))
+
+    def quantize(self, weight, stats=None):
+        return self.inner.quantize(weight, stats)
+
+    def storage_bits(self, shape):
+        return self.inner.storage_bits(shape) + 1
+
+
+@attrs.frozen
+class _NoisyRoundtrip(_OffByOneBits):
+    def storage_bits(self, shape):
+        return self.inner.storage_bits(shape)
+
+    def roundtrip(self, weight, stats=None):
+        return self.inner.roundtrip(weight, stats) * 1.001
+
+
+@attrs.frozen
+class _HalfCorrection(lqframe.ErrorReconstructor):
+    """Half of the optimal rank-1 correction: valid storage, not Eckart–Young optimal."""
+
+    def decompose(self, weight, quantizer, stats=None):
+        dec = REG.create("reconstructor", "svd", rank=1, factor_dtype="float32").decompose(weight, quantizer)
+        if dec.lowrank is None:
+            return dec
+        return attrs.evolve(dec, lowrank=lqframe.LowRank(dec.lowrank.left * 0.5, dec.lowrank.right))
+
+    def lowrank_bits(self, shape):
+        return 0
+
+
+@attrs.frozen
+class _HalfSVD(LowRankReconstructor):
+    """Half of the optimal low-rank term, exactly accounted: Eckart–Young fails."""
+
+    def _solve(self, residual, row_scaling=None, col_scaling=None):
+        lowrank, sol = super()._solve(residual, row_scaling, col_scaling)
+        return lqframe.LowRank(lowrank.left * 0.5, lowrank.right, lowrank.format), sol
+
+
+@attrs.frozen
+class _ClaimsScaling(LowRankReconstructor):
+    """Declares an activation scaling but solves unscaled: optimal in the wrong norm."""
+
+    needs = frozenset({"sq_sum"})
+
+    def column_scaling(self, stats):
+        return DiagonalScaling(stats.rms())
+
+    def decompose(self, weight, quantizer, stats=None):
+        w, stats = self._prepare(weight, stats)
+        return self._finish(w, quantizer.quantize(w, stats))
+
+
+@attrs.frozen
+class _OverBudget(lqframe.BudgetAllocator):
+    def allocate(self, table, budget_bits):
+        return {name: table.choice(i, int(np.argmax(table.bits[i]))) for i, name in enumerate(table.layers)}
+
+
+@attrs.frozen
+class _Detached(lqframe.LossObjective):
+    needs: ClassVar[frozenset[str]] = frozenset({"hidden"})
+
+    def loss(self, student, teacher, batch):
+        return torch.mean((student["hidden"].detach() - teacher["hidden"]) ** 2)
+
+
+def test_checks_catch_broken_components():
+    _fails(testing.check_quantizer, _OffByOneBits(), match="storage_bits")
+    _fails(testing.check_quantizer, _NoisyRoundtrip())
+    _fails(testing.check_reconstructor, _HalfCorrection(), match="lowrank_bits")
+    _fails(testing.check_reconstructor, _HalfSVD(rank=2), match="Eckart-Young")
+    _fails(testing.check_eckart_young, _HalfSVD(rank=2), match="Eckart-Young")
+    _fails(testing.check_eckart_young, _ClaimsScaling(rank=2), match="Eckart-Young")
+    _fails(testing.check_allocator, _OverBudget())
+    _fails(testing.check_objective, _Detached(), match="differentiable")
+    _fails(testing.check_objective, SoftCrossEntropy(), match="not 0")  # its minimum is the entropy
+    with pytest.raises(ValueError, match="Eckart-Young"):
+        testing.check_eckart_young("svd", {"iterations": 2}, registry=REG)

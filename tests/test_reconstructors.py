@@ -310,7 +310,7 @@ def test_shared_options_storage_and_reproducibility(name, factor_dtype):
     for method in ("exact", "randomized"):
         r = recon(name, rank=3, method=method, factor_dtype=factor_dtype)
         dec = r.decompose(w, quantizer, stats)
-        assert dec.lowrank.format == factor_dtype
+        assert dec.lowrank.factor_dtype == factor_dtype
         if factor_dtype == "int8":  # float32 values on the int8 grid: encoding them is lossless
             for t, side in ((dec.lowrank.left, "left"), (dec.lowrank.right, "right")):
                 assert torch.equal(round_factor(t, "int8", side), t)
