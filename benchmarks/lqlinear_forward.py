@@ -63,9 +63,9 @@ def main() -> None:
             with torch.inference_mode():
                 module.cache_weight = False
                 module._cache = None
-                packed = _time(lambda: module(x), args.repeats, device)
+                packed = _time(lambda m=module, v=x: m(v), args.repeats, device)
                 module.cache_weight = True
-                cached = _time(lambda: module(x), args.repeats, device)
+                cached = _time(lambda m=module, v=x: m(v), args.repeats, device)
                 module.cache_weight = False
                 module._cache = None
             print(f"| {n} × {m} | {tokens} | {packed:.2f} | {cached:.2f} |", flush=True)

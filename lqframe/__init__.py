@@ -38,6 +38,7 @@ from lqframe.errors import (
 from lqframe.hookspecs import hookimpl
 from lqframe.interfaces import BudgetAllocator, Component, ErrorReconstructor, LossObjective, Quantizer
 from lqframe.registry import Registry, registry
+from lqframe.stats import StatisticKind, StatsAccumulator
 from lqframe.types import (
     STAT_NAMES,
     Choice,
@@ -48,7 +49,6 @@ from lqframe.types import (
     QuantizedWeight,
     average_bits,
 )
-from lqframe.stats import StatisticKind, StatsAccumulator
 
 
 def load(path, device="cpu"):

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lqframe.errors import ModelError, RecipeError
-from lqframe.executor import BlockExecutor, BlockSink, MemorySink, offloaded, resolve_device
+from lqframe.executor import BlockExecutor, BlockSink, MemorySink, offloaded
 from lqframe.lqlinear import set_weight_cache
 from lqframe.pipeline import (
     LayerPlan,

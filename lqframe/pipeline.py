@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from lqframe.errors import LqframeError, RecipeError
 from lqframe.interfaces import ErrorReconstructor, Quantizer
-from lqframe.lowrank import output_error
+from lqframe.lowrank import LowRankReconstructor, output_error
 from lqframe.lqlinear import LQLinear
 from lqframe.models import block_linears, select, unmatched
 from lqframe.recipe import ComponentSpec, Recipe
@@ -105,16 +105,17 @@ def layer_needs(plan: LayerPlan) -> frozenset[str]:
 
 
 def layer_errors(w: torch.Tensor, approx: torch.Tensor, stats: LayerStats | None,
-                 sample: torch.Tensor | None) -> tuple[float, float | None]:
+                 sample: torch.Tensor | None, known_output_error: float | None = None) -> tuple[float, float | None]:
     """Relative weight error ‖W − Ŵ‖/‖W‖ and relative output error ‖X(W − Ŵ)ᵀ‖/‖XWᵀ‖: exact over
-    every calibration token when ``rxx`` was captured, else over the token ``sample`` (None
-    without data)."""
+    every calibration token when ``rxx`` was captured (``known_output_error``: E‖x(W − Ŵ)ᵀ‖²
+    already computed by the reconstructor), else over the token ``sample`` (None without data)."""
     w32 = w.float()
     diff = w32 - approx
     rel_w = float(diff.norm() / max(float(w32.norm()), 1e-30))
     if stats is not None and stats.rxx is not None and stats.n_tokens:
         ref = output_error(w32, stats)
-        return rel_w, (output_error(diff, stats) / ref) ** 0.5 if ref > 0 else 0.0
+        err = known_output_error if known_output_error is not None else output_error(diff, stats)
+        return rel_w, (err / ref) ** 0.5 if ref > 0 else 0.0
     if sample is not None and sample.numel():
         ref = sample @ w32.T
         return rel_w, float((sample @ diff.T).norm() / max(float(ref.norm()), 1e-30))
@@ -140,7 +141,9 @@ def decompose_layer(
         dec, seconds = prepared
     module = LQLinear.from_decomposition(linear, dec, meta={"quantizer": plan.quantizer.to_dict(),
                                                             "reconstructor": plan.reconstructor.to_dict()})
-    rel_w, rel_out = layer_errors(w, dec.dense(), stats, sample)
+    # lqframe's low-rank base class reports E‖x(W − Q − LR)ᵀ‖² of the stored factors: not computed twice
+    known = dec.info.get("output_error") if isinstance(recon, LowRankReconstructor) else None
+    rel_w, rel_out = layer_errors(w, dec.dense(), stats, sample, known)
     qw = dec.qweight
     result = LayerResult(
         name=name,

@@ -78,6 +78,7 @@ __all__ = [
     "check_allocator",
     "check_objective",
     "check_qweight",
+    "check_device_placement",
     # pytest helpers
     "ComponentCase",
     "component_id",
@@ -719,6 +720,59 @@ def _check_allocation(choices: Any, table: CostTable, budget: float | None) -> d
         avg = average_bits(choices, table)
         assert avg <= budget + 1e-9 * max(1.0, abs(budget)), f"{avg} bits/parameter over the budget {budget}"
     return picked
+
+
+def check_device_placement(
+    reconstructor: Any,
+    config: Mapping[str, Any] | None = None,
+    *,
+    quantizer: Any = None,
+    registry: Registry | None = None,
+    shape: tuple[int, int] = (48, 80),
+) -> None:
+    """Check that a quantizer × reconstructor pair creates every tensor on the weight's device —
+    identity matrices, codebooks, index ranges, scratch buffers — without needing a GPU.
+
+    The weight, its statistics and a compressed :class:`~lqframe.lqlinear.LQLinear` are built on
+    the CPU; then statistics accumulation, ``quantize``, ``dequantize``, ``roundtrip``,
+    ``decompose``, ``dense`` and the packed forward run with ``torch.device("meta")`` as the
+    default device. A tensor made without ``device=`` lands on ``meta`` there, and the first
+    operation that mixes it with the CPU data fails, naming the line; on a GPU the same omission
+    would put it on the CPU. The results must be CPU tensors equal to the ones made without the
+    meta default."""
+    from lqframe.lqlinear import LQLinear
+
+    recon = _component("reconstructor", reconstructor, config, registry)
+    quant = _component("quantizer", quantizer, None, registry) if quantizer is not None else _default_quantizer(
+        registry)
+    n, m = shape
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(n, m, generator=g)
+    needs = recon.all_needs(quant)
+    stats = synthetic_stats(n, m, needs, registry=registry)
+    x = torch.randn(3, m, generator=g)
+    reference = recon.decompose(w, quant, stats)
+    module = LQLinear.from_decomposition(torch.nn.Linear(m, n, bias=True), reference)
+    expected_y = module(x)
+    kinds = _registry(registry).statistics()
+    forward_needs = {k for k in needs if k in kinds and kinds[k].source == "forward"}
+    with torch.device("meta"):
+        if forward_needs:
+            acc = StatsAccumulator(m, forward_needs, kinds)
+            acc.update(x)
+            for name, value in acc.finalize().available_items():
+                assert value.device.type == "cpu", f"statistic {name} was created on {value.device}"
+        qw = quant.quantize(w, stats)
+        dense_q = qw.dequantize()
+        fast = quant.roundtrip(w, stats)
+        dec = recon.decompose(w, quant, stats)
+        dense = dec.dense()
+        y = module(x)
+    for what, t in (("quantize codes", qw.codes), ("dequantize", dense_q), ("roundtrip", fast),
+                    ("decompose → dense", dense), ("LQLinear forward", y)):
+        assert t.device.type == "cpu", f"{what} came back on {t.device}"
+    assert torch.equal(dense, reference.dense()), "decompose gave another result with the meta default device"
+    assert torch.equal(y, expected_y), "the packed forward gave another result with the meta default device"
 
 
 def check_allocator(

@@ -375,6 +375,10 @@ class LayerStats:
     def available(self) -> frozenset[str]:
         return frozenset(n for n in STAT_NAMES if getattr(self, n) is not None) | frozenset(self.extra)
 
+    def available_items(self) -> list[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` of every statistic present."""
+        return [(name, self.get(name)) for name in sorted(self.available())]
+
     def get(self, name: str) -> torch.Tensor | None:
         """A statistic by name, built-in or plugin-defined (None when not captured)."""
         return getattr(self, name) if name in STAT_NAMES else self.extra.get(name)

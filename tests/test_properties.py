@@ -54,6 +54,12 @@ def test_pair_properties(quantizer_case, reconstructor_case, device):
                                 max_examples=PAIR_EXAMPLES)
 
 
+@testing.parametrize_pairs(registry=REG)
+def test_pair_creates_tensors_on_the_weights_device(quantizer_case, reconstructor_case):
+    """No stray CPU tensors on a GPU: checked on the CPU with the meta device as the default."""
+    testing.check_device_placement(reconstructor_case, quantizer=quantizer_case, registry=REG)
+
+
 @on_devices
 @testing.parametrize_components("quantizer", registry=REG)
 def test_svd_reaches_the_eckart_young_tail(quantizer_case, device):
