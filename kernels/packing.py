@@ -47,6 +47,16 @@ def _shifts(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
     return _SHIFT_CACHE[key]
 
 
+_BYTE_SHIFT_CACHE: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _byte_shifts(bits: int, device: torch.device) -> torch.Tensor:
+    key = (bits, str(device))
+    if key not in _BYTE_SHIFT_CACHE:
+        _BYTE_SHIFT_CACHE[key] = torch.arange(0, 8, bits, dtype=torch.uint8, device=device)
+    return _BYTE_SHIFT_CACHE[key]
+
+
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in ``[0, 2**bits)`` into a flat ``uint8`` tensor (see module doc)."""
     _check_bits(bits)
@@ -81,6 +91,10 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
         raise ValueError(f"{count} codes of {bits} bits need {need} bytes, got {flat.numel()}")
     if bits == 8:
         return flat.to(torch.int64)
+    if 8 % bits == 0:  # 1, 2, 4 bits: no code crosses a byte, shift the bytes themselves
+        shifts = _byte_shifts(bits, flat.device)
+        codes = (flat.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(-1)[:count].to(torch.int64)
     flat = flat.to(torch.int64)
     pad = (-flat.numel()) % bits
     if pad:
