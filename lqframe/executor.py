@@ -329,10 +329,17 @@ def offloaded(model: nn.Module, device: torch.device) -> Iterator[None]:
     """Run a whole-model forward with the blocks kept in CPU memory: each block moves to ``device``
     just before it runs and back right after (for evaluation of an offloaded model)."""
     _, blocks = find_blocks(model)
+
+    def arrive(module, args) -> None:  # hooks must return None: a value would replace args/outputs
+        module.to(device)
+
+    def leave(module, args, output) -> None:
+        module.to("cpu")
+
     handles = []
     for block in blocks:
-        handles.append(block.register_forward_pre_hook(lambda m, a: m.to(device)))
-        handles.append(block.register_forward_hook(lambda m, a, o: m.to("cpu")))
+        handles.append(block.register_forward_pre_hook(arrive))
+        handles.append(block.register_forward_hook(leave))
     try:
         yield
     finally:

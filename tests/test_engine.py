@@ -303,3 +303,31 @@ def test_compressed_model_evaluates_on_the_device(tmp_path, device):
     assert report["versions"]["torch"] == torch.__version__
     assert set(report["versions"]["plugins"]) == {"quantizer:rtn", "reconstructor:qera-exact"}
     assert report["ppl"] < 2 * report["fp_ppl"]
+
+
+def test_offloaded_run_evaluates_like_the_resident_one(tmp_path):
+    """With --offload the evaluation moves each block onto the device just for its forward."""
+    from lqframe.run import run
+    from tests.tiny import tiny_llama_dir
+
+    model_dir = tiny_llama_dir(tmp_path / "m", layers=2)
+    r = recipe(evaluate_stage={})
+    resident = run(r, str(model_dir), tmp_path / "a", device="cpu", progress=False)
+    offloaded = run(r, str(model_dir), tmp_path / "b", device="cpu", offload=True, progress=False)
+    assert offloaded["ppl"] == resident["ppl"] and offloaded["fp_ppl"] == resident["fp_ppl"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cli_device_cuda_without_a_gpu_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "lqframe.cli", "run", "--device", "cuda", "--model",
+                          str(tmp_path / "nothing"), "--output", str(tmp_path / "o"), "--quiet"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("lqframe: error:") and "no CUDA device is available" in last
+    res = subprocess.run([sys.executable, "-m", "lqframe.cli", "run", "--device", "gpu"], capture_output=True,
+                         text=True)
+    assert res.returncode == 2 and "device must be auto, cpu, cuda or cuda:N" in res.stderr
