@@ -5,7 +5,8 @@
     python benchmarks/llama_blocks.py --device cpu --hidden 512 --intermediate 1376   # a quick CPU run
 
 Builds a random ``LlamaForCausalLM`` (``--blocks`` decoder blocks, the default model's tokenizer
-and vocabulary), compresses it with the default recipe (GPTQ int4 g64 + QERA-exact r32, 16 × 512
+and vocabulary, or a byte-level tokenizer when the default model is not installed, e.g. on a GPU
+machine the 98 MB GGUF cannot be carried to), compresses it with the default recipe (GPTQ int4 g64 + QERA-exact r32, 16 × 512
 pydoc calibration tokens) through the same engine as ``lqframe run``, and prints the seconds of
 each stage, the seconds per block, the peak device memory and the versions measured with. Random
 weights: only the speed figures mean anything, not the errors.
@@ -21,6 +22,7 @@ import torch
 
 from lqframe.data import make_windows
 from lqframe.engine import RunState, execute, versions
+from lqframe.errors import ModelError
 from lqframe.executor import resolve_device
 from lqframe.models import load_model
 from lqframe.recipe import load_recipe
@@ -41,7 +43,16 @@ def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     device = resolve_device(args.device)
-    tokenizer = load_model("default").tokenizer
+    try:
+        tokenizer = load_model("default").tokenizer
+    except ModelError:  # the default model is not installed: a 256-token byte-level tokenizer
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from tests.tiny import byte_tokenizer
+
+        tokenizer = byte_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.intermediate,
                          num_hidden_layers=args.blocks, num_attention_heads=args.heads,

@@ -143,9 +143,19 @@ def render(rows: list[dict]) -> str:
             r = by_bits.get(b)
             cells.append("–" if r is None else
                          f"{r['ppl']:.2f} (×{r['ratio']:.3f}, {r['avg_bits_with_lowrank']:.2f} b, "
-                         f"{r['compress_seconds']:.0f} s)")
+                         f"{r['compress_seconds']:.0f} s){'' if r.get('versions') else ' †'}")
         out.append(f"| {q} | {rec} | {variant or '–'} | " + " | ".join(cells) + " |")
+    measured = {_versions_line(r["versions"]) for r in rows if r.get("versions")}
+    out.append("")
+    out += [f"Measured with {line}." for line in sorted(measured)]
+    if any(not r.get("versions") for r in rows):
+        out.append("† measured before report rows recorded their versions (an earlier engine; same protocol).")
     return "\n".join(out)
+
+
+def _versions_line(v: dict) -> str:
+    return (f"lqframe {v.get('lqframe')}, torch {v.get('torch')}, transformers {v.get('transformers')}, "
+            f"python {v.get('python')}, device {v.get('device')}")
 
 
 def _options(pairs: list[str]) -> dict:

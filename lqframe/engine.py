@@ -196,21 +196,19 @@ def _gradient_statistics(state: RunState) -> None:
 def _calibrate(state: RunState) -> None:
     ex = state.executor
     data_aware = _data_aware_allocation(state)
-    start, inputs, results = state.sink.restore(state.model)
-    if start > 0 and (data_aware or state.teacher_blocks):
+    resuming = state.sink.next_block() > 0
+    if resuming and (data_aware or state.teacher_blocks):
         why = ("chose its allocation from statistics of the float model" if data_aware
                else "kept outputs of the float model")
         state.log(f"the unfinished run {why}, which a resumed run cannot rebuild: starting afresh")
         state.sink.reset()
-        start, inputs, results = 0, None, []
-    state.start_block, state.results = start, results
+        resuming = False
     if not state.uses_data:
         return
-    if inputs is None:
-        state.inputs = ex.first_inputs(state.calibration)
-    else:
+    if resuming:  # the inputs of the next block come back from the sink when decompose starts
         ex.set_kwargs(state.calibration)
-        state.inputs = [ex._to_cache(x) for x in inputs]
+    else:
+        state.inputs = ex.first_inputs(state.calibration)
     _gradient_statistics(state)
     if not data_aware:
         return
@@ -255,7 +253,14 @@ def _by_block(plans: Sequence[LayerPlan]) -> dict[int, list[LayerPlan]]:
 
 def _decompose(state: RunState) -> None:
     ex = state.executor
+    # a resumed run: finished blocks back from the sink (after allocation, which needed the float weights)
+    state.start_block, inputs, state.results = state.sink.restore(state.model)
+    if inputs is not None:
+        state.inputs = [ex._to_cache(x) for x in inputs]
     by_block = _by_block(state.plans)
+    for b in range(state.start_block):
+        for p in by_block.get(b, []):
+            state.prepared.pop(p.name, None)
     sequential = state.recipe.quantize.sequential
     teacher_in = state.inputs if state.teacher_blocks and not state.teacher and state.uses_data else None
     bar = tqdm(range(state.start_block, len(ex)), desc="compress", unit="block", disable=not state.progress)
@@ -290,7 +295,7 @@ def _decompose(state: RunState) -> None:
             block_results.sort(key=lambda r: order[r.name])
             state.results += block_results
             later = any(p.name not in state.prepared for c in range(b + 1, len(ex)) for p in by_block.get(c, []))
-            if state.uses_data and (later or teacher_in is not None):
+            if state.uses_data and later:
                 state.inputs = ex.forward(block, state.inputs)
             elif state.uses_data:
                 state.inputs = None  # every later layer is already decomposed: nothing needs them

@@ -103,9 +103,14 @@ class BlockSink:
 
     ``write(b, block, results, next_inputs)`` is called once per block after its layers are
     compressed and its outputs computed (``next_inputs`` None when nothing needs them);
-    ``restore(model)`` puts finished blocks back and returns ``(next block, its inputs or None,
-    finished layer results)``; ``reset()`` forgets all progress; ``save(state)`` is the save stage.
+    ``next_block()`` says where a resumed run starts; ``restore(model)`` puts finished blocks back
+    and returns ``(next block, its inputs or None, finished layer results)``; ``reset()`` forgets
+    all progress; ``save(state)`` is the save stage.
     """
+
+    def next_block(self) -> int:
+        """The block a resumed run starts from (0: nothing finished)."""
+        return 0
 
     def restore(self, model: nn.Module) -> tuple[int, list[torch.Tensor] | None, list]:
         return 0, None, []

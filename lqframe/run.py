@@ -124,6 +124,9 @@ class CheckpointSink(BlockSink):
             if old.name != f"inputs-{block + 1:05d}.safetensors":
                 old.unlink(missing_ok=True)
 
+    def next_block(self) -> int:
+        return int(self.progress["finished_block"]) + 1
+
     def restore(self, model) -> tuple[int, list[torch.Tensor] | None, list[LayerResult]]:
         """Swap the finished layers back in; return (next block, its inputs, finished results)."""
         done = int(self.progress["finished_block"])

@@ -331,3 +331,36 @@ def test_cli_device_cuda_without_a_gpu_is_one_line(tmp_path):
     res = subprocess.run([sys.executable, "-m", "lqframe.cli", "run", "--device", "gpu"], capture_output=True,
                          text=True)
     assert res.returncode == 2 and "device must be auto, cpu, cuda or cuda:N" in res.stderr
+
+
+@pytest.mark.parametrize("calibration", [0, 3])
+def test_resumed_run_with_allocation_gives_the_same_checkpoint(tmp_path, monkeypatch, calibration):
+    """Allocation prices every layer on the float weights, so a resumed run allocates before it
+    puts the finished blocks back, and then reuses the chosen decompositions."""
+    from lqframe import run as run_mod
+    from tests.tiny import tiny_llama_dir
+
+    model_dir = tiny_llama_dir(tmp_path / "m", layers=3)
+    doc = {"data": {"seq_len": 48, "calibration_windows": calibration, "evaluation_windows": 2},
+           "quantize_stage": {"quantizer": {"name": "rtn", "bits": 4, "group_size": 32}},
+           "reconstruct_stage": {"reconstructor": {"name": "svd", "rank": 4}},
+           "allocate_stage": {"allocator": "uniform", "budget_bits": 4.0, "candidates": [{"bits": 4}, {"bits": 3}]},
+           "save_stage": {}}
+    r = parse_recipe(doc, "<alloc>")
+    run_mod.run(r, str(model_dir), tmp_path / "whole", device="cpu", progress=False)
+    original = run_mod.CheckpointSink.write
+
+    def crash_after_first(self, block, *args):
+        original(self, block, *args)
+        if block == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_mod.CheckpointSink, "write", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        run_mod.run(r, str(model_dir), tmp_path / "cut", device="cpu", progress=False)
+    monkeypatch.setattr(run_mod.CheckpointSink, "write", original)
+    messages = []
+    report = run_mod.run(r, str(model_dir), tmp_path / "cut", device="cpu", progress=False, log=messages.append)
+    assert any("resuming" in m for m in messages) and {x["bits"] for x in report["layers"]} == {3}
+    a, b = _tensors(tmp_path / "whole" / "model.safetensors"), _tensors(tmp_path / "cut" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
