@@ -8,8 +8,8 @@ Builds a random ``LlamaForCausalLM`` (``--blocks`` decoder blocks, the default m
 and vocabulary, or a byte-level tokenizer when the default model is not installed, e.g. on a GPU
 machine the 98 MB GGUF cannot be carried to), compresses it with the default recipe (GPTQ int4
 g64 + QERA-exact r32, 16 × 512 pydoc calibration tokens) through the same engine as
-``lqframe run``, and prints the seconds of each stage, the seconds per block, the peak device memory and the versions measured with. Random
-weights: only the speed figures mean anything, not the errors.
+``lqframe run``, and prints the seconds of each stage, the seconds per block, the peak device
+memory and the versions measured with. Random weights: only the speed figures mean anything.
 """
 
 from __future__ import annotations
