@@ -64,6 +64,7 @@ class CheckpointSink(BlockSink):
         self.identity = identity
         self.state: RunState | None = None
         self.finish: Callable[[RunState], dict[str, Any]] | None = None  # builds the report
+        self.tokenizer: Any = None  # saved with the checkpoint
         self.progress: dict[str, Any] = self._fresh()
 
     def _fresh(self) -> dict[str, Any]:
