@@ -90,6 +90,16 @@ class PackedStorage(nn.Module):
     def to_qweight(self) -> QuantizedWeight:
         return QuantizedWeight.from_state(self.tensors(), self.full_header())
 
+    def _apply(self, fn, recurse=True):
+        """Device moves apply; dtype casts do not: ``model.to(torch.bfloat16)`` must not re-round
+        the stored float16 scales or codebooks (the format is part of the checkpoint)."""
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            target = fn(torch.empty(0, dtype=t.dtype, device=t.device))
+            return t if target.device == t.device else t.to(target.device)
+
+        return super()._apply(move, recurse)
+
 
 def _factor_header(shape: tuple[int, int], fmt: str, side: str) -> dict[str, Any]:
     """Layout of a packed factor (computed on the CPU: skeletons may be built on the meta device)."""

@@ -46,3 +46,53 @@ def test_layer_config_roundtrip():
     torch.testing.assert_close(clone(x), mod(x))
     assert clone.storage_bits() == mod.storage_bits() == dec.storage_bits()
     assert "nf4" in repr(clone)
+
+
+def test_forward_goes_through_the_first_backend_that_takes_it():
+    from lqframe.kernels import Backend, backends, register_backend, unregister_backend
+
+    _, dec, mod = _module()
+    calls = []
+
+    def run(x, qweight, left, right, bias):
+        calls.append(qweight)
+        return torch.zeros(*x.shape[:-1], qweight.shape[0], dtype=x.dtype)
+
+    register_backend(Backend("test-bf16-only", lambda x, qw: x.dtype == torch.bfloat16, run))
+    try:
+        assert backends()[0].name == "test-bf16-only" and backends()[-1].name == "torch-reference"
+        x = torch.randn(2, 96)
+        assert mod(x).abs().sum() > 0 and not calls  # declined: the reference computed it
+        assert torch.equal(mod(x.bfloat16()), torch.zeros(2, 40, dtype=torch.bfloat16))
+        assert len(calls) == 1 and calls[0] is mod.quantized_weight()  # the packed weight itself
+    finally:
+        unregister_backend("test-bf16-only")
+    with pytest.raises(ValueError, match="cannot be removed"):
+        unregister_backend("torch-reference")
+
+
+def test_packed_weight_is_built_once_and_rebuilt_after_a_move():
+    _, _, mod = _module()
+    first = mod.quantized_weight()
+    mod(torch.randn(2, 96))
+    assert mod.quantized_weight() is first
+    header = mod.qweight.full_header()
+    mod.to(torch.bfloat16)  # a dtype cast leaves the stored format alone …
+    assert mod.left.dtype == torch.bfloat16 and mod.qweight.full_header() == header
+    assert torch.equal(mod.quantized_weight().dequantize(), first.dequantize())
+    mod.to("meta")  # … a device move replaces the buffers: the packed view follows
+    assert mod.quantized_weight() is not first and mod.quantized_weight().codes.device.type == "meta"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_computes_in_the_activations_dtype(device, dtype):
+    lin, dec, mod = _module()
+    mod = mod.to(device)
+    x = torch.randn(4, 96, device=device)
+    ref = x @ dec.dense().to(device).T + lin.bias.to(device)
+    y = mod(x.to(dtype))
+    assert y.dtype == dtype and y.device.type == device
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol)

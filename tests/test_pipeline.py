@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 import lqframe
+from lqframe import testing
 from lqframe.lqlinear import LQLinear
 from lqframe.recipe import load_recipe
 from lqframe.run import run
@@ -240,13 +241,15 @@ def test_cli_empty_data_file(model_dir, tmp_path):
     assert res.returncode != 0 and "empty" in res.stderr
 
 
-def test_python_compress_api(model_dir):
+@testing.parametrize_devices()
+def test_python_compress_api(model_dir, device):
     from lqframe.models import load_model
 
     loaded = load_model(str(model_dir))
-    results = lqframe.compress(loaded.model, small_recipe(), None, progress=False)
+    results = lqframe.compress(loaded.model, small_recipe(), None, device=device, progress=False)
     assert len(results) == 21
-    assert isinstance(loaded.model.model.layers[0].self_attn.q_proj, LQLinear)
+    q_proj = loaded.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, LQLinear) and q_proj.left.device.type == device
 
 
 def test_resume_refuses_changed_data(model_dir, tmp_path, monkeypatch):
@@ -401,10 +404,12 @@ def test_data_aware_allocation_runs_after_calibration(model_dir, tmp_path):
     assert all(r["rel_output_error"] < 0.6 for r in layers) and report["ppl"] < 1e4
 
 
-def test_data_aware_reconstructor_runs_in_the_pipeline(model_dir, tmp_path):
+@testing.parametrize_devices()
+def test_data_aware_reconstructor_runs_in_the_pipeline(model_dir, tmp_path, device):
     recipe = load_recipe(BASE, [*SMALL, "reconstruct_stage.reconstructor.name=qera-exact",
                                 "quantize_stage.quantizer.name=gptq", "evaluate_stage.float_baseline=false"])
-    report = run(recipe, str(model_dir), tmp_path / "o", progress=False)
+    report = run(recipe, str(model_dir), tmp_path / "o", device=device, progress=False)
+    assert report["versions"]["device"].startswith(device)
     assert {r["reconstructor"] for r in report["layers"]} == {"qera-exact"}
     assert {r["quantizer"] for r in report["layers"]} == {"gptq"}
     assert report["ppl"] < 1e4 and all(r["rel_output_error"] < 0.5 for r in report["layers"])
