@@ -87,6 +87,8 @@ class RunState:
     executor: BlockExecutor | None = None
     plans: list[LayerPlan] = attrs.field(factory=list)
     needs: dict[str, frozenset[str]] = attrs.field(factory=dict)
+    #: per layer, the statistics any allocation candidate needs (planned once: it builds every candidate)
+    alloc_needs: dict[str, frozenset[str]] = attrs.field(factory=dict)
     stats: StatsStore = attrs.field(factory=lambda: StatsStore(registry().statistics()))
     inputs: list[torch.Tensor] | None = None
     start_block: int = 0
@@ -116,7 +118,12 @@ class Stage:
 
 
 def _data_aware_allocation(state: RunState) -> bool:
-    return any(allocation_needs(state.recipe, state.plans).values())
+    return any(state.alloc_needs.values())
+
+
+def _all_needs(state: RunState, layer: str) -> frozenset[str]:
+    """What the layer's own components and its allocation candidates need."""
+    return state.needs[layer] | state.alloc_needs.get(layer, frozenset())
 
 
 def prepare(state: RunState) -> RunState:
@@ -125,10 +132,10 @@ def prepare(state: RunState) -> RunState:
     recipe = state.recipe
     state.plans = plan_layers(state.model, recipe)
     state.needs = {p.name: layer_needs(p) for p in state.plans}
-    alloc = allocation_needs(recipe, state.plans)
+    state.alloc_needs = allocation_needs(recipe, state.plans)
     kinds = registry().statistics()
     for plan in state.plans:
-        for name in sorted(state.needs[plan.name] | alloc.get(plan.name, frozenset())):
+        for name in sorted(_all_needs(state, plan.name)):
             kind = kinds.get(name)
             who = f"layer {plan.name} ({plan.quantizer.name} + {plan.reconstructor.name})"
             if kind is None:
@@ -137,7 +144,7 @@ def prepare(state: RunState) -> RunState:
             if kind.source == "gradient" and kind.produce is None:
                 raise RecipeError(f"{recipe.origin}: {who} needs the statistic {name!r}, which comes from a gradient "
                                   "pass, and no installed plugin produces it")
-    if any(state.needs.values()) or any(alloc.values()):
+    if any(state.needs.values()) or _data_aware_allocation(state):
         if not state.uses_data:
             names = sorted({p.reconstructor.name for p in state.plans} | {p.quantizer.name for p in state.plans})
             raise RecipeError(f"{recipe.origin}: the components {names} need calibration statistics, but no "
@@ -165,11 +172,8 @@ def _baseline(state: RunState) -> None:
 def _perplexity(state: RunState, desc: str) -> float:
     from lqframe.evaluate import perplexity
 
-    if state.evaluation is None:
+    if state.evaluation is None:  # (a model that is no causal LM was refused by prepare)
         raise RecipeError(f"{state.recipe.origin}: evaluate_stage: no evaluation windows were given")
-    if state.task != "causal-lm":
-        raise RecipeError(f"{state.recipe.origin}: evaluate_stage: token perplexity needs a causal LM, and this is "
-                          f"a {state.task} model; remove evaluate_stage to compress it")
     set_weight_cache(state.model, True)  # each Q dequantized once for all windows
     try:
         if state.offload:
@@ -184,7 +188,7 @@ def _gradient_statistics(state: RunState) -> None:
     kinds = registry().statistics()
     wanted: dict[str, list[str]] = {}
     for plan in state.plans:
-        for name in state.needs[plan.name] | allocation_needs(state.recipe, [plan]).get(plan.name, frozenset()):
+        for name in _all_needs(state, plan.name):
             if kinds[name].source == "gradient":
                 wanted.setdefault(name, []).append(plan.name)
     for name, layers in wanted.items():
@@ -214,8 +218,7 @@ def _calibrate(state: RunState) -> None:
         return
     # a data-aware allocation needs every layer's statistics before any layer is decomposed:
     # one pass over the float model (whose block outputs are the teacher targets, too)
-    alloc = allocation_needs(state.recipe, state.plans)
-    needs = {p.name: state.needs[p.name] | alloc[p.name] for p in state.plans}
+    needs = {p.name: _all_needs(state, p.name) for p in state.plans}
     by_block = _by_block(state.plans)
     x = state.inputs
     for b in tqdm(range(len(ex)), desc="calibrate", unit="block", disable=not state.progress):

@@ -141,9 +141,7 @@ def decompose_layer(
         dec, seconds = prepared
     module = LQLinear.from_decomposition(linear, dec, meta={"quantizer": plan.quantizer.to_dict(),
                                                             "reconstructor": plan.reconstructor.to_dict()})
-    # lqframe's low-rank base class reports E‖x(W − Q − LR)ᵀ‖² of the stored factors: not computed twice
-    known = dec.info.get("output_error") if isinstance(recon, LowRankReconstructor) else None
-    rel_w, rel_out = layer_errors(w, dec.dense(), stats, sample, known)
+    rel_w, rel_out = layer_errors(w, dec.dense(), stats, sample, _known_output_error(recon, dec))
     qw = dec.qweight
     result = LayerResult(
         name=name,
@@ -185,15 +183,17 @@ def allocation_needs(recipe: Recipe, plans: Sequence[LayerPlan]) -> dict[str, fr
     return {p.name: frozenset().union(*(layer_needs(c) for c in candidate_plans(recipe, p))) for p in plans}
 
 
-def layer_cost(w: torch.Tensor, dec: Decomposition, stats: LayerStats | None) -> float:
+def _known_output_error(recon: ErrorReconstructor, dec: Decomposition) -> float | None:
+    """lqframe's low-rank base class reports E‖x(W − Q − LR)ᵀ‖² of the stored factors in
+    ``info["output_error"]``: reused rather than computed again."""
+    return dec.info.get("output_error") if isinstance(recon, LowRankReconstructor) else None
+
+
+def layer_cost(w: torch.Tensor, dec: Decomposition, stats: LayerStats | None, known: float | None = None) -> float:
     """A candidate's cost: the squared relative output error ‖X(W − Ŵ)ᵀ‖²/‖XWᵀ‖² when ``rxx`` is
-    known, else the squared relative weight error."""
-    w32 = w.float()
-    diff = w32 - dec.dense()
-    if stats is not None and stats.rxx is not None and stats.n_tokens:
-        ref = output_error(w32, stats)
-        return output_error(diff, stats) / ref if ref > 0 else 0.0
-    return float((diff**2).sum() / max(float((w32**2).sum()), 1e-30))
+    known, else the squared relative weight error (:func:`layer_errors`, squared)."""
+    rel_w, rel_out = layer_errors(w, dec.dense(), stats, None, known)
+    return (rel_w if rel_out is None else rel_out) ** 2
 
 
 def cost_table(model: nn.Module, recipe: Recipe, plans: Sequence[LayerPlan], stats_of, progress: bool = True
@@ -222,7 +222,7 @@ def cost_table(model: nn.Module, recipe: Recipe, plans: Sequence[LayerPlan], sta
             except LqframeError as exc:
                 raise type(exc)(f"layer {plan.name}, allocation candidate {j}: {exc}") from None
             decs[(i, j)] = (dec, time.perf_counter() - t0)
-            cost[i, j] = layer_cost(w, dec, stats)
+            cost[i, j] = layer_cost(w, dec, stats, _known_output_error(rec, dec))
             bits[i, j] = q.storage_bits(shape) + (rec.lowrank_bits(shape) if stage.include_lowrank else 0)
     configs = [dict(c) for c in stage.candidates]
     return CostTable([p.name for p in plans], configs, cost.numpy(), bits.numpy(), numel), per_layer, decs
