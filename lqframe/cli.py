@@ -61,16 +61,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_windows(data: str | None, recipe_path, tokenizer, n_eval: int | None, seq_len: int | None):
-    from lqframe.data import make_windows
+def _eval_windows(data: list[str] | None, recipe_path, tokenizer, n_eval: int | None, seq_len: int | None):
+    """Evaluation windows of ``--data`` (else the checkpoint recipe's evaluation sources), exactly
+    the windows a run with that recipe evaluates."""
+    from lqframe.data import make_data
     from lqframe.recipe import DataSpec, load_recipe
 
-    spec = DataSpec()
+    spec, sources = DataSpec(), None
     if recipe_path is not None and recipe_path.is_file():
-        spec = load_recipe(recipe_path, check_components=False).data
-    source = data or spec.source
-    return make_windows(tokenizer, source, seq_len or spec.seq_len, 0,
-                        n_eval if n_eval is not None else spec.evaluation_windows, spec.seed)
+        recipe = load_recipe(recipe_path, check_components=False)
+        spec, sources = recipe.data, recipe.evaluation_sources()
+    sources = list(data or sources or [spec.source])
+    return make_data(tokenizer, (), sources, seq_len or spec.seq_len, 0,
+                     n_eval if n_eval is not None else spec.evaluation_windows, spec.seed)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -96,14 +99,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model, tokenizer = loaded.model, loaded.tokenizer
     from lqframe.executor import resolve_device
 
-    windows = _eval_windows(args.data, recipe_path, tokenizer, args.windows, args.seq_len)
+    data = _eval_windows(args.data, recipe_path, tokenizer, args.windows, args.seq_len)
     model.to(resolve_device(args.device))
     set_weight_cache(model, True)
-    ppl = perplexity(model, windows.evaluation, progress=not args.json)
-    result = {"model": args.target, "data": windows.source, "seq_len": windows.seq_len,
-              "windows": len(windows.evaluation), "ppl": ppl}
-    print(json.dumps(result, indent=2) if args.json else f"{args.target}: perplexity {ppl:.4f} on "
-          f"{len(windows.evaluation)} × {windows.seq_len} tokens of {windows.source}")
+    ppls = {source: perplexity(model, windows, progress=not args.json, desc=f"perplexity ({source})")
+            for source, windows in data.evaluation.items()}
+    first = next(iter(ppls))
+    n = len(data.evaluation[first])
+    result = {"model": args.target, "data": first, "seq_len": data.seq_len, "windows": n, "ppl": ppls[first],
+              "perplexity": ppls}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for source, ppl in ppls.items():
+            print(f"{args.target}: perplexity {ppl:.4f} on {len(data.evaluation[source])} × {data.seq_len} tokens "
+                  f"of {source}")
     return 0
 
 
@@ -172,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="token perplexity of a saved checkpoint or a model")
     p.add_argument("target", metavar="DIR_OR_MODEL")
-    p.add_argument("--data", help="data source (pydoc, text:PATH, jsonl:PATH:FIELD, hf:NAME[:CONFIG[:SPLIT]]); "
-                                  "default: the checkpoint recipe's source")
+    p.add_argument("--data", action="append", metavar="SOURCE",
+                   help="data source (pydoc, news, text:PATH, jsonl:PATH:FIELD, hf:NAME[:CONFIG[:SPLIT]], "
+                        "package:DIST:PATH); repeat it for several; default: the checkpoint recipe's evaluation sources")
     p.add_argument("--windows", type=int, help="evaluation windows (default: the recipe's)")
     p.add_argument("--seq-len", type=int, help="tokens per window (default: the recipe's)")
     p.add_argument("--device", type=_device, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")

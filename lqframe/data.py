@@ -13,6 +13,15 @@ A *data source* is a string:
 ``hf:NAME[:CONFIG[:SPLIT]]``
     A Hugging Face dataset (needs the optional ``datasets`` package and a reachable hub or cache),
     column ``text`` or the only string column, split ``train`` unless given.
+``package:DIST:PATH``
+    A UTF-8 text file shipped inside the installed Python distribution ``DIST``, ``PATH`` relative
+    to where the distribution is installed (site-packages). The distribution is never imported, so
+    a ``pip install --no-deps DIST`` is enough.
+``news``
+    English news prose, a second domain unlike ``pydoc``: the Lee corpus (300 Australian
+    Broadcasting Corporation news articles, one per line, about 75 000 tokens) that ships with
+    gensim's test data (``package:gensim:gensim/test/test_data/lee_background.cor``; install it
+    offline-capable with ``pip install --no-deps gensim``).
 
 :func:`make_windows` tokenizes the text once and cuts the token stream into non-overlapping windows
 of ``seq_len`` tokens. Evaluation windows and calibration windows are disjoint sets of those
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -30,9 +40,15 @@ import torch
 
 from lqframe.errors import DataError
 
-__all__ = ["SOURCE_FORMS", "load_text", "TokenWindows", "make_windows", "evaluation_indices"]
+__all__ = ["SOURCE_FORMS", "NAMED_SOURCES", "load_text", "TokenWindows", "make_windows", "evaluation_indices",
+           "DataSets", "make_data", "calibration_shares"]
 
-SOURCE_FORMS = ("pydoc", "text:PATH", "jsonl:PATH:FIELD", "hf:NAME[:CONFIG[:SPLIT]]")
+SOURCE_FORMS = ("pydoc", "news", "text:PATH", "jsonl:PATH:FIELD", "hf:NAME[:CONFIG[:SPLIT]]", "package:DIST:PATH")
+
+#: short names for sources that ship with an installable package: name → (source, how to install)
+NAMED_SOURCES = {
+    "news": ("package:gensim:gensim/test/test_data/lee_background.cor", "pip install --no-deps gensim"),
+}
 
 _SEPARATOR = "\n\n"
 
@@ -164,6 +180,25 @@ def _hf_dataset(source: str, spec: str) -> str:
     return joined
 
 
+def _package_file(source: str, spec: str, hint: str | None = None) -> str:
+    import importlib.metadata
+
+    dist_name, sep, rel = spec.partition(":")
+    if not sep or not dist_name or not rel:
+        raise _error(source, "expected package:DIST:PATH (an installed distribution, then a file path inside it)")
+    install = hint or f"pip install --no-deps {dist_name}"
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise _error(source, f"the text ships with the Python package {dist_name!r}, which is not installed: "
+                             f"{install}") from None
+    path = Path(str(dist.locate_file(rel)))
+    if not path.is_file():
+        raise _error(source, f"{dist_name} {dist.version} has no file {rel} (looked at {path}); "
+                             f"reinstall it: {install}")
+    return _text_file(source, str(path))
+
+
 def load_text(source: str) -> str:
     """The text of a data source (see the module docstring for the forms). Raises :class:`DataError`
     with a one-line message naming the source (and file, line or dataset) for anything unusable."""
@@ -172,6 +207,11 @@ def load_text(source: str) -> str:
     scheme, sep, rest = source.partition(":")
     if source == "pydoc":
         return _pydoc_text(source)
+    if source in NAMED_SOURCES:
+        target, hint = NAMED_SOURCES[source]
+        return _package_file(source, target.partition(":")[2], hint)
+    if sep and scheme == "package":
+        return _package_file(source, rest)
     if sep and scheme == "text":
         return _text_file(source, rest)
     if sep and scheme == "jsonl":
@@ -300,4 +340,99 @@ def make_windows(
         total_tokens=total,
         calibration_index=cal_index,
         evaluation_index=eval_index,
+    )
+
+
+# ----------------------------------------------------------------------------------------- several sources
+
+
+def calibration_shares(total: int, sources: Sequence[tuple[str, int | None]]) -> list[tuple[str, int]]:
+    """How many calibration windows each source gives: an explicit count where one is given, and
+    ``total`` split as evenly as possible (earlier sources get the remainder) among the others."""
+    free = [i for i, (_, n) in enumerate(sources) if n is None]
+    out = [(src, 0 if n is None else int(n)) for src, n in sources]
+    for k, i in enumerate(free):
+        out[i] = (out[i][0], total // len(free) + (1 if k < total % len(free) else 0))
+    return out
+
+
+@attrs.frozen(eq=False)
+class DataSets:
+    """Calibration windows mixed from several sources and evaluation windows per source.
+
+    ``calibration`` stacks each calibration source's windows in the order the sources were given;
+    ``evaluation`` maps each evaluation source to its windows (in the order given: the first is the
+    run's primary figure). ``record()`` says exactly which windows of which source were used."""
+
+    calibration: torch.Tensor = attrs.field(repr=_shape_repr)
+    evaluation: dict[str, torch.Tensor]
+    seq_len: int
+    seed: int
+    calibration_sources: tuple[tuple[str, tuple[int, ...]], ...]  # (source, window indices)
+    evaluation_sources: tuple[tuple[str, tuple[int, ...]], ...]
+    total_tokens: dict[str, int]
+
+    def record(self) -> dict[str, Any]:
+        """JSON description (report.json, resume checks): per source its token count and the
+        positions of its windows in the source's windowing."""
+
+        def side(entries):
+            return [{"source": s, "total_tokens": self.total_tokens[s], "windows": list(idx)} for s, idx in entries]
+
+        return {"seq_len": self.seq_len, "seed": self.seed, "calibration": side(self.calibration_sources),
+                "evaluation": side(self.evaluation_sources)}
+
+    def checksum(self) -> int:
+        """Sum-of-ids fingerprint of every window (a changed tokenizer or text changes it)."""
+        value = int(self.calibration.sum())
+        for i, t in enumerate(self.evaluation.values()):
+            value = value * 31 + (i + 1) * int(t.sum())
+        return value
+
+
+def make_data(
+    tokenizer: Any,
+    calibration: Sequence[tuple[str, int | None]] | Sequence[str],
+    evaluation: Sequence[str],
+    seq_len: int = 512,
+    n_calibration: int = 16,
+    n_evaluation: int = 16,
+    seed: int = 0,
+    texts: dict[str, str] | None = None,
+) -> DataSets:
+    """Windows from several sources. ``calibration``: sources (or ``(source, windows)`` pairs, see
+    :func:`calibration_shares`) whose windows are mixed, ``n_calibration`` in all; ``evaluation``:
+    sources evaluated separately, ``n_evaluation`` windows each. Every source is tokenized and
+    windowed once by :func:`make_windows` with ``n_evaluation`` evaluation windows held out, whether
+    or not it is evaluated, so within a source calibration and evaluation windows are disjoint and
+    a source's windows do not depend on the other sources. ``texts`` supplies a source's text
+    directly (tests)."""
+    n_calibration = _check_count("n_calibration", n_calibration, 0)
+    pairs = [(c, None) if isinstance(c, str) else (c[0], c[1]) for c in calibration]
+    for src, n in pairs:
+        if n is not None:
+            _check_count(f"calibration windows of {src!r}", n, 0)
+    seen: set[str] = set()
+    for src, _ in pairs:
+        if src in seen:
+            raise DataError(f"calibration source {src!r} is listed twice")
+        seen.add(src)
+    if len(set(evaluation)) != len(evaluation):
+        raise DataError(f"an evaluation source is listed twice: {list(evaluation)}")
+    shares = calibration_shares(n_calibration, pairs) if pairs else []
+    want = dict(shares)
+    windows: dict[str, TokenWindows] = {}
+    for src in dict.fromkeys([s for s, _ in shares] + list(evaluation)):
+        text = (texts or {}).get(src)
+        windows[src] = make_windows(tokenizer, src, seq_len, want.get(src, 0), n_evaluation, seed, text=text)
+    cal = [windows[s].calibration for s, n in shares if n]
+    calib = torch.cat(cal) if cal else torch.empty((0, seq_len), dtype=torch.long)
+    return DataSets(
+        calibration=calib,
+        evaluation={s: windows[s].evaluation for s in evaluation},
+        seq_len=seq_len,
+        seed=seed,
+        calibration_sources=tuple((s, windows[s].calibration_index) for s, n in shares if n),
+        evaluation_sources=tuple((s, windows[s].evaluation_index) for s in evaluation),
+        total_tokens={s: w.total_tokens for s, w in windows.items()},
     )

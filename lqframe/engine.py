@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -76,7 +76,9 @@ class RunState:
     device: torch.device = attrs.field(factory=lambda: torch.device("cpu"))
     offload: bool = False
     calibration: torch.Tensor | None = None
-    evaluation: torch.Tensor | None = None
+    #: evaluation windows per source (the first source gives ``fp_ppl`` / ``ppl``); a bare tensor is
+    #: one unnamed source
+    evaluation: Mapping[str, torch.Tensor] | torch.Tensor | None = None
     task: str = "causal-lm"
     #: blocks whose float outputs (on the float model's own inputs) a later stage needs as targets
     teacher_blocks: frozenset[int] = frozenset()
@@ -95,13 +97,35 @@ class RunState:
     prepared: dict[str, tuple[Decomposition, float]] = attrs.field(factory=dict)
     teacher: dict[int, list[torch.Tensor]] = attrs.field(factory=dict)
     results: list[LayerResult] = attrs.field(factory=list)
-    fp_ppl: float | None = None
-    ppl: float | None = None
+    #: perplexity per evaluation source, float model and compressed model
+    fp_ppls: dict[str, float] = attrs.field(factory=dict)
+    ppls: dict[str, float] = attrs.field(factory=dict)
     timings: dict[str, float] = attrs.field(factory=dict)
 
     @property
     def uses_data(self) -> bool:
         return self.calibration is not None and len(self.calibration) > 0
+
+    def evaluation_sets(self) -> dict[str, torch.Tensor]:
+        if self.evaluation is None:
+            return {}
+        if isinstance(self.evaluation, torch.Tensor):
+            return {"eval": self.evaluation}
+        return dict(self.evaluation)
+
+    def _first(self, values: dict[str, float]) -> float | None:
+        first = next(iter(self.evaluation_sets()), None)
+        return values.get(first) if first is not None else next(iter(values.values()), None)
+
+    @property
+    def fp_ppl(self) -> float | None:
+        """The float perplexity on the first evaluation source."""
+        return self._first(self.fp_ppls)
+
+    @property
+    def ppl(self) -> float | None:
+        """The compressed model's perplexity on the first evaluation source."""
+        return self._first(self.ppls)
 
 
 @attrs.frozen
@@ -164,24 +188,35 @@ def prepare(state: RunState) -> RunState:
 
 
 def _baseline(state: RunState) -> None:
-    if state.fp_ppl is None:
-        state.fp_ppl = _perplexity(state, "float perplexity")
-        state.log(f"float perplexity: {state.fp_ppl:.4f}")
+    sets = state.evaluation_sets()
+    todo = [s for s in sets if s not in state.fp_ppls]  # (a resumed run has them)
+    if todo or not sets:
+        state.fp_ppls.update(_perplexities(state, "float perplexity", todo))
+        state.log("float perplexity: " + ", ".join(f"{v:.4f} ({s})" for s, v in state.fp_ppls.items()))
 
 
-def _perplexity(state: RunState, desc: str) -> float:
+def _perplexities(state: RunState, desc: str, sources: Sequence[str] | None = None) -> dict[str, float]:
+    """Perplexity of the model as it is now on each evaluation source (``sources``: just these)."""
     from lqframe.evaluate import perplexity
 
-    if state.evaluation is None:  # (a model that is no causal LM was refused by prepare)
+    sets = state.evaluation_sets()
+    if not sets:  # (a model that is no causal LM was refused by prepare)
         raise RecipeError(f"{state.recipe.origin}: evaluate_stage: no evaluation windows were given")
+    if sources is not None:
+        sets = {s: sets[s] for s in sources}
     set_weight_cache(state.model, True)  # each Q dequantized once for all windows
+    out = {}
     try:
-        if state.offload:
-            with offloaded(state.model, state.device):
-                return perplexity(state.model, state.evaluation, progress=state.progress, desc=desc)
-        return perplexity(state.model, state.evaluation, progress=state.progress, desc=desc)
+        for source, windows in sets.items():
+            label = f"{desc} ({source})" if len(state.evaluation_sets()) > 1 else desc
+            if state.offload:
+                with offloaded(state.model, state.device):
+                    out[source] = perplexity(state.model, windows, progress=state.progress, desc=label)
+            else:
+                out[source] = perplexity(state.model, windows, progress=state.progress, desc=label)
     finally:
         set_weight_cache(state.model, False)
+    return out
 
 
 def _gradient_statistics(state: RunState) -> None:
@@ -306,7 +341,7 @@ def _decompose(state: RunState) -> None:
 
 
 def _evaluate(state: RunState) -> None:
-    state.ppl = _perplexity(state, "perplexity")
+    state.ppls = _perplexities(state, "perplexity")
 
 
 def _save(state: RunState) -> None:
@@ -370,5 +405,15 @@ def versions(state: RunState) -> dict[str, Any]:
     return out
 
 
+def perplexity_table(state: RunState) -> dict[str, dict[str, float | None]]:
+    """Per evaluation source: float and compressed perplexity and their ratio (report.json)."""
+    out = {}
+    for source in state.evaluation_sets():
+        fp, q = state.fp_ppls.get(source), state.ppls.get(source)
+        out[source] = {"float": fp, "compressed": q, "ratio": q / fp if fp and q is not None else None}
+    return out
+
+
 def report(state: RunState) -> dict[str, Any]:
-    return {**summarize(state.results), "fp_ppl": state.fp_ppl, "ppl": state.ppl}
+    return {**summarize(state.results), "fp_ppl": state.fp_ppl, "ppl": state.ppl,
+            "perplexity": perplexity_table(state)}

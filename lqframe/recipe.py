@@ -186,11 +186,19 @@ class Override:
 
 @attrs.frozen
 class DataSpec:
+    #: the text calibrated on and evaluated on, unless ``calibration`` / ``evaluate_stage.data`` say otherwise
     source: str = "pydoc"
     seq_len: int = 512
+    #: calibration windows in all (split evenly among the calibration sources without a count of their own)
     calibration_windows: int = 16
+    #: evaluation windows per evaluation source
     evaluation_windows: int = 16
     seed: int = 0
+    #: calibration sources mixed, each ``(source, windows or None)``; empty: just ``source``
+    calibration: tuple[tuple[str, int | None], ...] = ()
+
+    def calibration_sources(self) -> tuple[tuple[str, int | None], ...]:
+        return self.calibration or ((self.source, None),)
 
 
 @attrs.frozen
@@ -226,6 +234,8 @@ class TuneStage:
 @attrs.frozen
 class EvaluateStage:
     float_baseline: bool = True
+    #: evaluation sources, each scored separately (the first is the run's headline figure); empty: data.source
+    data: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -253,6 +263,12 @@ class Recipe:
 
     def stages(self) -> list[str]:
         return [s for s in STAGE_ORDER if getattr(self, s) is not None]
+
+    def evaluation_sources(self) -> tuple[str, ...]:
+        """What the evaluate stage scores (nothing without an evaluate stage)."""
+        if self.evaluate is None:
+            return ()
+        return self.evaluate.data or (self.data.source,)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dict(self.raw), sort_keys=False)
@@ -314,6 +330,52 @@ def _overrides(value: Any, ctx: _Ctx, key: str) -> tuple[Override, ...]:
     return tuple(out)
 
 
+def _source(value: Any, ctx: _Ctx) -> str:
+    from lqframe.data import SOURCE_FORMS
+
+    if not isinstance(value, str) or not value:
+        raise ctx.error(f"expected a data source ({', '.join(SOURCE_FORMS)}), got {value!r}")
+    return value
+
+
+def _source_list(value: Any, ctx: _Ctx) -> list[Any]:
+    if isinstance(value, str | Mapping):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ctx.error(f"expected a non-empty list of data sources, got {value!r}")
+    return value
+
+
+def _calibration_sources(value: Any, ctx: _Ctx) -> tuple[tuple[str, int | None], ...]:
+    """``data.calibration``: sources (strings) or ``{source: S, windows: N}`` mappings, mixed."""
+    if value is None:
+        return ()
+    out: list[tuple[str, int | None]] = []
+    for i, item in enumerate(_source_list(value, ctx)):
+        c = ctx.child(i)
+        if isinstance(item, Mapping):
+            body = _mapping(item, c, ("source", "windows"))
+            if "source" not in body:
+                raise c.error("a calibration source needs 'source', e.g. {source: news, windows: 8}")
+            windows = body.get("windows")
+            out.append((_source(body["source"], c.child("source")),
+                        None if windows is None else _int(windows, c.child("windows"), 0)))
+        else:
+            out.append((_source(item, c), None))
+        if out[-1][0] in [s for s, _ in out[:-1]]:
+            raise c.error(f"source {out[-1][0]!r} is listed twice")
+    return tuple(out)
+
+
+def _evaluation_sources(value: Any, ctx: _Ctx) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    out = tuple(_source(item, ctx.child(i)) for i, item in enumerate(_source_list(value, ctx)))
+    if len(set(out)) != len(out):
+        raise ctx.error(f"a source is listed twice: {list(out)}")
+    return out
+
+
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -368,6 +430,7 @@ def parse_recipe(doc: Any, origin: str = "<recipe>", check_components: bool = Tr
     defaults = DataSpec()
     kw["data"] = DataSpec(
         source=_str(d.get("source", defaults.source), c.child("source")),
+        calibration=_calibration_sources(d.get("calibration"), c.child("calibration")),
         seq_len=_int(d.get("seq_len", defaults.seq_len), c.child("seq_len"), 2),
         calibration_windows=_int(d.get("calibration_windows", defaults.calibration_windows),
                                  c.child("calibration_windows"), 0),
@@ -451,8 +514,9 @@ def parse_recipe(doc: Any, origin: str = "<recipe>", check_components: bool = Tr
 
     if "evaluate_stage" in body:
         c = root.child("evaluate_stage")
-        s = _mapping(body["evaluate_stage"], c, ("float_baseline",))
-        kw["evaluate"] = EvaluateStage(float_baseline=_bool(s.get("float_baseline", True), c.child("float_baseline")))
+        s = _mapping(body["evaluate_stage"], c, ("float_baseline", "data"))
+        kw["evaluate"] = EvaluateStage(float_baseline=_bool(s.get("float_baseline", True), c.child("float_baseline")),
+                                       data=_evaluation_sources(s.get("data"), c.child("data")))
 
     if "save_stage" in body:
         c = root.child("save_stage")

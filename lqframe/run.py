@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from lqframe.checkpoint import atomic_write_json, save_checkpoint, save_tensors
-from lqframe.engine import COMPRESSION_STAGES, RunState, execute, versions
+from lqframe.engine import COMPRESSION_STAGES, RunState, execute, perplexity_table, versions
 from lqframe.errors import LqframeError
 from lqframe.executor import BlockSink, resolve_device
 from lqframe.lqlinear import LQLinear
@@ -68,7 +68,7 @@ class CheckpointSink(BlockSink):
         self.progress: dict[str, Any] = self._fresh()
 
     def _fresh(self) -> dict[str, Any]:
-        return {"identity": self.identity, "finished_block": -1, "layers": [], "layer_configs": {}, "fp_ppl": None}
+        return {"identity": self.identity, "finished_block": -1, "layers": [], "layer_configs": {}, "fp_ppl": {}}
 
     def load(self) -> bool:
         path = self.dir / "progress.json"
@@ -86,11 +86,9 @@ class CheckpointSink(BlockSink):
     def save_progress(self) -> None:
         atomic_write_json(self.dir / "progress.json", self.progress)
 
-    def check_data(self, windows) -> None:
+    def check_data(self, data_sets) -> None:
         """A resumed run must see the very same token windows (text, tokenizer and lqframe alike)."""
-        data = {"total_tokens": windows.total_tokens, "calibration": list(windows.calibration_index),
-                "evaluation": list(windows.evaluation_index),
-                "checksum": int(windows.calibration.sum()) * 31 + int(windows.evaluation.sum())}
+        data = {**data_sets.record(), "checksum": data_sets.checksum()}
         if self.progress.get("data") is None:
             self.progress["data"] = data
             self.save_progress()
@@ -118,7 +116,7 @@ class CheckpointSink(BlockSink):
             save_tensors(self.dir / f"inputs-{block + 1:05d}.safetensors",
                          {f"x.{i}": x for i, x in enumerate(inputs)})
         self.progress["finished_block"] = block
-        self.progress["fp_ppl"] = self.state.fp_ppl
+        self.progress["fp_ppl"] = dict(self.state.fp_ppls)
         self.progress["layers"] += [r.as_dict() for r in results]
         self.save_progress()  # the commit point
         for old in self.dir.glob("inputs-*.safetensors"):
@@ -239,10 +237,12 @@ def format_table(report: dict[str, Any]) -> str:
         )
     lines.append("-" * len(head))
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    table = report.get("perplexity") or {"": {"float": report.get("fp_ppl"), "compressed": report.get("ppl")}}
+    ppl = "; ".join(f"{(source + ' ') if source else ''}fp ppl {fmt(v.get('float'))} → ppl {fmt(v.get('compressed'))}"
+                    for source, v in table.items())
     lines.append(
         f"total: {len(rows)} layers, {report.get('params', 0):,} params, avg bits {fmt(report.get('avg_bits'))} "
-        f"(with low-rank {fmt(report.get('avg_bits_with_lowrank'))}); fp ppl {fmt(report.get('fp_ppl'))} → "
-        f"ppl {fmt(report.get('ppl'))}; {report.get('seconds', 0):.1f} s, "
+        f"(with low-rank {fmt(report.get('avg_bits_with_lowrank'))}); {ppl}; {report.get('seconds', 0):.1f} s, "
         f"peak RSS {report.get('peak_rss_mb', 0):.0f} MB"
     )
     return "\n".join(lines)
@@ -251,15 +251,23 @@ def format_table(report: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- the job
 
 
-def _windows(recipe: Recipe, tokenizer, need_calibration: bool, need_evaluation: bool):
-    from lqframe.data import make_windows
+def _windows(recipe: Recipe, tokenizer):
+    """The run's windows: calibration mixed from ``data.calibration`` (when there is a quantize
+    stage), evaluation per source of ``evaluate_stage.data`` (when there is an evaluate stage)."""
+    from lqframe.data import make_data
 
     d = recipe.data
     if tokenizer is None:
         raise LqframeError("the model has no tokenizer; lqframe needs one to read calibration and evaluation text")
-    return make_windows(tokenizer, d.source, d.seq_len,
-                        d.calibration_windows if need_calibration else 0,
-                        d.evaluation_windows if need_evaluation else 0, d.seed)
+    calibration = d.calibration_sources() if recipe.quantize is not None else ()
+    return make_data(tokenizer, calibration, recipe.evaluation_sources(), d.seq_len, d.calibration_windows,
+                     d.evaluation_windows, d.seed)
+
+
+def _describe(data) -> str:
+    cal = " + ".join(f"{len(idx)} × {s}" for s, idx in data.calibration_sources) or "none"
+    ev = ", ".join(f"{len(idx)} × {s}" for s, idx in data.evaluation_sources) or "none"
+    return f"data: windows of {data.seq_len} tokens; calibration {cal}; evaluation {ev}"
 
 
 def run(
@@ -298,14 +306,10 @@ def _run(recipe: Recipe, spec: str, out: Path, sink: CheckpointSink | None, devi
 
     log(f"loading model {spec} …")
     loaded = load_model(spec)
-    need_eval = recipe.evaluate is not None
-    windows = _windows(recipe, loaded.tokenizer, recipe.quantize is not None, need_eval)
-    log(f"data: {recipe.data.source}, {windows.total_tokens} tokens; {len(windows.calibration)} calibration and "
-        f"{len(windows.evaluation)} evaluation windows of {windows.seq_len}; device {device}"
-        + (" (blocks offloaded to CPU memory)" if offload else ""))
+    windows = _windows(recipe, loaded.tokenizer)
+    log(f"{_describe(windows)}; device {device}" + (" (blocks offloaded to CPU memory)" if offload else ""))
     state = RunState(recipe, loaded.model, device=device, offload=offload, calibration=windows.calibration,
-                     evaluation=windows.evaluation if need_eval else None, task=loaded.task,
-                     progress=progress, log=log)
+                     evaluation=windows.evaluation or None, task=loaded.task, progress=progress, log=log)
 
     def finish(st: RunState) -> dict[str, Any]:
         return {
@@ -313,14 +317,13 @@ def _run(recipe: Recipe, spec: str, out: Path, sink: CheckpointSink | None, devi
             "recipe": recipe.origin,
             "fp_ppl": st.fp_ppl,
             "ppl": st.ppl,
+            "perplexity": perplexity_table(st),
             **summarize(st.results),
             "seconds": time.perf_counter() - t_start,
             "peak_rss_mb": peak_rss_mb(),
             "peak_device_mb": (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None),
             "versions": versions(st),
-            "data": {"source": windows.source, "seq_len": windows.seq_len, "total_tokens": windows.total_tokens,
-                     "calibration_windows": list(windows.calibration_index),
-                     "evaluation_windows": list(windows.evaluation_index)},
+            "data": windows.record(),
             "stages": recipe.stages(),
             "stage_seconds": dict(st.timings),
             "layers": [r.as_dict() for r in st.results],
@@ -330,7 +333,8 @@ def _run(recipe: Recipe, spec: str, out: Path, sink: CheckpointSink | None, devi
         sink.check_data(windows)
         sink.state, sink.finish, sink.tokenizer = state, finish, loaded.tokenizer
         state.sink = sink
-        state.fp_ppl = sink.progress.get("fp_ppl")
+        fp = sink.progress.get("fp_ppl")
+        state.fp_ppls = dict(fp) if isinstance(fp, dict) else {}
     execute(state)
     report = finish(state)
     if sink is not None:

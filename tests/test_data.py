@@ -296,7 +296,8 @@ def test_unknown_source_lists_the_forms(source):
     assert "unknown data source" in message
     for form in SOURCE_FORMS:
         assert form in message
-    assert SOURCE_FORMS == ("pydoc", "text:PATH", "jsonl:PATH:FIELD", "hf:NAME[:CONFIG[:SPLIT]]")
+    assert SOURCE_FORMS == ("pydoc", "news", "text:PATH", "jsonl:PATH:FIELD", "hf:NAME[:CONFIG[:SPLIT]]",
+                            "package:DIST:PATH")
 
 
 # ---------------------------------------------------------------------------------------- windows

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 import lqframe
 from lqframe import engine
-from lqframe.data import make_windows
+from lqframe.data import make_data, make_windows
 from lqframe.engine import RunState, execute
 from lqframe.executor import resolve_device
 from lqframe.lqlinear import LQLinear
@@ -129,7 +129,8 @@ def test_run_and_compress_give_the_same_checkpoint(tmp_path, windows):
     r = recipe("gptq", "qera-exact", save_stage={})
     run(r, str(model_dir), tmp_path / "run", device="cpu", progress=False)
     loaded = load_model(str(model_dir))
-    data = make_windows(loaded.tokenizer, "pydoc", 48, 3, 0, 0)  # as run() cuts them without evaluate_stage
+    # as run() cuts them: the source's evaluation windows are held out even without an evaluate_stage
+    data = make_data(loaded.tokenizer, ["pydoc"], [], 48, 3, r.data.evaluation_windows, 0).calibration
     lqframe.compress(loaded.model, r, data, device="cpu", progress=False)
     save_checkpoint(loaded.model, tmp_path / "api")
     a, b = _tensors(tmp_path / "run" / "model.safetensors"), _tensors(tmp_path / "api" / "model.safetensors")

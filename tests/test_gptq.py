@@ -105,43 +105,179 @@ def test_diagonal_hessian_is_exactly_rtn(config):
     assert torch.equal(ours.dequantize(), ref.dequantize())
 
 
-def _obs_reference(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, static: bool) -> torch.Tensor:
-    """Textbook OBS loop in float64: quantize column i, spread its error with the inverse Hessian of
-    the columns not yet quantized, remove i from that inverse (Schur complement). Asymmetric min–max
-    grid per group of ``group`` columns, computed in float32 like ``rtn`` (float32 scales) from the
-    original weights (``static``) or from the updated ones when the group's first column is reached."""
+def _minmax_grid(block: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row int grid of a (rows, k) float32 block, written out from the format's definition: the
+    range always contains 0; asymmetric: ``scale = (max − min)/(2^k − 1)``, zero point
+    ``round(−min/scale)``; symmetric: ``scale = 2·absmax/(2^k − 1)``, zero point ``2^(k−1)`` (so the
+    codes reach ``−2^(k−1)·scale … (2^(k−1) − 1)·scale``). Float32, like ``rtn`` with float32 scales."""
     maxq = (1 << bits) - 1
-    orig, w = w.clone(), w.double().clone()
+    top = block.amax(1).clamp_min(0)
+    bottom = block.amin(1).clamp_max(0)
+    if symmetric:
+        scale = 2 * torch.maximum(top, -bottom) / maxq
+        zero = torch.full_like(scale, float(1 << (bits - 1)))
+    else:
+        scale = (top - bottom) / maxq
+        zero = torch.clamp(torch.round(-bottom / scale), 0, maxq)
+    assert bool((scale > 0).all())
+    return scale, zero
+
+
+def _obs_reference(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, static: bool,
+                   order: list[int] | None = None, symmetric: bool = False, ties: torch.Tensor | None = None):
+    """Textbook OBS loop in float64, visiting the columns in ``order`` (default: natural order):
+    quantize column c, spread its error over the columns not yet quantized with the current inverse
+    Hessian, then remove c from that inverse (Schur complement). Everything stays in the original
+    column numbering — no permuted matrices, no Cholesky factor, no lazy blocks.
+
+    Groups are ``group`` consecutive original columns. A group's grid (:func:`_minmax_grid`) is
+    computed from the original weights (``static``), or else when the first of its columns in
+    ``order`` is reached, from the current (error-updated) values of all its columns.
+
+    A value half-way between two codes is a tie that float rounding decides by chance, and ties are not
+    rare: a symmetric grid puts −absmax exactly half-way, so a group whose first column holds its
+    absmax has one. Given ``ties`` (codes, rows × columns, e.g. the tested implementation's), the loop
+    follows those codes where the value is within 1e-4 (in code units) of a half-way point and the
+    given code is one of the two neighbours, instead of letting the last bits choose.
+
+    Returns (dequantized float32, codes, scales, zero points, number of ties taken from ``ties``);
+    scales and zero points have shape (rows, groups)."""
+    maxq = (1 << bits) - 1
+    n, m = w.shape
+    order = list(range(m)) if order is None else list(order)
+    assert sorted(order) == list(range(m))
+    ngroups = -(-m // group)
+    orig, cur = w.clone(), w.double().clone()
     hinv = torch.linalg.inv(h.double())
-    out = torch.empty_like(w)
-    for i in range(w.shape[1]):
-        if i % group == 0:
-            block = (orig if static else w.float())[:, i:i + group]
-            hi, lo = block.amax(1).clamp_min(0), block.amin(1).clamp_max(0)
-            scale = (hi - lo) / maxq
-            zero = torch.clamp(torch.round(-lo / scale), 0, maxq).double()
-            scale = scale.double()
-        q = torch.clamp(torch.round(w[:, i] / scale) + zero, 0, maxq)
-        out[:, i] = (q - zero) * scale
-        err = (w[:, i] - out[:, i]) / hinv[i, i]
-        w[:, i + 1:] -= err[:, None] * hinv[i, i + 1:][None, :]
-        hinv = hinv - hinv[:, i:i + 1] @ hinv[i:i + 1, :] / hinv[i, i]
-    return out.float()
+    out = torch.zeros(n, m, dtype=torch.float64)
+    codes = torch.zeros(n, m, dtype=torch.int64)
+    scales = torch.zeros(n, ngroups, dtype=torch.float64)
+    zeros = torch.zeros(n, ngroups, dtype=torch.float64)
+    have_grid = [False] * ngroups
+    pending = torch.ones(m, dtype=torch.bool)
+    tie_count = 0
+    for c in order:
+        g = c // group
+        if not have_grid[g]:
+            source = orig if static else cur.float()
+            s, z = _minmax_grid(source[:, g * group:(g + 1) * group], bits, symmetric)
+            scales[:, g], zeros[:, g] = s.double(), z.double()
+            have_grid[g] = True
+        s, z = scales[:, g], zeros[:, g]
+        t = cur[:, c] / s
+        q = torch.clamp(torch.round(t) + z, 0, maxq)
+        if ties is not None:
+            below = torch.clamp(torch.floor(t) + z, 0, maxq)
+            above = torch.clamp(torch.floor(t) + 1 + z, 0, maxq)
+            given = ties[:, c].double()
+            tie = ((t - torch.floor(t) - 0.5).abs() < 1e-4) & ((given == below) | (given == above))
+            q = torch.where(tie, given, q)
+            tie_count += int(tie.sum())
+        codes[:, c] = q.long()
+        out[:, c] = (q - z) * s
+        pending[c] = False
+        err = (cur[:, c] - out[:, c]) / hinv[c, c]
+        cur[:, pending] -= err[:, None] * hinv[c, pending][None, :]
+        hinv = hinv - hinv[:, c:c + 1] @ hinv[c:c + 1, :] / hinv[c, c]
+        hinv[c, :] = 0  # zero up to rounding: c has left the problem
+        hinv[:, c] = 0
+    return out.float(), codes, scales.float(), zeros.float(), tie_count
 
 
+def _descending_diag_order(h: torch.Tensor) -> list[int]:
+    """act_order's visiting order: decreasing diag H, ties in column order (Python's sort is stable)."""
+    diag = torch.diagonal(h).tolist()
+    return sorted(range(len(diag)), key=lambda i: -diag[i])
+
+
+def _damped_hessian(st: lqframe.LayerStats, damp: float) -> torch.Tensor:
+    h = st.hessian()
+    return h + damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("act_order", [False, True], ids=["natural", "act_order"])
 @pytest.mark.parametrize("group,static", [(-1, False), (8, True), (8, False)])
-def test_matches_textbook_obs_loop(group, static):
+def test_matches_textbook_obs_loop(group, static, act_order, symmetric):
     w, x = correlated_layer(12, 40, tokens=200, seed=3)
     st = stats_of(x)
-    q = gptq(bits=3, group_size=group, scale_dtype="float32", static_groups=static, block_size=16)
-    h = st.hessian()
-    h = h + q.damp * torch.diagonal(h).mean() * torch.eye(40, dtype=torch.float64)
-    ref = _obs_reference(w, h, 3, 40 if group == -1 else group, static)
-    ours = q.quantize(w, st).dequantize()
-    # float32 vs float64 arithmetic: grids may differ in the last bit, a rare tie may round differently
+    q = gptq(bits=3, group_size=group, symmetric=symmetric, scale_dtype="float32", static_groups=static,
+             act_order=act_order, block_size=16)
+    h = _damped_hessian(st, q.damp)
+    order = _descending_diag_order(h) if act_order else None
+    qw = q.quantize(w, st)
+    ours, codes = qw.dequantize(), qw.unpacked_codes()
+    ref, ref_codes, ref_scale, ref_zero, ties = _obs_reference(w, h, 3, 40 if group == -1 else group, static, order,
+                                                               symmetric, ties=codes)
+    assert ties <= 0.03 * codes.numel()  # following our tie-breaks cannot hide more than a few codes
+    # float32 vs float64 arithmetic: grids may differ in the last bit, a rare near-tie may round differently
     differ = (ours - ref).abs() > 1e-5 * float(ref.abs().max())
     assert float(differ.float().mean()) < 0.02
+    assert float((codes != ref_codes).float().mean()) < 0.02
+    torch.testing.assert_close(qw.block_scales(), ref_scale, rtol=1e-5, atol=0)
+    assert float((qw.block_zeros() != ref_zero).float().mean()) < 0.02
+    if static or group == -1:  # from the original weights in the same float32 arithmetic: bit for bit
+        assert torch.equal(qw.block_scales(), ref_scale) and torch.equal(qw.block_zeros(), ref_zero)
+    if symmetric:
+        assert bool((qw.block_zeros() == 4).all())
     assert out_err(x, w, ours) == pytest.approx(out_err(x, w, ref), rel=1e-3)
+
+
+def test_textbook_obs_cases_are_discriminating():
+    """The layer of :func:`test_matches_textbook_obs_loop` exercises what the act_order cases claim to:
+    a visiting order that scatters every group of 8, and dynamic grids that differ from static ones
+    and depend on the group layout (original-order groups ≠ groups consecutive in visiting order)."""
+    w, x = correlated_layer(12, 40, tokens=200, seed=3)
+    st = stats_of(x)
+    h = _damped_hessian(st, 0.01)
+    order = _descending_diag_order(h)
+    assert order != list(range(40))
+    first_eight = {c // 8 for c in order[:8]}
+    assert len(first_eight) >= 3  # the first 8 visited columns come from several original groups
+    dyn = _obs_reference(w, h, 3, 8, False, order)
+    sta = _obs_reference(w, h, 3, 8, True, order)
+    assert not torch.allclose(dyn[2], sta[2], rtol=1e-3, atol=0)  # dynamic grids see the updates
+    # (the natural-order run differs as well: the order matters)
+    nat = _obs_reference(w, h, 3, 8, False)
+    assert float((nat[1] != dyn[1]).float().mean()) > 0.05
+    # our dynamic act_order result is the original-order-group one, not a visiting-order-group one
+    qw = gptq(bits=3, group_size=8, scale_dtype="float32", act_order=True, block_size=16).quantize(w, st)
+    permuted_groups = _obs_reference(w[:, order], h[order][:, order], 3, 8, False)
+    assert float((qw.unpacked_codes()[:, order] != permuted_groups[1]).float().mean()) > 0.05
+    assert float((qw.unpacked_codes() != dyn[1]).float().mean()) < 0.02
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int_grid_is_the_textbook_minmax_grid(bits, symmetric):
+    """The core's ``int_grid`` (used by gptq and rtn) against the definition written out in
+    :func:`_minmax_grid`, on rows with mixed signs, all-positive rows (the range is widened to 0, and a
+    symmetric grid is still ±absmax: scale ``2·max/(2^k − 1)``) and all-negative rows."""
+    from lqframe.quantization import int_grid
+
+    g = torch.Generator().manual_seed(11)
+    block = torch.randn(30, 16, generator=g)
+    block[10:20] = block[10:20].abs() + 0.01
+    block[20:] = -block[20:].abs() - 0.01
+    stored, scale, zero = int_grid(block.amin(1), block.amax(1), bits, symmetric, torch.float32)
+    ref_scale, ref_zero = _minmax_grid(block, bits, symmetric)
+    assert torch.equal(stored, scale) and torch.equal(scale, ref_scale) and torch.equal(zero, ref_zero)
+    maxq = (1 << bits) - 1
+    absmax = block.abs().amax(1)
+    if symmetric:
+        torch.testing.assert_close(scale, 2 * absmax / maxq)
+        assert bool((zero == 1 << (bits - 1)).all())
+        # the lowest code reaches −absmax·2^k/(2^k − 1); the highest (2^(k−1) − 1)·scale, just below absmax
+        assert bool(((0 - zero) * scale <= -absmax).all()) and bool(((maxq - zero) * scale < absmax).all())
+    else:
+        torch.testing.assert_close(scale, (block.amax(1).clamp_min(0) - block.amin(1).clamp_max(0)) / maxq)
+        assert bool((zero[10:20] == 0).all()) and bool((zero[20:] == maxq).all())
+    # the rtn quantizer with float32 scales encodes on exactly this grid
+    rtn = REG.create("quantizer", "rtn", bits=bits, group_size=16, symmetric=symmetric, scale_dtype="float32")
+    qw = rtn.quantize(block)
+    assert torch.equal(qw.block_scales()[:, 0], ref_scale) and torch.equal(qw.block_zeros()[:, 0], ref_zero)
+    expect = torch.clamp(torch.round(block / ref_scale[:, None]) + ref_zero[:, None], 0, maxq)
+    assert torch.equal(qw.unpacked_codes(), expect.long())
 
 
 @pytest.mark.parametrize("act_order", [False, True])
