@@ -8,14 +8,21 @@ appended to a JSON-lines file as soon as it finishes, so an interrupted table re
         --reconstructors none svd lqer qera-approx qera-exact loftq --rank 32
 
 Variants: ``--quantizer-options act_order=true static_groups=true`` (YAML values) and
-``--reconstructor-options factor_dtype=int8``; rows record their options and are cached per
-combination *and* options.
+``--reconstructor-options factor_dtype=int8``; several quantizer variants in one invocation with
+``--quantizer-variants "" "act_order=true static_groups=true" "symmetric=true"`` (one string each,
+"" for none). Rows record their options and are cached per combination *and* options.
+
+Every row is scored on each ``--evaluation-sources`` (default ``pydoc news``: Python documentation
+and English news prose, 16 × 512 windows each); ``--calibration-sources pydoc news`` calibrates on a
+mix (windows split evenly). A cached row that lacks a requested evaluation source is measured again
+and replaced.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import time
 from pathlib import Path
@@ -23,8 +30,8 @@ from pathlib import Path
 import yaml
 
 import lqframe
-from lqframe.data import make_windows
-from lqframe.engine import RunState, execute, versions
+from lqframe.data import make_data
+from lqframe.engine import RunState, execute, perplexity_table, versions
 from lqframe.evaluate import perplexity
 from lqframe.executor import resolve_device
 from lqframe.models import load_model
@@ -45,6 +52,10 @@ def main() -> None:
     ap.add_argument("--evaluation", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--quantizer-options", nargs="*", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--quantizer-variants", nargs="+", metavar="'KEY=VALUE ...'",
+                    help="several quantizer option sets, one quoted string each ('' = defaults)")
+    ap.add_argument("--calibration-sources", nargs="+", default=["pydoc"])
+    ap.add_argument("--evaluation-sources", nargs="+", default=["pydoc", "news"])
     ap.add_argument("--reconstructor-options", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--sequential", choices=["block", "layer"], default="block",
                     help="quantize_stage.sequential: calibrate each block at once, or each input group in turn")
@@ -55,68 +66,104 @@ def main() -> None:
     if args.table:
         print(render([json.loads(x) for x in Path(args.out).read_text().splitlines() if x.strip()]))
         return
-    qopts = _options(args.quantizer_options)
+    variants = ([_options(v.split()) for v in args.quantizer_variants] if args.quantizer_variants
+                else [_options(args.quantizer_options)])
     ropts = _options(args.reconstructor_options)
+    cal_sources = list(args.calibration_sources)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = {}
-    if out.exists():
-        for line in out.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                done[_key(row["quantizer"], row["bits"], row["reconstructor"], row["rank"],
-                          row.get("quantizer_options", {}), row.get("reconstructor_options", {}),
-                          row.get("sequential", "block"), row.get("calibration_windows", 16))] = row
+    done = {_row_key(row): row for row in _read(out)}
 
     loaded = load_model(args.model)
     base = loaded.model
-    windows = make_windows(loaded.tokenizer, "pydoc", args.seq_len, args.calibration, args.evaluation, 0)
+    data = make_data(loaded.tokenizer, cal_sources, args.evaluation_sources, args.seq_len, args.calibration,
+                     args.evaluation, 0)
     device = resolve_device(args.device)
-    fp = perplexity(base.to(device), windows.evaluation, progress=False)
-    print(f"float perplexity {fp:.4f} ({args.evaluation}×{args.seq_len} evaluation tokens)", flush=True)
+    base.to(device)
+    fps = {s: perplexity(base, w, progress=False) for s, w in data.evaluation.items()}
+    fp = fps[args.evaluation_sources[0]]
+    print("float perplexity " + ", ".join(f"{v:.4f} ({s})" for s, v in fps.items())
+          + f" ({args.evaluation}×{args.seq_len} evaluation tokens each)", flush=True)
     registered = set(lqframe.registry().names("quantizer")) | set(lqframe.registry().names("reconstructor"))
-    for bits in args.bits:
-        for qname in args.quantizers:
-            for rname in args.reconstructors:
-                rank = args.rank if rname != "none" else 0
-                r_opts = ropts if rname != "none" else {}
-                key = _key(qname, bits, rname, rank, qopts, r_opts, args.sequential, args.calibration)
-                label = f"{qname:5} {bits}b {rname:12}{_label(qopts, r_opts, args.sequential, args.calibration)}"
-                if key in done:
-                    print(f"{label} ppl {done[key]['ppl']:10.4f} (cached)", flush=True)
-                    continue
-                if qname not in registered or rname not in registered:
-                    print(f"{label} skipped: not installed", flush=True)
-                    continue
-                doc = {
-                    "data": {"source": "pydoc", "seq_len": args.seq_len,
-                             "calibration_windows": args.calibration, "evaluation_windows": args.evaluation},
-                    "quantize_stage": {"quantizer": {"name": qname, "bits": bits, "group_size": args.group_size,
-                                                     **qopts},
-                                       "sequential": args.sequential},
-                    "evaluate_stage": {"float_baseline": False},
-                }
-                if rname != "none":
-                    doc["reconstruct_stage"] = {"reconstructor": {"name": rname, "rank": args.rank, **r_opts}}
-                recipe = parse_recipe(doc, f"{qname}-{bits}-{rname}")
-                state = RunState(recipe, copy.deepcopy(base), device=device, calibration=windows.calibration,
-                                 evaluation=windows.evaluation, progress=False, log=lambda s: None)
-                t0 = time.perf_counter()
-                execute(state, only=("calibrate", "allocate", "decompose"))
-                seconds = time.perf_counter() - t0
-                execute(state, only=("evaluate",))
-                ppl, results = state.ppl, state.results
-                row = {"quantizer": qname, "bits": bits, "reconstructor": rname, "rank": rank,
-                       "quantizer_options": qopts, "reconstructor_options": r_opts, "sequential": args.sequential,
-                       "calibration_windows": args.calibration, "group_size": args.group_size,
-                       "ppl": ppl, "fp_ppl": fp, "ratio": ppl / fp,
-                       "compress_seconds": seconds, **summarize(results), "versions": versions(state)}
-                with out.open("a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-                print(f"{label} ppl {ppl:10.4f}  ×{ppl / fp:6.3f}  bits {row['avg_bits']:.3f}"
-                      f"/{row['avg_bits_with_lowrank']:.3f}  {seconds:6.1f} s", flush=True)
-                del state
+    for bits, qname, qopts, rname in itertools.product(args.bits, args.quantizers, variants, args.reconstructors):
+        rank = args.rank if rname != "none" else 0
+        r_opts = ropts if rname != "none" else {}
+        key = _key(qname, bits, rname, rank, qopts, r_opts, args.sequential, args.calibration, cal_sources)
+        label = (f"{qname:5} {bits}b {rname:12}"
+                 f"{_label(qopts, r_opts, args.sequential, args.calibration, cal_sources)}")
+        cached = done.get(key)
+        if cached is not None and all(s in cached.get("perplexity", {}) for s in args.evaluation_sources):
+            print(f"{label} ppl {cached['ppl']:10.4f} (cached)", flush=True)
+            continue
+        if qname not in registered or rname not in registered:
+            print(f"{label} skipped: not installed", flush=True)
+            continue
+        doc = {
+            "data": {"source": args.evaluation_sources[0], "seq_len": args.seq_len,
+                     "calibration": cal_sources,
+                     "calibration_windows": args.calibration, "evaluation_windows": args.evaluation},
+            "quantize_stage": {"quantizer": {"name": qname, "bits": bits, "group_size": args.group_size,
+                                             **qopts},
+                               "sequential": args.sequential},
+            "evaluate_stage": {"float_baseline": False, "data": args.evaluation_sources},
+        }
+        if rname != "none":
+            doc["reconstruct_stage"] = {"reconstructor": {"name": rname, "rank": args.rank, **r_opts}}
+        recipe = parse_recipe(doc, f"{qname}-{bits}-{rname}")
+        state = RunState(recipe, copy.deepcopy(base), device=device, calibration=data.calibration,
+                         evaluation=data.evaluation, progress=False, log=lambda s: None)
+        state.fp_ppls = dict(fps)
+        t0 = time.perf_counter()
+        execute(state, only=("calibrate", "allocate", "decompose"))
+        seconds = time.perf_counter() - t0
+        execute(state, only=("evaluate",))
+        ppl, results = state.ppl, state.results
+        row = {"quantizer": qname, "bits": bits, "reconstructor": rname, "rank": rank,
+               "quantizer_options": qopts, "reconstructor_options": r_opts, "sequential": args.sequential,
+               "calibration_windows": args.calibration, "group_size": args.group_size,
+               "calibration_sources": cal_sources,
+               "ppl": ppl, "fp_ppl": fp, "ratio": ppl / fp, "perplexity": perplexity_table(state),
+               "data": data.record(),
+               "compress_seconds": seconds, **summarize(results), "versions": versions(state)}
+        _append(out, row, replace=cached)
+        print(f"{label} " + "  ".join(f"{s} {v['compressed']:.4f} ×{v['ratio']:.3f}"
+                                      for s, v in row["perplexity"].items())
+              + f"  bits {row['avg_bits']:.3f}/{row['avg_bits_with_lowrank']:.3f}  {seconds:6.1f} s",
+              flush=True)
+        del state
+
+
+def _read(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def _row_key(row: dict) -> tuple:
+    return _key(row["quantizer"], row["bits"], row["reconstructor"], row["rank"], row.get("quantizer_options", {}),
+                row.get("reconstructor_options", {}), row.get("sequential", "block"),
+                row.get("calibration_windows", 16), row.get("calibration_sources", ["pydoc"]))
+
+
+def _append(path: Path, row: dict, replace: dict | None = None) -> None:
+    """Add a row (replacing ``replace``, an older measurement of the same combination), atomically."""
+    if replace is None:
+        with path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        return
+    rows = [row if _row_key(r) == _row_key(replace) else r for r in _read(path)]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def _cell(r: dict, sources: list[str]) -> str:
+    table = r.get("perplexity") or {"pydoc": {"compressed": r["ppl"], "ratio": r["ratio"]}}
+    ppl = " / ".join(f"{table[s]['compressed']:.2f}" if s in table else "–" for s in sources)
+    ratio = " / ".join(f"×{table[s]['ratio']:.3f}" if s in table else "–" for s in sources)
+    return (f"{ppl} ({ratio}, {r['avg_bits_with_lowrank']:.2f} b, {r['compress_seconds']:.0f} s)"
+            f"{'' if r.get('versions') else ' †'}")
 
 
 def render(rows: list[dict]) -> str:
@@ -128,22 +175,25 @@ def render(rows: list[dict]) -> str:
         label = (r["quantizer"], r["reconstructor"], _label(r.get("quantizer_options", {}),
                                                               r.get("reconstructor_options", {}),
                                                               r.get("sequential", "block"),
-                                                              r.get("calibration_windows", 16)).strip())
+                                                              r.get("calibration_windows", 16),
+                                                              r.get("calibration_sources", ["pydoc"])).strip())
         lines.setdefault(label, {})[r["bits"]] = r
     order = ["none", "svd", "lqer", "qera-approx", "qera-exact", "loftq"]
     lines = dict(sorted(lines.items(), key=lambda kv: (kv[0][0] != "rtn", kv[0][0],
                                                       order.index(kv[0][1]) if kv[0][1] in order else 99,
                                                       kv[0][2])))
-    out = [f"float perplexity {fp:.2f}; cells: perplexity (× float, bits per parameter with L·R, compress time)",
+    sources = list(dict.fromkeys(s for r in rows for s in (r.get("perplexity") or {"pydoc": None})))
+    fps = {s: v["float"] for r in rows for s, v in (r.get("perplexity") or {}).items()}
+    fps.setdefault("pydoc", fp)
+    out = [f"float perplexity {' / '.join(f'{fps[s]:.2f}' for s in sources)} ({' / '.join(sources)}); cells: "
+           f"perplexity on {' / '.join(sources)} (× float, bits per parameter with L·R, compress time)",
            "", "| quantizer | reconstructor | variant | " + " | ".join(f"{b}-bit" for b in bits) + " |",
            "|---|---|---|" + "---|" * len(bits)]
     for (q, rec, variant), by_bits in lines.items():
         cells = []
         for b in bits:
             r = by_bits.get(b)
-            cells.append("–" if r is None else
-                         f"{r['ppl']:.2f} (×{r['ratio']:.3f}, {r['avg_bits_with_lowrank']:.2f} b, "
-                         f"{r['compress_seconds']:.0f} s){'' if r.get('versions') else ' †'}")
+            cells.append("–" if r is None else _cell(r, sources))
         out.append(f"| {q} | {rec} | {variant or '–'} | " + " | ".join(cells) + " |")
     measured = {_versions_line(r["versions"]) for r in rows if r.get("versions")}
     out.append("")
@@ -168,17 +218,20 @@ def _options(pairs: list[str]) -> dict:
     return out
 
 
-def _key(qname, bits, rname, rank, qopts, ropts, sequential="block", calibration=16):
+def _key(qname, bits, rname, rank, qopts, ropts, sequential="block", calibration=16, cal_sources=("pydoc",)):
     return (qname, bits, rname, rank, json.dumps(qopts, sort_keys=True), json.dumps(ropts, sort_keys=True),
-            sequential, calibration)
+            sequential, calibration, tuple(cal_sources))
 
 
-def _label(qopts: dict, ropts: dict, sequential: str = "block", calibration: int = 16) -> str:
+def _label(qopts: dict, ropts: dict, sequential: str = "block", calibration: int = 16,
+           cal_sources=("pydoc",)) -> str:
     opts = [f"{k}={v}" for k, v in {**qopts, **ropts}.items()]
     if sequential != "block":
         opts.append(f"sequential={sequential}")
     if calibration != 16:
         opts.append(f"calibration={calibration}×512")
+    if list(cal_sources) != ["pydoc"]:
+        opts.append(f"calibrated on {'+'.join(cal_sources)}")
     return f" [{' '.join(opts)}]" if opts else ""
 
 

@@ -22,6 +22,12 @@ A *data source* is a string:
     Broadcasting Corporation news articles, one per line, about 75 000 tokens) that ships with
     gensim's test data (``package:gensim:gensim/test/test_data/lee_background.cor``; install it
     offline-capable with ``pip install --no-deps gensim``).
+``wiki``
+    English encyclopedic prose: the 206 Wikipedia articles of the dump excerpt in gensim's test data
+    (``enwiki-latest-pages-articles1.xml-…-shortened.bz2``), markup stripped by
+    :func:`wiki_plain_text` (templates, tables, references, files and categories dropped; links
+    kept as their text), articles in dump order, about 1.1 M tokens. A third domain, never used
+    for calibration by the shipped recipes.
 
 :func:`make_windows` tokenizes the text once and cuts the token stream into non-overlapping windows
 of ``seq_len`` tokens. Evaluation windows and calibration windows are disjoint sets of those
@@ -31,6 +37,7 @@ windows, so no token that is evaluated was ever seen during calibration.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
@@ -43,11 +50,13 @@ from lqframe.errors import DataError
 __all__ = ["SOURCE_FORMS", "NAMED_SOURCES", "load_text", "TokenWindows", "make_windows", "evaluation_indices",
            "DataSets", "make_data", "calibration_shares"]
 
-SOURCE_FORMS = ("pydoc", "news", "text:PATH", "jsonl:PATH:FIELD", "hf:NAME[:CONFIG[:SPLIT]]", "package:DIST:PATH")
+SOURCE_FORMS = ("pydoc", "news", "wiki", "text:PATH", "jsonl:PATH:FIELD", "hf:NAME[:CONFIG[:SPLIT]]", "package:DIST:PATH")
 
 #: short names for sources that ship with an installable package: name → (source, how to install)
 NAMED_SOURCES = {
     "news": ("package:gensim:gensim/test/test_data/lee_background.cor", "pip install --no-deps gensim"),
+    "wiki": ("package:gensim:gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+             "pip install --no-deps gensim"),
 }
 
 _SEPARATOR = "\n\n"
@@ -180,7 +189,7 @@ def _hf_dataset(source: str, spec: str) -> str:
     return joined
 
 
-def _package_file(source: str, spec: str, hint: str | None = None) -> str:
+def _package_path(source: str, spec: str, hint: str | None = None) -> Path:
     import importlib.metadata
 
     dist_name, sep, rel = spec.partition(":")
@@ -196,7 +205,72 @@ def _package_file(source: str, spec: str, hint: str | None = None) -> str:
     if not path.is_file():
         raise _error(source, f"{dist_name} {dist.version} has no file {rel} (looked at {path}); "
                              f"reinstall it: {install}")
-    return _text_file(source, str(path))
+    return path
+
+
+def _package_file(source: str, spec: str, hint: str | None = None) -> str:
+    return _text_file(source, str(_package_path(source, spec, hint)))
+
+
+_WIKI_DROP = re.compile(r"<!--.*?-->|<ref[^>]*/>|<ref[^>]*>.*?</ref>|<(gallery|math|timeline)[^>]*>.*?</\1>",
+                        re.S | re.I)
+_WIKI_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}|\{\|[^{}]*?\|\}")  # innermost template / table
+_WIKI_LINK = re.compile(r"\[\[([^\[\]|]*)(?:\|([^\[\]]*))?\]\]")  # innermost [[target|text]]
+_WIKI_EXTERNAL = re.compile(r"\[(?:https?|ftp)://[^\s\]]+\s*([^\]]*)\]")
+_WIKI_TAG = re.compile(r"</?[a-zA-Z][^>]*>")
+_WIKI_HEADING = re.compile(r"^(=+)\s*(.*?)\s*\1\s*$", re.M)
+
+
+def wiki_plain_text(markup: str) -> str:
+    """Plain prose from MediaWiki markup: comments, references, templates (nested) and tables
+    dropped, ``[[File:…]]`` / ``[[Category:…]]`` links dropped, other links replaced by their text,
+    external links by their label, bold/italic quotes, HTML tags and list bullets removed, headings
+    kept as lines; HTML entities decoded; runs of blank lines collapsed."""
+    import html
+
+    text = _WIKI_DROP.sub("", markup)
+    for pattern in (_WIKI_TEMPLATE, _WIKI_LINK):
+        while True:
+            if pattern is _WIKI_LINK:
+                new = pattern.sub(lambda m: "" if ":" in m.group(1) else (m.group(2) or m.group(1)), text)
+            else:
+                new = pattern.sub("", text)
+            if new == text:
+                break
+            text = new
+    text = _WIKI_EXTERNAL.sub(lambda m: m.group(1), text)
+    text = _WIKI_HEADING.sub(lambda m: m.group(2), text)
+    text = _WIKI_TAG.sub("", text.replace("'''", "").replace("''", ""))
+    text = html.unescape(text)
+    lines = [re.sub(r"^[*#:;]+\s*", "", line).rstrip() for line in text.split("\n")]
+    lines = [line for line in lines if not line.startswith(("{|", "|", "!"))]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def _wiki_dump(source: str, spec: str, hint: str) -> str:
+    """The articles (namespace 0, redirects skipped) of a bz2 MediaWiki XML dump, as plain text."""
+    import bz2
+    import xml.etree.ElementTree as ET
+
+    path = _package_path(source, spec, hint)
+    articles = []
+    try:
+        with bz2.open(path, "rb") as fh:
+            for _, elem in ET.iterparse(fh):
+                if elem.tag.rpartition("}")[2] != "page":
+                    continue
+                ns = next((c.text for c in elem if c.tag.endswith("}ns")), "0")
+                body = next((t.text for r in elem if r.tag.endswith("}revision") for t in r
+                             if t.tag.endswith("}text")), None) or ""
+                if ns == "0" and not body.lstrip().upper().startswith("#REDIRECT"):
+                    articles.append(wiki_plain_text(body))
+                elem.clear()
+    except (OSError, EOFError, ET.ParseError) as exc:
+        raise _error(source, f"cannot read the Wikipedia dump {path}: {exc}") from None
+    text = _SEPARATOR.join(a for a in articles if a)
+    if not text.strip():
+        raise _error(source, f"the Wikipedia dump {path} holds no article text")
+    return text
 
 
 def load_text(source: str) -> str:
@@ -209,6 +283,8 @@ def load_text(source: str) -> str:
         return _pydoc_text(source)
     if source in NAMED_SOURCES:
         target, hint = NAMED_SOURCES[source]
+        if target.endswith(".xml-p000000010p000030302-shortened.bz2"):
+            return _wiki_dump(source, target.partition(":")[2], hint)
         return _package_file(source, target.partition(":")[2], hint)
     if sep and scheme == "package":
         return _package_file(source, rest)

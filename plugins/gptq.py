@@ -30,9 +30,11 @@ Choices, where the reference code leaves room:
   per-row-block layout), also with ``act_order``. Its grid (scale, zero point) is computed when the
   first of its columns is about to be quantized, from the current values of all its columns — the
   original weights plus every error-feedback update received so far (including updates still pending
-  in the lazy block). Without ``act_order`` that is the reference behaviour; with ``act_order`` it is
-  the same rule applied to the permuted visiting order. ``static_groups: true`` computes every grid
-  from the original weights instead, before any update.
+  in the lazy block). Without ``act_order`` that is the reference's rule (which, for a group starting
+  inside a lazy block, reads the values without that block's pending updates); with ``act_order``
+  it is the same rule applied to the permuted visiting order. ``static_groups: true`` computes every
+  grid from the original weights instead, before any update (llm-compressor always does; with
+  ``act_order`` it is its ``static`` activation ordering). docs/gptq.md compares the peers.
 * ``act_order`` visits columns by decreasing ``diag H`` (stable sort, so ties keep their order).
 
 Without ``rxx`` statistics the quantizer raises :class:`~lqframe.MissingStatisticError`.

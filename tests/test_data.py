@@ -296,7 +296,7 @@ def test_unknown_source_lists_the_forms(source):
     assert "unknown data source" in message
     for form in SOURCE_FORMS:
         assert form in message
-    assert SOURCE_FORMS == ("pydoc", "news", "text:PATH", "jsonl:PATH:FIELD", "hf:NAME[:CONFIG[:SPLIT]]",
+    assert SOURCE_FORMS == ("pydoc", "news", "wiki", "text:PATH", "jsonl:PATH:FIELD", "hf:NAME[:CONFIG[:SPLIT]]",
                             "package:DIST:PATH")
 
 
@@ -458,3 +458,122 @@ def test_repr_shows_shapes_not_tensors():
     w = make_windows(PositionTokenizer(), "c", seq_len=4, n_calibration=2, n_evaluation=2, text=words(40))
     text = repr(w)
     assert "LongTensor(2, 4)" in text and "tensor(" not in text
+
+
+# ------------------------------------------------------------------------------------------ several sources
+
+
+def test_news_is_english_prose_shipped_with_gensim():
+    text = load_text("news")
+    docs = text.split("\n")
+    assert len([d for d in docs if d.strip()]) == 300  # the Lee background corpus: one article per line
+    assert "Hundreds of people have been forced to vacate their homes" in text
+    assert "def " not in text and ">>>" not in text  # prose, not documentation
+
+
+def test_news_without_gensim_says_how_to_install(monkeypatch):
+    import importlib.metadata
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(DataError) as exc:
+        load_text("news")
+    assert "pip install --no-deps gensim" in assert_one_line(exc)
+
+
+def test_package_source_reads_a_file_of_an_installed_distribution():
+    import importlib.metadata
+
+    dist = importlib.metadata.distribution("pytest")
+    rel = next(str(f) for f in dist.files if str(f).endswith("__init__.py") and str(f).startswith("_pytest/"))
+    assert load_text(f"package:pytest:{rel}") == pathlib.Path(dist.locate_file(rel)).read_text(encoding="utf-8")
+    with pytest.raises(DataError, match="has no file no/such.txt"):
+        load_text("package:pytest:no/such.txt")
+    with pytest.raises(DataError, match="expected package:DIST:PATH"):
+        load_text("package:pytest")
+
+
+def _texts():
+    # three sources whose token ids do not overlap (PositionTokenizer numbers words from 0 in each, so
+    # give each source a distinct length and compare window contents per source)
+    return {"a": words(400), "b": words(300), "c": words(250)}
+
+
+def test_make_data_mixes_calibration_and_scores_each_evaluation_source():
+    from lqframe.data import make_data
+
+    tok = PositionTokenizer()
+    d = make_data(tok, ["a", "b"], ["a", "c"], seq_len=10, n_calibration=7, n_evaluation=3, seed=1, texts=_texts())
+    assert [s for s, _ in d.calibration_sources] == ["a", "b"]
+    assert [len(i) for _, i in d.calibration_sources] == [4, 3]  # 7 split evenly, remainder first
+    assert d.calibration.shape == (7, 10) and list(d.evaluation) == ["a", "c"]
+    for source, idx in d.calibration_sources + d.evaluation_sources:
+        ref = make_windows(PositionTokenizer(), source, 10, 0, 3, 1, text=_texts()[source])
+        if (source, idx) in d.evaluation_sources:
+            assert idx == ref.evaluation_index  # evaluation windows never depend on the calibration mix
+    # within each source calibration and evaluation windows are disjoint
+    cal = dict(d.calibration_sources)
+    ev = dict(d.evaluation_sources)
+    assert not set(cal["a"]) & set(ev["a"])
+    b_eval = make_windows(PositionTokenizer(), "b", 10, 0, 3, 1, text=_texts()["b"]).evaluation_index
+    assert not set(cal["b"]) & set(b_eval)  # held out even though b is not evaluated
+    # the calibration tensor is a's windows then b's, exactly the tokens the record names
+    a_rows = torch.stack([torch.arange(i * 10, (i + 1) * 10) for i in cal["a"]])
+    b_rows = torch.stack([torch.arange(i * 10, (i + 1) * 10) for i in cal["b"]])
+    assert torch.equal(d.calibration, torch.cat([a_rows, b_rows]))
+    for source, idx in d.evaluation_sources:
+        rows = torch.stack([torch.arange(i * 10, (i + 1) * 10) for i in idx])
+        assert torch.equal(d.evaluation[source], rows)
+    rec = d.record()
+    assert rec["calibration"] == [{"source": "a", "total_tokens": 400, "windows": list(cal["a"])},
+                                  {"source": "b", "total_tokens": 300, "windows": list(cal["b"])}]
+    assert rec["evaluation"][1] == {"source": "c", "total_tokens": 250, "windows": list(ev["c"])}
+    json.dumps(rec)  # report.json material
+
+
+def test_make_data_is_deterministic_and_seeded():
+    from lqframe.data import make_data
+
+    args = (["a", "b"], ["a"], 10, 8, 3)
+    one = make_data(PositionTokenizer(), *args, seed=0, texts=_texts())
+    two = make_data(PositionTokenizer(), *args, seed=0, texts=_texts())
+    assert one.record() == two.record() and torch.equal(one.calibration, two.calibration)
+    assert one.checksum() == two.checksum()
+    other = make_data(PositionTokenizer(), *args, seed=5, texts=_texts())
+    assert other.record()["calibration"] != one.record()["calibration"]
+    assert other.record()["evaluation"] == one.record()["evaluation"]
+
+
+def test_make_data_explicit_counts_and_errors():
+    from lqframe.data import calibration_shares, make_data
+
+    assert calibration_shares(10, [("a", None), ("b", 2), ("c", None)]) == [("a", 5), ("b", 2), ("c", 5)]
+    assert calibration_shares(1, [("a", None), ("b", None)]) == [("a", 1), ("b", 0)]
+    d = make_data(PositionTokenizer(), [("a", 2), ("b", None)], [], 10, 5, 3, texts=_texts())
+    assert [(s, len(i)) for s, i in d.calibration_sources] == [("a", 2), ("b", 5)]
+    assert d.evaluation == {}
+    with pytest.raises(DataError, match="listed twice"):
+        make_data(PositionTokenizer(), ["a", "a"], [], 10, 4, 3, texts=_texts())
+    with pytest.raises(DataError, match="'c'.*too little text"):
+        make_data(PositionTokenizer(), ["c"], [], 10, 30, 3, texts=_texts())
+
+
+def test_wiki_plain_text_strips_markup():
+    from lqframe.data import wiki_plain_text
+
+    markup = ("{{Infobox|name={{nested|x}}}}'''Anarchism''' is a [[political philosophy|philosophy]] "
+              "of [[society]].<ref name=a>{{cite web|url=x}}</ref> See [http://example.org the site].<!-- c -->\n"
+              "[[File:Flag.svg|thumb|A [[flag]]]]\n== History ==\n* First &amp; second\n"
+              "{| class=wikitable\n|-\n| cell\n|}\n\n\n\n[[Category:Ideologies]]<ref>plain</ref><br/>End.")
+    text = wiki_plain_text(markup)
+    assert text == ("Anarchism is a philosophy of society. See the site.\n\nHistory\nFirst & second\n\nEnd.")
+
+
+def test_wiki_source_is_article_prose():
+    text = load_text("wiki")
+    assert len(text) > 2_000_000
+    for marker in ("{{", "}}", "[[", "]]", "<ref", "&amp;", "'''"):
+        assert text.count(marker) <= 3, marker  # (one article spells out the ASCII table, braces included)
+    assert "Anarchism is" in text[:5000]

@@ -469,3 +469,39 @@ def test_layer_sequential_fits_each_group_to_the_compressed_inputs(model_dir, tm
 def test_sequential_must_be_block_or_layer():
     with pytest.raises(lqframe.RecipeError, match="quantize_stage.sequential: must be 'block' or 'layer'"):
         small_recipe("quantize_stage.sequential=tensor")
+
+
+def test_several_calibration_and_evaluation_sources(model_dir, tmp_path):
+    """data.calibration mixes sources; evaluate_stage.data scores each; report.json records which windows."""
+    from lqframe.checkpoint import load_tokenizer
+    from lqframe.data import make_windows
+    from lqframe.evaluate import perplexity
+
+    out = tmp_path / "out"
+    report = run(small_recipe("data.calibration=[pydoc, {source: news, windows: 1}]",
+                              "evaluate_stage.data=[news, pydoc]"), str(model_dir), out, progress=False)
+    assert list(report["perplexity"]) == ["news", "pydoc"]
+    for v in report["perplexity"].values():
+        assert 0 < v["float"] < v["compressed"] and v["ratio"] == pytest.approx(v["compressed"] / v["float"])
+    assert report["ppl"] == report["perplexity"]["news"]["compressed"]  # the first source is the headline
+    assert report["fp_ppl"] == report["perplexity"]["news"]["float"]
+    data = report["data"]
+    assert [(c["source"], len(c["windows"])) for c in data["calibration"]] == [("pydoc", 4), ("news", 1)]
+    assert [(e["source"], len(e["windows"])) for e in data["evaluation"]] == [("news", 3), ("pydoc", 3)]
+    assert json.loads((out / "report.json").read_text())["data"] == data
+    # the recorded windows are the ones scored: the saved model reproduces each source's figure
+    model, tok = lqframe.load(out), load_tokenizer(out)
+    for e in data["evaluation"]:
+        w = make_windows(tok, e["source"], 64, 0, 3, 0)
+        assert list(w.evaluation_index) == e["windows"]
+        cal = next(c["windows"] for c in data["calibration"] if c["source"] == e["source"])
+        assert not set(cal) & set(e["windows"])
+        assert perplexity(model, w.evaluation, progress=False) == pytest.approx(
+            report["perplexity"][e["source"]]["compressed"], rel=1e-4)
+    res = subprocess.run([sys.executable, "-m", "lqframe.cli", "eval", str(out), "--json"], capture_output=True,
+                         text=True, check=True)
+    assert json.loads(res.stdout)["perplexity"] == pytest.approx(
+        {s: v["compressed"] for s, v in report["perplexity"].items()}, rel=1e-4)
+    res = subprocess.run([sys.executable, "-m", "lqframe.cli", "eval", str(out), "--data", "pydoc"],
+                         capture_output=True, text=True, check=True)
+    assert "of pydoc" in res.stdout and "news" not in res.stdout

@@ -66,6 +66,15 @@ def test_unknown_plugin_lists_known(tmp_path):
         ("quantize_stage:\n  quantizer: nf\n  targets: 5\n", "quantize_stage.targets"),
         ("reconstruct_stage:\n  reconstructor: svd\n", "reconstruct_stage"),
         ("evaluate_stage: {float_baseline: maybe}\n", "evaluate_stage.float_baseline"),
+        ("evaluate_stage: {data: []}\n", "evaluate_stage.data"),
+        ("evaluate_stage: {data: [pydoc, 3]}\n", "evaluate_stage.data[1]"),
+        ("evaluate_stage: {data: [pydoc, pydoc]}\n", "evaluate_stage.data: a source is listed twice"),
+        ("data: {calibration: [pydoc, {windows: 2}]}\nquantize_stage: {quantizer: nf}\n", "data.calibration[1]"),
+        ("data: {calibration: [{source: news, windows: -1}]}\nquantize_stage: {quantizer: nf}\n",
+         "data.calibration[0].windows"),
+        ("data: {calibration: [{source: news, count: 2}]}\nquantize_stage: {quantizer: nf}\n",
+         "data.calibration[0].count"),
+        ("data: {calibration: [news, news]}\nquantize_stage: {quantizer: nf}\n", "data.calibration[1]"),
         ("model: default\n", "names no stage"),
     ],
 )
@@ -122,3 +131,15 @@ def test_fingerprint_tracks_content():
     a = load_recipe(None)
     b = load_recipe(None, ["quantize_stage.quantizer.bits=3"])
     assert a.fingerprint() == load_recipe(None).fingerprint() != b.fingerprint()
+
+
+def test_several_data_sources(tmp_path):
+    r = load_recipe(write(tmp_path, "data: {source: pydoc, calibration: [pydoc, {source: news, windows: 4}]}\n"
+                                    "quantize_stage: {quantizer: nf}\nevaluate_stage: {data: [pydoc, news]}\n"))
+    assert r.data.calibration_sources() == (("pydoc", None), ("news", 4))
+    assert r.evaluation_sources() == ("pydoc", "news")
+    plain = load_recipe(write(tmp_path, "data: {source: news}\nquantize_stage: {quantizer: nf}\nevaluate_stage: {}\n"))
+    assert plain.data.calibration_sources() == (("news", None),) and plain.evaluation_sources() == ("news",)
+    assert load_recipe(write(tmp_path, "quantize_stage: {quantizer: nf}\n")).evaluation_sources() == ()
+    one = load_recipe(write(tmp_path, "data: {calibration: news}\nquantize_stage: {quantizer: nf}\n"))
+    assert one.data.calibration_sources() == (("news", None),)
