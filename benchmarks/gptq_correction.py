@@ -29,8 +29,8 @@ import yaml
 
 import lqframe
 from lqframe.data import make_data
-from lqframe.models import find_blocks, load_model
 from lqframe.lowrank import output_error
+from lqframe.models import find_blocks, load_model
 
 VARIANTS = {
     "natural": {},

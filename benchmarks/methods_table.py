@@ -62,9 +62,11 @@ def main() -> None:
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     ap.add_argument("--out", default="benchmarks/results/methods.jsonl")
     ap.add_argument("--table", action="store_true", help="only print the markdown table of what --out holds")
+    ap.add_argument("--include", nargs="*", default=[], metavar="JSONL",
+                    help="with --table: also render the rows of these files (e.g. benchmarks/results/peers.jsonl)")
     args = ap.parse_args()
     if args.table:
-        print(render([json.loads(x) for x in Path(args.out).read_text().splitlines() if x.strip()]))
+        print(render([row for path in [args.out, *args.include] for row in _read(Path(path))]))
         return
     variants = ([_options(v.split()) for v in args.quantizer_variants] if args.quantizer_variants
                 else [_options(args.quantizer_options)])
@@ -125,13 +127,34 @@ def main() -> None:
                "calibration_sources": cal_sources,
                "ppl": ppl, "fp_ppl": fp, "ratio": ppl / fp, "perplexity": perplexity_table(state),
                "data": data.record(),
-               "compress_seconds": seconds, **summarize(results), "versions": versions(state)}
+               "compress_seconds": seconds, **summarize(results),
+               "mean_rel_output_error": _mean([r.rel_output_error for r in results]),
+               "resolved": _resolved(state),
+               "versions": versions(state)}
         _append(out, row, replace=cached)
         print(f"{label} " + "  ".join(f"{s} {v['compressed']:.4f} ×{v['ratio']:.3f}"
                                       for s, v in row["perplexity"].items())
               + f"  bits {row['avg_bits']:.3f}/{row['avg_bits_with_lowrank']:.3f}  {seconds:6.1f} s",
               flush=True)
         del state
+
+
+def _resolved(state: RunState) -> dict:
+    """Every option of the first layer's quantizer and reconstructor, defaults included (a row stays
+    readable when a default changes)."""
+    import attrs
+
+    from lqframe.pipeline import components
+
+    plan = state.plans[0]
+    q, r = components(plan.quantizer, plan.reconstructor)
+    return {"quantizer": {"name": plan.quantizer.name, **attrs.asdict(q)},
+            "reconstructor": {"name": plan.reconstructor.name, **attrs.asdict(r)}}
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def _read(path: Path) -> list[dict]:

@@ -183,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="token perplexity of a saved checkpoint or a model")
     p.add_argument("target", metavar="DIR_OR_MODEL")
     p.add_argument("--data", action="append", metavar="SOURCE",
-                   help="data source (pydoc, news, text:PATH, jsonl:PATH:FIELD, hf:NAME[:CONFIG[:SPLIT]], "
-                        "package:DIST:PATH); repeat it for several; default: the checkpoint recipe's evaluation sources")
+                   help="data source (pydoc, news, wiki, text:PATH, jsonl:PATH:FIELD, hf:NAME[:CONFIG[:SPLIT]], "
+                        "package:DIST:PATH); repeat it for several; default: the checkpoint recipe's evaluation "
+                        "sources")
     p.add_argument("--windows", type=int, help="evaluation windows (default: the recipe's)")
     p.add_argument("--seq-len", type=int, help="tokens per window (default: the recipe's)")
     p.add_argument("--device", type=_device, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")

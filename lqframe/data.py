@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -50,13 +50,14 @@ from lqframe.errors import DataError
 __all__ = ["SOURCE_FORMS", "NAMED_SOURCES", "load_text", "TokenWindows", "make_windows", "evaluation_indices",
            "DataSets", "make_data", "calibration_shares"]
 
-SOURCE_FORMS = ("pydoc", "news", "wiki", "text:PATH", "jsonl:PATH:FIELD", "hf:NAME[:CONFIG[:SPLIT]]", "package:DIST:PATH")
+SOURCE_FORMS = ("pydoc", "news", "wiki", "text:PATH", "jsonl:PATH:FIELD", "hf:NAME[:CONFIG[:SPLIT]]",
+                "package:DIST:PATH")
 
 #: short names for sources that ship with an installable package: name → (source, how to install)
 NAMED_SOURCES = {
     "news": ("package:gensim:gensim/test/test_data/lee_background.cor", "pip install --no-deps gensim"),
-    "wiki": ("package:gensim:gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
-             "pip install --no-deps gensim"),
+    "wiki": ("package:gensim:gensim/test/test_data/"
+             "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2", "pip install --no-deps gensim"),
 }
 
 _SEPARATOR = "\n\n"
