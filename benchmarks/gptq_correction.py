@@ -82,11 +82,14 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", metavar="'KEY=VALUE ...'",
                     help="GPTQ option sets to compare instead of the four act-order × static-groups ones")
     ap.add_argument("--calibration", nargs="+", default=["pydoc"], help="calibration sources (mixed)")
+    ap.add_argument("--shrink", type=float, default=0.0,
+                    help="fit to Σxxᵀ + shrink·mean(diag Σxxᵀ)·I instead of Σxxᵀ (errors are still measured on Σxxᵀ)")
+    ap.add_argument("--evaluation", nargs="+", default=["pydoc", "news"], help="held-out sources")
     args = ap.parse_args()
 
     loaded = load_model("default")
     model = loaded.model.eval()
-    data = make_data(loaded.tokenizer, args.calibration, ["pydoc", "news"], 512, 16, 16, 0)
+    data = make_data(loaded.tokenizer, args.calibration, args.evaluation, 512, 16, 16, 0)
     variants = VARIANTS
     if args.variants:
         variants = {v or "defaults": {k: yaml.safe_load(x) for k, _, x in (p.partition("=") for p in v.split())}
@@ -99,8 +102,9 @@ def main() -> None:
     print(f"captured inputs of {len(stats)} linears in {time.perf_counter() - t0:.0f} s")
     reg = lqframe.registry()
     rec = reg.create("reconstructor", "qera-exact", rank=args.rank)
-    print(f"\n| bits | variant | Q | Q+LR (r{args.rank}) | Q / Q+LR held-out pydoc | Q / Q+LR held-out news "
-          f"| captured by r{args.rank} |\n|---|---|---|---|---|---|---|")
+    held_heads = " | ".join(f"Q / Q+LR held-out {s}" for s in held)
+    print(f"\n| bits | variant | Q | Q+LR (r{args.rank}) | {held_heads} | captured by r{args.rank} |\n"
+          f"|---|---|---|---|{'---|' * len(held)}---|")
     for bits in args.bits:
         for label, opts in variants.items():
             q_err, lr_err, share = [], [], []
@@ -108,11 +112,16 @@ def main() -> None:
             out_lr = {s: [] for s in held}
             for key, st in stats.items():
                 w = model.get_submodule(key).weight.detach().float()
+                fit = st
+                if args.shrink:
+                    ridge = args.shrink * float(torch.diagonal(st.rxx).mean())
+                    fit = lqframe.LayerStats(n_tokens=st.n_tokens,
+                                             rxx=st.rxx + ridge * torch.eye(st.rxx.shape[0], dtype=st.rxx.dtype))
                 ref = output_error(w, st)
                 quant = reg.create("quantizer", "gptq", bits=bits, group_size=args.group_size,
                                    symmetric=args.symmetric, **opts)
-                qd = quant.quantize(w, st).dequantize()
-                dec = rec.decompose(w, quant, st)
+                qd = quant.quantize(w, fit).dequantize()
+                dec = rec.decompose(w, quant, fit)
                 q_err.append((output_error(w - qd, st) / ref) ** 0.5)
                 lr_err.append((output_error(w - dec.dense(), st) / ref) ** 0.5)
                 share.append(captured_share(w - qd, st, args.rank))

@@ -241,7 +241,8 @@ def test_textbook_obs_cases_are_discriminating():
     nat = _obs_reference(w, h, 3, 8, False)
     assert float((nat[1] != dyn[1]).float().mean()) > 0.05
     # our dynamic act_order result is the original-order-group one, not a visiting-order-group one
-    qw = gptq(bits=3, group_size=8, scale_dtype="float32", act_order=True, block_size=16).quantize(w, st)
+    qw = gptq(bits=3, group_size=8, scale_dtype="float32", act_order=True, static_groups=False,
+              block_size=16).quantize(w, st)
     permuted_groups = _obs_reference(w[:, order], h[order][:, order], 3, 8, False)
     assert float((qw.unpacked_codes()[:, order] != permuted_groups[1]).float().mean()) > 0.05
     assert float((qw.unpacked_codes() != dyn[1]).float().mean()) < 0.02
@@ -539,3 +540,9 @@ def test_gptq_works_with_rtn_and_nf_blocked(tmp_path):
         for key, value in tensors.items():
             assert value.dtype == ref_tensors[key].dtype and torch.equal(value, ref_tensors[key]), (opts, key)
         assert header["format"] == base_of(q, m).quantize(w).format
+
+
+def test_defaults_are_the_measured_best():
+    """act-order with static groups: the best GPTQ alone on the default model (benchmarks/results/gptq.md)."""
+    q = gptq()
+    assert q.act_order and q.static_groups and not q.symmetric and q.damp == 0.01
