@@ -16,6 +16,12 @@ eigenvalue, which matters when activations have outlier channels: on the default
 + qera-exact r32 gives 12.74 with ``cholesky`` against 12.61 with ``eigh``, so ``eigh`` stays the
 default and ``cholesky`` is for layers wide enough that the eigh dominates.
 
+``damp`` (default 0) fits to the shrunk second moment ``E[xxᵀ] + damp · mean(diag E[xxᵀ]) · I``, the
+ridge GPTQ's ``damp`` puts on its Hessian: a few thousand calibration tokens estimate the small
+eigenvalues of ``E[xxᵀ]`` poorly, and ``S⁻¹`` amplifies exactly those directions, so a little
+shrinkage trades in-sample error for error on text unlike the calibration text
+(benchmarks/results/calibration.md).
+
 ``info``: ``tail_energy`` (exact method: the optimum ``Σ_{i>r} σ_i(ΔS)²``), ``output_error``
 (``E‖x(W − Q − LR)ᵀ‖²`` of the stored factors) and ``output_error_none`` (``E‖xΔᵀ‖²``), all per
 token, from the ``rxx`` statistic."""
@@ -25,6 +31,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import attrs
+import torch
 
 from lqframe import hookimpl
 from lqframe.lowrank import LowRankReconstructor, real
@@ -40,18 +47,26 @@ class QERAExactReconstructor(LowRankReconstructor):
 
     eig_floor: float = attrs.field(default=1e-6, validator=real(0.0, 1.0, max_exclusive=True))
     root: str = attrs.field(default="eigh", validator=attrs.validators.in_(("eigh", "cholesky")))
+    damp: float = attrs.field(default=0.0, validator=real(0.0, 1e3))
 
     @classmethod
     def test_configs(cls):
-        return [*super().test_configs(), {"rank": 3, "root": "cholesky"}]
+        return [*super().test_configs(), {"rank": 3, "root": "cholesky"}, {"rank": 3, "damp": 0.1}]
+
+    def _moment(self, stats):
+        m = stats.second_moment()
+        if self.damp:
+            m = m + (self.damp * float(torch.diagonal(m).mean())) * torch.eye(m.shape[0], dtype=m.dtype,
+                                                                             device=m.device)
+        return m
 
     def column_scaling(self, stats):
         # one root per input: q/k/v (and gate/up) share their statistics object
         if self.root == "cholesky":
-            return stats.cached(("qera-exact", "cholesky", self.eig_floor),
-                                lambda: cholesky_factor(stats.second_moment(), rel_floor=self.eig_floor))
-        return stats.cached(("qera-exact", "eigh", self.eig_floor),
-                            lambda: symmetric_sqrt(stats.second_moment(), rel_floor=self.eig_floor))
+            return stats.cached(("qera-exact", "cholesky", self.eig_floor, self.damp),
+                                lambda: cholesky_factor(self._moment(stats), rel_floor=self.eig_floor))
+        return stats.cached(("qera-exact", "eigh", self.eig_floor, self.damp),
+                            lambda: symmetric_sqrt(self._moment(stats), rel_floor=self.eig_floor))
 
 
 @hookimpl

@@ -388,3 +388,20 @@ def test_qera_exact_cholesky_root_reaches_the_same_optimum(dead):
         tail, _ = scaled_tail(w - sym.qweight.dequantize(), stats, rank)
         assert sym.info["output_error"] == pytest.approx(tail, rel=1e-6)
         assert tail * (1 - 1e-9) <= chol.info["output_error"] <= tail * (1 + 1e-3)
+
+
+def test_qera_exact_damp_shrinks_toward_plain_svd():
+    """damp fits to E[xxᵀ] + damp·mean(diag)·I: 0 is the exact solve, a huge damp the unweighted SVD;
+    in between the output error on the calibration statistics grows and the weight error falls."""
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(5))
+    st = correlated_stats(64, 400, seed=6)
+    q = REG.create("quantizer", "rtn", bits=3, group_size=16)
+    ref = recon("qera-exact", rank=6).decompose(w, q, st)
+    assert torch.equal(recon("qera-exact", rank=6, damp=0.0).decompose(w, q, st).dense(), ref.dense())
+    svd = recon("svd", rank=6).decompose(w, q, st)
+    huge = recon("qera-exact", rank=6, damp=1e3).decompose(w, q, st)
+    torch.testing.assert_close(huge.dense(), svd.dense(), rtol=0, atol=2e-3 * float(w.abs().max()))
+    errs = [recon("qera-exact", rank=6, damp=d).decompose(w, q, st) for d in (0.0, 0.1, 1.0)]
+    out = [output_error(w - e.dense(), st) for e in errs]
+    wgt = [float((w - e.dense()).norm()) for e in errs]
+    assert out[0] < out[1] < out[2] and wgt[0] > wgt[1] > wgt[2]
