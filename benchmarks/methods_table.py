@@ -54,7 +54,8 @@ def main() -> None:
     ap.add_argument("--quantizer-options", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--quantizer-variants", nargs="+", metavar="'KEY=VALUE ...'",
                     help="several quantizer option sets, one quoted string each ('' = defaults)")
-    ap.add_argument("--calibration-sources", nargs="+", default=["pydoc"])
+    ap.add_argument("--calibration-sources", nargs="+", default=["pydoc"], metavar="SOURCE[:WINDOWS]",
+                    help="calibration sources mixed; --calibration windows split evenly among those without a count")
     ap.add_argument("--evaluation-sources", nargs="+", default=["pydoc", "news"])
     ap.add_argument("--reconstructor-options", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--sequential", choices=["block", "layer"], default="block",
@@ -71,7 +72,9 @@ def main() -> None:
     variants = ([_options(v.split()) for v in args.quantizer_variants] if args.quantizer_variants
                 else [_options(args.quantizer_options)])
     ropts = _options(args.reconstructor_options)
-    cal_sources = list(args.calibration_sources)
+    cal_sources = list(args.calibration_sources)  # SOURCE or SOURCE:WINDOWS (make_data's explicit count)
+    cal_pairs = [(s.rpartition(":")[0], int(s.rpartition(":")[2])) if s.rpartition(":")[2].isdigit() else (s, None)
+                 for s in cal_sources]
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -79,7 +82,7 @@ def main() -> None:
 
     loaded = load_model(args.model)
     base = loaded.model
-    data = make_data(loaded.tokenizer, cal_sources, args.evaluation_sources, args.seq_len, args.calibration,
+    data = make_data(loaded.tokenizer, cal_pairs, args.evaluation_sources, args.seq_len, args.calibration,
                      args.evaluation, 0)
     device = resolve_device(args.device)
     base.to(device)
@@ -103,7 +106,7 @@ def main() -> None:
             continue
         doc = {
             "data": {"source": args.evaluation_sources[0], "seq_len": args.seq_len,
-                     "calibration": cal_sources,
+                     "calibration": [s if n is None else {"source": s, "windows": n} for s, n in cal_pairs],
                      "calibration_windows": args.calibration, "evaluation_windows": args.evaluation},
             "quantize_stage": {"quantizer": {"name": qname, "bits": bits, "group_size": args.group_size,
                                              **qopts},
@@ -227,8 +230,9 @@ def render(rows: list[dict]) -> str:
 
 
 def _versions_line(v: dict) -> str:
+    peers = "".join(f", {name} {version}" for name, version in sorted((v.get("peer") or {}).items()))
     return (f"lqframe {v.get('lqframe')}, torch {v.get('torch')}, transformers {v.get('transformers')}, "
-            f"python {v.get('python')}, device {v.get('device')}")
+            f"python {v.get('python')}, device {v.get('device')}{peers}")
 
 
 def _options(pairs: list[str]) -> dict:

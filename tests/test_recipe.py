@@ -15,9 +15,16 @@ def write(tmp_path, text, name="recipe.yaml"):
 def test_default_recipe():
     r = load_recipe(None)
     assert r.stages() == ["quantize", "reconstruct", "evaluate", "save"]
-    assert r.quantize.quantizer.name == "gptq" and r.quantize.quantizer.options == {"bits": 4, "group_size": 64}
+    assert r.quantize.quantizer.name == "gptq" and r.quantize.quantizer.options == {
+        "bits": 4, "group_size": 64, "act_order": False, "static_groups": False}
     assert r.reconstruct.reconstructor.name == "qera-exact" and r.reconstruct.reconstructor.options == {"rank": 32}
-    assert r.data.source == "pydoc" and r.data.seq_len == 512
+    assert r.data.source == "pydoc" and r.data.seq_len == 512 and r.data.calibration_windows == 48
+    assert r.data.calibration_sources() == (("pydoc", None), ("news", None))
+    assert r.evaluation_sources() == ("pydoc", "news", "wiki")
+    from pathlib import Path
+
+    shipped = Path(__file__).parent.parent / "recipes" / "gptq4-qera32.yaml"
+    assert load_recipe(shipped) == r  # the file form of the default is the default
     assert "quantize_stage" in r.to_yaml()
 
 
@@ -118,8 +125,10 @@ def test_overrides_resolve_per_layer():
                                           {"targets": ["layers\\.0\\."], "quantizer": {"name": "rtn", "bits": 3}}]
     doc["reconstruct_stage"]["overrides"] = [{"targets": ["mlp"], "reconstructor": {"rank": 64}}]
     r = parse_recipe(doc)
-    assert r.quantizer_for("model.layers.3.mlp.down_proj").options == {"bits": 8, "group_size": 64}
-    assert r.quantizer_for("model.layers.3.self_attn.q_proj").options == {"bits": 4, "group_size": 64}
+    assert r.quantizer_for("model.layers.3.mlp.down_proj").options == {"bits": 8, "group_size": 64, "act_order": False,
+                                                                         "static_groups": False}
+    assert r.quantizer_for("model.layers.3.self_attn.q_proj").options == {"bits": 4, "group_size": 64, "act_order": False,
+                                                                       "static_groups": False}
     # a different name replaces the component; later overrides win
     assert r.quantizer_for("model.layers.0.mlp.down_proj").name == "rtn"
     assert r.quantizer_for("model.layers.0.mlp.down_proj").options == {"bits": 3}
