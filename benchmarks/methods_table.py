@@ -252,7 +252,8 @@ def _key(qname, bits, rname, rank, qopts, ropts, sequential="block", calibration
 
 def _label(qopts: dict, ropts: dict, sequential: str = "block", calibration: int = 16,
            cal_sources=("pydoc",)) -> str:
-    opts = [f"{k}={v}" for k, v in {**qopts, **ropts}.items()]
+    opts = [f"{k}={v}" for k, v in qopts.items()]
+    opts += [f"{'reconstructor ' if k in qopts else ''}{k}={v}" for k, v in ropts.items()]
     if sequential != "block":
         opts.append(f"sequential={sequential}")
     if calibration != 16:

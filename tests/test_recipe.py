@@ -125,10 +125,9 @@ def test_overrides_resolve_per_layer():
                                           {"targets": ["layers\\.0\\."], "quantizer": {"name": "rtn", "bits": 3}}]
     doc["reconstruct_stage"]["overrides"] = [{"targets": ["mlp"], "reconstructor": {"rank": 64}}]
     r = parse_recipe(doc)
-    assert r.quantizer_for("model.layers.3.mlp.down_proj").options == {"bits": 8, "group_size": 64, "act_order": False,
-                                                                         "static_groups": False}
-    assert r.quantizer_for("model.layers.3.self_attn.q_proj").options == {"bits": 4, "group_size": 64, "act_order": False,
-                                                                       "static_groups": False}
+    natural = {"act_order": False, "static_groups": False}
+    assert r.quantizer_for("model.layers.3.mlp.down_proj").options == {"bits": 8, "group_size": 64, **natural}
+    assert r.quantizer_for("model.layers.3.self_attn.q_proj").options == {"bits": 4, "group_size": 64, **natural}
     # a different name replaces the component; later overrides win
     assert r.quantizer_for("model.layers.0.mlp.down_proj").name == "rtn"
     assert r.quantizer_for("model.layers.0.mlp.down_proj").options == {"bits": 3}
