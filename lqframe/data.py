@@ -53,11 +53,12 @@ __all__ = ["SOURCE_FORMS", "NAMED_SOURCES", "load_text", "TokenWindows", "make_w
 SOURCE_FORMS = ("pydoc", "news", "wiki", "text:PATH", "jsonl:PATH:FIELD", "hf:NAME[:CONFIG[:SPLIT]]",
                 "package:DIST:PATH")
 
-#: short names for sources that ship with an installable package: name → (source, how to install)
+#: short names for texts that ship inside an installable package: name → (distribution, path inside
+#: it, how the file is read: "text" or "mediawiki" (a bz2 XML dump, see :func:`wiki_plain_text`))
 NAMED_SOURCES = {
-    "news": ("package:gensim:gensim/test/test_data/lee_background.cor", "pip install --no-deps gensim"),
-    "wiki": ("package:gensim:gensim/test/test_data/"
-             "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2", "pip install --no-deps gensim"),
+    "news": ("gensim", "gensim/test/test_data/lee_background.cor", "text"),
+    "wiki": ("gensim", "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+             "mediawiki"),
 }
 
 _SEPARATOR = "\n\n"
@@ -283,10 +284,9 @@ def load_text(source: str) -> str:
     if source == "pydoc":
         return _pydoc_text(source)
     if source in NAMED_SOURCES:
-        target, hint = NAMED_SOURCES[source]
-        if target.endswith(".xml-p000000010p000030302-shortened.bz2"):
-            return _wiki_dump(source, target.partition(":")[2], hint)
-        return _package_file(source, target.partition(":")[2], hint)
+        dist, path, reader = NAMED_SOURCES[source]
+        spec, hint = f"{dist}:{path}", f"pip install --no-deps {dist}"
+        return _wiki_dump(source, spec, hint) if reader == "mediawiki" else _package_file(source, spec, hint)
     if sep and scheme == "package":
         return _package_file(source, rest)
     if sep and scheme == "text":
