@@ -23,6 +23,7 @@ statistic whose producer is installed — or the plan is refused with the layer 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable, Container, Mapping, Sequence
@@ -199,20 +200,17 @@ def _perplexities(state: RunState, desc: str, sources: Sequence[str] | None = No
     """Perplexity of the model as it is now on each evaluation source (``sources``: just these)."""
     from lqframe.evaluate import perplexity
 
-    sets = state.evaluation_sets()
-    if not sets:  # (a model that is no causal LM was refused by prepare)
+    every = state.evaluation_sets()
+    if not every:  # (a model that is no causal LM was refused by prepare)
         raise RecipeError(f"{state.recipe.origin}: evaluate_stage: no evaluation windows were given")
-    if sources is not None:
-        sets = {s: sets[s] for s in sources}
+    sets = every if sources is None else {s: every[s] for s in sources}
     set_weight_cache(state.model, True)  # each Q dequantized once for all windows
     out = {}
     try:
-        for source, windows in sets.items():
-            label = f"{desc} ({source})" if len(state.evaluation_sets()) > 1 else desc
-            if state.offload:
-                with offloaded(state.model, state.device):
-                    out[source] = perplexity(state.model, windows, progress=state.progress, desc=label)
-            else:
+        # offloading hooks installed once for all sources
+        with offloaded(state.model, state.device) if state.offload else contextlib.nullcontext():
+            for source, windows in sets.items():
+                label = f"{desc} ({source})" if len(every) > 1 else desc
                 out[source] = perplexity(state.model, windows, progress=state.progress, desc=label)
     finally:
         set_weight_cache(state.model, False)
