@@ -56,11 +56,11 @@ from attrs import validators as v
 
 from lqframe.factors import FACTOR_FORMATS, factor_bits, round_factor
 from lqframe.interfaces import ErrorReconstructor
-from lqframe.numerics import LowRankSolution, Scaling, check_weight, lowrank_solve
+from lqframe.numerics import LowRankSolution, Scaling, check_weight, cholesky_factor, lowrank_solve, symmetric_sqrt
 from lqframe.quantization import integer
 from lqframe.types import Decomposition, LayerStats, LowRank, QuantizedWeight
 
-__all__ = ["LowRankReconstructor", "real", "output_error"]
+__all__ = ["LowRankReconstructor", "real", "output_error", "output_root"]
 
 
 def real(
@@ -90,6 +90,24 @@ def output_error(diff: torch.Tensor, stats: LayerStats) -> float:
     stats.require({"rxx"}, "output_error()")
     d = diff.to(torch.float64)
     return float(((d @ stats.rxx) * d).sum()) / max(stats.n_tokens, 1)
+
+
+def output_root(stats: LayerStats, eig_floor: float = 1e-6, root: str = "eigh", damp: float = 0.0) -> Scaling:
+    """The input-side scaling that makes the weight metric the layer-output metric,
+    ``‖D T‖_F² = N · E‖x Dᵀ‖²``: the symmetric root of ``E[xxᵀ]`` (``root="eigh"``, eigenvalues
+    below ``eig_floor · λ_max`` raised to it) or its Cholesky factor (``"cholesky"``, ridge
+    ``eig_floor · max diag``), of the moment shrunk by ``damp · mean(diag) · I``. Computed once
+    per statistics object (the linears reading one input share it)."""
+    def moment():
+        m = stats.second_moment()
+        if damp:
+            m = m + (damp * float(torch.diagonal(m).mean())) * torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+        return m
+
+    if root == "cholesky":
+        return stats.cached(("output-root", "cholesky", eig_floor, damp),
+                            lambda: cholesky_factor(moment(), rel_floor=eig_floor))
+    return stats.cached(("output-root", "eigh", eig_floor, damp), lambda: symmetric_sqrt(moment(), rel_floor=eig_floor))
 
 
 @attrs.frozen
@@ -166,9 +184,26 @@ class LowRankReconstructor(ErrorReconstructor):
         if self._rank(w.shape) == 0:  # no low-rank term: Q = q(W) is already the fixed point
             return self._finish(w, quantizer.quantize(w, stats), stats=stats)
         rows, cols = self.row_scaling(stats), self.column_scaling(stats)
-        if self.iterations == 1:
+        if self.iterations == 1 and not self.lowrank_first:
             return self._finish(w, quantizer.quantize(w, stats), rows, cols, stats=stats)
         return self._alternate(w, quantizer, stats, rows, cols)
+
+    #: start the alternation from the low-rank side (LQ-LoRA's order: ``Q_0 = 0``, so iterate 1
+    #: quantizes ``W − svd_r(W)``) instead of quantizing ``W`` first (LoftQ's order). The one-shot
+    #: iterate of LoftQ's order (``Q = q(W)``, then the fit) is scored too, as iteration 0, so the
+    #: result is never worse than the method with ``iterations: 1``.
+    lowrank_first: ClassVar[bool] = False
+
+    def alternation_error(self, diff: torch.Tensor, rows: Scaling | None, cols: Scaling | None,
+                          stats: LayerStats) -> float:
+        """The error the alternation ranks its iterates by (default ``‖S · diff · T‖_F``, the
+        method's own weighting). Override to rank by another metric (e.g. elementwise Fisher)."""
+        return self._weighted_error(diff, rows, cols)
+
+    def stop_early(self, errors: list[float]) -> bool:
+        """Called after each iterate with the errors so far: True ends the alternation (default:
+        run all ``iterations``, stopping only at a fixed point of Q)."""
+        return False
 
     @staticmethod
     def _weighted_error(diff: torch.Tensor, rows: Scaling | None, cols: Scaling | None) -> float:
@@ -182,19 +217,28 @@ class LowRankReconstructor(ErrorReconstructor):
 
     def _alternate(self, w, quantizer, stats, rows, cols) -> Decomposition:
         def error(q_dense, lr_dense):
-            return self._weighted_error(w - (q_dense + lr_dense), rows, cols)
+            return self.alternation_error(w - (q_dense + lr_dense), rows, cols, stats)
 
-        source = w  # what the current Q was quantized from
+        best = None
+        extra: dict[str, Any] = {}
+        if self.lowrank_first:  # iteration 0: LoftQ's order, one shot
+            q_dense = quantizer.roundtrip(w, stats)
+            lowrank, _ = self._solve(w - q_dense, rows, cols)
+            extra["one_shot_error"] = error(q_dense, lowrank.to_dense())
+            best = (0, extra["one_shot_error"], w, q_dense, lowrank)
+            first, _ = self._solve(w, rows, cols)
+            source = w - first.to_dense()
+        else:
+            source = w  # what the current Q was quantized from
         q_dense = quantizer.roundtrip(source, stats)
         errors: list[float] = []
-        best = None
         for t in range(1, self.iterations + 1):
             lowrank, _ = self._solve(w - q_dense, rows, cols)
             lr_dense = lowrank.to_dense()
             errors.append(error(q_dense, lr_dense))
             if best is None or errors[-1] < best[1]:
                 best = (t, errors[-1], source, q_dense, lowrank)
-            if t == self.iterations:
+            if t == self.iterations or self.stop_early(errors):
                 break
             source = w - lr_dense
             q_next = quantizer.roundtrip(source, stats)
@@ -206,7 +250,7 @@ class LowRankReconstructor(ErrorReconstructor):
         qweight = quantizer.quantize(best_source, stats)
         q_packed = qweight.dequantize(torch.float32)
         info = {"iterations_run": len(errors), "best_iteration": best_t, "initial_error": errors[0],
-                "errors": errors}
+                "errors": errors, **extra}
         # L·R fitted to the packed Q; identical to the loop's when the packed Q is the loop's Q
         refit = self._finish(w, qweight, rows, cols, stats=stats, info=info)
         if torch.equal(q_packed, best_q):

@@ -31,11 +31,9 @@ from __future__ import annotations
 from typing import ClassVar
 
 import attrs
-import torch
 
 from lqframe import hookimpl
-from lqframe.lowrank import LowRankReconstructor, real
-from lqframe.numerics import cholesky_factor, symmetric_sqrt
+from lqframe.lowrank import LowRankReconstructor, output_root, real
 
 
 @attrs.frozen
@@ -53,20 +51,8 @@ class QERAExactReconstructor(LowRankReconstructor):
     def test_configs(cls):
         return [*super().test_configs(), {"rank": 3, "root": "cholesky"}, {"rank": 3, "damp": 0.1}]
 
-    def _moment(self, stats):
-        m = stats.second_moment()
-        if self.damp:
-            m = m + (self.damp * float(torch.diagonal(m).mean())) * torch.eye(m.shape[0], dtype=m.dtype,
-                                                                             device=m.device)
-        return m
-
     def column_scaling(self, stats):
-        # one root per input: q/k/v (and gate/up) share their statistics object
-        if self.root == "cholesky":
-            return stats.cached(("qera-exact", "cholesky", self.eig_floor, self.damp),
-                                lambda: cholesky_factor(self._moment(stats), rel_floor=self.eig_floor))
-        return stats.cached(("qera-exact", "eigh", self.eig_floor, self.damp),
-                            lambda: symmetric_sqrt(self._moment(stats), rel_floor=self.eig_floor))
+        return output_root(stats, self.eig_floor, self.root, self.damp)
 
 
 @hookimpl
