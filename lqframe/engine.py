@@ -224,10 +224,22 @@ def _gradient_statistics(state: RunState) -> None:
         for name in _all_needs(state, plan.name):
             if kinds[name].source == "gradient":
                 wanted.setdefault(name, []).append(plan.name)
-    for name, layers in wanted.items():
-        ctx = GradientContext(state.model, state.calibration, state.device, layers, state.progress)
-        for layer, value in kinds[name].produce(ctx).items():
-            state.stats.add_gradient(layer, name, value)
+    if not wanted:
+        return
+    # a backward pass needs every block where the forward ran: an offloaded model runs it on the CPU
+    device = torch.device("cpu") if state.offload else state.device
+    if state.offload:
+        state.model.to(device)
+    try:
+        for name, layers in wanted.items():
+            t0 = time.perf_counter()
+            ctx = GradientContext(state.model, state.calibration, device, layers, state.progress)
+            for layer, value in kinds[name].produce(ctx).items():
+                state.stats.add_gradient(layer, name, value)
+            state.timings[f"gradient:{name}"] = time.perf_counter() - t0
+    finally:
+        if state.offload:
+            state.executor.place_model()
 
 
 def _calibrate(state: RunState) -> None:

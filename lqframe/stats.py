@@ -11,9 +11,10 @@ over all the data would give. Kinds come from one of two *sources*:
     in float64: ``rxx`` = Σ xxᵀ, ``sq_sum`` = Σ x², ``abs_sum`` = Σ |x|, ``abs_mean_max`` = the
     running max over batches of the per-batch mean |x| (LQER's statistic).
 ``gradient``
-    computed from a backward pass (``fisher`` = Σ grad(W)², LQ-LoRA's weighting). A gradient kind
-    has no forward function; the engine produces it only where a *gradient producer* is installed,
-    and refuses a plan that needs one at planning time when none is.
+    computed from a backward pass (``fisher`` = Σ grad(W)² per calibration window, LQ-LoRA's
+    weighting, produced by :func:`lqframe.fisher.empirical_fisher`). A gradient kind has no forward
+    function; the engine produces it with the kind's *producer* and refuses, at planning time, a
+    plan that needs a gradient kind without one.
 
 Plugins add kinds with ``registry.add_statistic(StatisticKind(...))`` in their ``lqframe_register``
 hook; a quantizer or reconstructor then lists the name in its ``needs`` and finds the value in
@@ -30,6 +31,7 @@ import attrs
 import torch
 
 from lqframe.errors import MissingStatisticError
+from lqframe.fisher import empirical_fisher
 from lqframe.types import STAT_NAMES, LayerStats
 
 __all__ = ["StatisticKind", "BUILTIN_STATISTICS", "StatsAccumulator", "StatsStore", "MERGE_RULES"]
@@ -70,7 +72,8 @@ BUILTIN_STATISTICS: tuple[StatisticKind, ...] = (
     StatisticKind("abs_sum", "sum", lambda x: x.abs().sum(0), doc="Σ |x| per channel"),
     StatisticKind("abs_mean_max", "max", lambda x: x.abs().mean(0),
                   doc="max over batches of the batch mean |x| per channel: LQER"),
-    StatisticKind("fisher", "sum", source="gradient", doc="Σ grad(W)² (n×m): Fisher-weighted LQ-LoRA"),
+    StatisticKind("fisher", "sum", source="gradient", produce=empirical_fisher,
+                  doc="Σ grad(W)² (n×m) over the calibration windows: Fisher-weighted LQ-LoRA"),
 )
 assert {k.name for k in BUILTIN_STATISTICS} == STAT_NAMES
 

@@ -222,10 +222,11 @@ def _needs_recipe(wants):
 
 
 def test_gradient_statistic_without_a_producer_is_refused_at_planning(plugin_registry, windows):
-    plugin_registry.register_plugin(_Plugin(), "test-engine")
+    plugin_registry.register_plugin(_Plugin((StatisticKind("orphan_grad", "sum", source="gradient"),)),
+                                    "test-engine")
     model = tiny_llama(layers=1)
-    with pytest.raises(lqframe.RecipeError, match="'fisher'.*gradient pass.*no installed plugin produces it"):
-        lqframe.compress(model, _needs_recipe(["fisher"]), windows.calibration, device="cpu", progress=False)
+    with pytest.raises(lqframe.RecipeError, match="'orphan_grad'.*gradient pass.*no installed plugin produces it"):
+        lqframe.compress(model, _needs_recipe(["orphan_grad"]), windows.calibration, device="cpu", progress=False)
     assert not any(isinstance(m, LQLinear) for m in model.modules())  # refused before any work
     with pytest.raises(lqframe.RecipeError, match="'nonesuch', which no installed plugin defines"):
         lqframe.compress(model, _needs_recipe(["nonesuch"]), windows.calibration, device="cpu", progress=False)
