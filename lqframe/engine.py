@@ -42,6 +42,7 @@ from lqframe.pipeline import (
     LayerResult,
     allocation_needs,
     cost_table,
+    decompose_candidate,
     decompose_layer,
     layer_needs,
     plan_layers,
@@ -278,13 +279,35 @@ def _calibrate(state: RunState) -> None:
 
 def _allocate(state: RunState) -> None:
     recipe = state.recipe
-    table, per_layer, decs = cost_table(state.model, recipe, state.plans, state.stats.layer_stats, state.progress)
-    allocator = registry().create("allocator", recipe.allocate.allocator.name, **recipe.allocate.allocator.options)
-    choice = allocator.allocate(table, recipe.allocate.budget_bits)
+    stage = recipe.allocate
+    cache = None
+    if stage.cache is not False:
+        from lqframe.costcache import CostCache
+
+        cache = CostCache(None if stage.cache is True else stage.cache)
+    t0 = time.perf_counter()
+    try:
+        table, per_layer, decs = cost_table(state.model, recipe, state.plans, state.stats.layer_stats, state.progress,
+                                            cache=cache, device=state.device)
+    finally:
+        if cache is not None:
+            cache.close()
+    state.timings["cost_table"] = time.perf_counter() - t0
+    if cache is not None:
+        state.log(f"allocation cost table: {len(table.layers)} matrices × {len(table.configs)} candidates in "
+                  f"{state.timings['cost_table']:.1f} s ({cache.hits} from the cache at {cache.path}, "
+                  f"{cache.misses} computed)")
+    allocator = registry().create("allocator", stage.allocator.name, **stage.allocator.options)
+    t0 = time.perf_counter()
+    choice = allocator.allocate(table, stage.budget_bits)
+    state.timings["allocate_solve"] = time.perf_counter() - t0
     plans = []
     for i, plan in enumerate(state.plans):
         j = choice[plan.name].index
         plans.append(per_layer[i][j])
+        if (i, j) not in decs:  # its cost came from the cache: decompose it as the table would have
+            w = state.model.get_submodule(plan.name).weight.detach().to(state.device)
+            decs[(i, j)] = decompose_candidate(w, per_layer[i][j], state.stats.layer_stats(plan.name), j)
         state.prepared[plan.name] = decs[(i, j)]
     state.plans = plans
     state.needs = {p.name: layer_needs(p) for p in plans}

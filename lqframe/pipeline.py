@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lqframe.costcache import CostCache, stats_digest, tensor_digest
 from lqframe.errors import LqframeError, RecipeError
 from lqframe.interfaces import ErrorReconstructor, Quantizer
 from lqframe.lowrank import LowRankReconstructor, output_error
@@ -25,7 +26,7 @@ from lqframe.registry import registry
 from lqframe.types import CostTable, Decomposition, LayerStats
 
 __all__ = ["LayerPlan", "LayerResult", "plan_layers", "set_module", "components", "layer_needs",
-           "decompose_layer", "layer_errors", "cost_table", "summarize"]
+           "decompose_layer", "layer_errors", "cost_table", "decompose_candidate", "summarize"]
 
 
 @attrs.frozen
@@ -176,11 +177,16 @@ def candidate_plans(recipe: Recipe, plan: LayerPlan) -> list[LayerPlan]:
     return out
 
 
+#: the statistic each allocation metric reads (``weight`` reads none)
+METRIC_NEEDS = {"output": frozenset({"rxx"}), "fisher": frozenset({"fisher"}), "weight": frozenset()}
+
+
 def allocation_needs(recipe: Recipe, plans: Sequence[LayerPlan]) -> dict[str, frozenset[str]]:
-    """Per layer, the statistics any allocation candidate needs."""
+    """Per layer, the statistics any allocation candidate (and the cost metric) needs."""
     if recipe.allocate is None:
         return {}
-    return {p.name: frozenset().union(*(layer_needs(c) for c in candidate_plans(recipe, p))) for p in plans}
+    metric = METRIC_NEEDS.get(recipe.allocate.metric, frozenset())
+    return {p.name: frozenset(metric).union(*(layer_needs(c) for c in candidate_plans(recipe, p))) for p in plans}
 
 
 def _known_output_error(recon: ErrorReconstructor, dec: Decomposition) -> float | None:
@@ -189,19 +195,69 @@ def _known_output_error(recon: ErrorReconstructor, dec: Decomposition) -> float 
     return dec.info.get("output_error") if isinstance(recon, LowRankReconstructor) else None
 
 
-def layer_cost(w: torch.Tensor, dec: Decomposition, stats: LayerStats | None, known: float | None = None) -> float:
-    """A candidate's cost: the squared relative output error ‖X(W − Ŵ)ᵀ‖²/‖XWᵀ‖² when ``rxx`` is
-    known, else the squared relative weight error (:func:`layer_errors`, squared)."""
-    rel_w, rel_out = layer_errors(w, dec.dense(), stats, None, known)
+def layer_cost(w: torch.Tensor, dec: Decomposition, stats: LayerStats | None, known: float | None = None,
+               metric: str = "auto") -> float:
+    """A candidate's cost under ``metric``:
+
+    ``output``
+        the squared relative output error ‖X(W − Ŵ)ᵀ‖²/‖XWᵀ‖² (needs ``rxx``);
+    ``fisher``
+        the Fisher-weighted squared error Σ F ⊙ (W − Ŵ)² (needs ``fisher``), not normalised: the
+        Fisher measures how much the loss moves per unit of weight error, so these add up across
+        matrices into (twice) the expected loss increase — LQ-LoRA's ILP objective;
+    ``weight``
+        the squared relative weight error ‖W − Ŵ‖²/‖W‖²;
+    ``auto``
+        ``output`` when ``rxx`` is known, else ``fisher`` when the Fisher is, else ``weight``.
+    """
+    have = stats.available() if stats is not None else frozenset()
+    if metric == "auto":
+        metric = "output" if "rxx" in have and stats.n_tokens else "fisher" if "fisher" in have else "weight"
+    if metric == "fisher":
+        stats.require({"fisher"}, "the fisher allocation metric")
+        f = stats.get("fisher").to(device=w.device, dtype=torch.float64)
+        return float((f * (w.double() - dec.dense().double()) ** 2).sum())
+    if metric == "output":
+        (stats if stats is not None else LayerStats()).require({"rxx"}, "the output allocation metric")
+    rel_w, rel_out = layer_errors(w, dec.dense(), stats if metric == "output" else None, None, known)
     return (rel_w if rel_out is None else rel_out) ** 2
 
 
-def cost_table(model: nn.Module, recipe: Recipe, plans: Sequence[LayerPlan], stats_of, progress: bool = True
+def _component_fingerprint(spec: ComponentSpec, kind: str, instance: Any) -> dict[str, Any]:
+    info = registry().info(kind, spec.name)
+    return {"name": spec.name, "options": instance.options(), "distribution": info.distribution,
+            "version": info.version}
+
+
+def decompose_candidate(w: torch.Tensor, plan: LayerPlan, stats: LayerStats | None, index: int
+                        ) -> tuple[Decomposition, float]:
+    """One allocation candidate's decomposition of a layer and its seconds (errors name the layer
+    and the candidate)."""
+    q, rec = components(plan.quantizer, plan.reconstructor)
+    t0 = time.perf_counter()
+    try:
+        dec = rec.decompose(w, q, stats)
+    except LqframeError as exc:
+        raise type(exc)(f"layer {plan.name}, allocation candidate {index}: {exc}") from None
+    return dec, time.perf_counter() - t0
+
+
+def cost_table(model: nn.Module, recipe: Recipe, plans: Sequence[LayerPlan], stats_of, progress: bool = True,
+               cache: CostCache | None = None, device: torch.device | None = None,
                ) -> tuple[CostTable, list[list[LayerPlan]], dict[tuple[int, int], tuple[Decomposition, float]]]:
-    """Decompose every layer with every candidate once: costs (see :func:`layer_cost`), exact bits
-    from the components' ``storage_bits(shape)`` (+ ``lowrank_bits(shape)`` when the budget
-    includes the low-rank term), and the decompositions themselves (reused for the chosen one).
-    ``stats_of(name)`` gives a layer's calibration statistics (None for data-free candidates)."""
+    """Decompose every layer with every candidate once: costs (see :func:`layer_cost`, with the
+    stage's ``metric``), exact bits from the components' ``storage_bits(shape)`` (+
+    ``lowrank_bits(shape)`` when the budget includes the low-rank term), and the decompositions
+    themselves (reused for the chosen one). ``stats_of(name)`` gives a layer's calibration
+    statistics (None for data-free candidates).
+
+    With a ``cache`` (:class:`~lqframe.costcache.CostCache`) a cost already computed for the same
+    weight, statistics, components and device is read back instead of decomposing again (that
+    pair then has no decomposition here: the allocate stage makes the chosen one with
+    :func:`decompose_candidate` and the same statistics, so a warm cache changes nothing in the
+    result). Weights are decomposed on ``device`` (default: where they are)."""
+    from lqframe import __version__
+
     stage = recipe.allocate
     per_layer = [candidate_plans(recipe, p) for p in plans]
     n, k = len(plans), len(stage.candidates)
@@ -209,21 +265,39 @@ def cost_table(model: nn.Module, recipe: Recipe, plans: Sequence[LayerPlan], sta
     bits = torch.zeros(n, k, dtype=torch.float64)
     decs: dict[tuple[int, int], tuple[Decomposition, float]] = {}
     numel = []
-    for i, plan in enumerate(tqdm(plans, desc="allocate: cost table", disable=not progress, leave=False)):
+    bar = tqdm(plans, desc=f"allocate: cost table ({n} matrices × {k} candidates)", unit="matrix",
+               disable=not progress, leave=False)
+    for i, plan in enumerate(bar):
         w = model.get_submodule(plan.name).weight.detach()
+        if device is not None:
+            w = w.to(device)
         shape = (w.shape[0], w.shape[1])
         numel.append(w.numel())
         stats = stats_of(plan.name)
+        w_digest = tensor_digest(w) if cache is not None else ""
         for j, cand in enumerate(per_layer[i]):
             q, rec = components(cand.quantizer, cand.reconstructor)
-            t0 = time.perf_counter()
-            try:
-                dec = rec.decompose(w, q, stats)
-            except LqframeError as exc:
-                raise type(exc)(f"layer {plan.name}, allocation candidate {j}: {exc}") from None
-            decs[(i, j)] = (dec, time.perf_counter() - t0)
-            cost[i, j] = layer_cost(w, dec, stats, _known_output_error(rec, dec))
             bits[i, j] = q.storage_bits(shape) + (rec.lowrank_bits(shape) if stage.include_lowrank else 0)
+            key = None
+            if cache is not None:
+                needs = rec.all_needs(q) | METRIC_NEEDS.get(stage.metric, frozenset())
+                if stage.metric == "auto":
+                    needs = needs | (stats.available() & {"rxx", "fisher"} if stats is not None else frozenset())
+                fingerprint = {"lqframe": __version__, "metric": stage.metric,
+                               "quantizer": _component_fingerprint(cand.quantizer, "quantizer", q),
+                               "reconstructor": _component_fingerprint(cand.reconstructor, "reconstructor", rec)}
+                key = cache.key(w_digest, stats_digest(stats, frozenset(needs)), fingerprint, w.device.type)
+                hit = cache.get(key)
+                if hit is not None:
+                    cost[i, j] = hit[0]
+                    continue
+            dec, seconds = decompose_candidate(w, cand, stats, j)
+            decs[(i, j)] = (dec, seconds)
+            cost[i, j] = layer_cost(w, dec, stats, _known_output_error(rec, dec), stage.metric)
+            if key is not None:
+                cache.put(key, float(cost[i, j]), seconds, plan.name, stage.candidates[j])
+        if cache is not None:
+            bar.set_postfix_str(f"cached {cache.hits}, computed {cache.misses}")
     configs = [dict(c) for c in stage.candidates]
     return CostTable([p.name for p in plans], configs, cost.numpy(), bits.numpy(), numel), per_layer, decs
 

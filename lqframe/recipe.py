@@ -224,9 +224,14 @@ class ReconstructStage:
 @attrs.frozen
 class AllocateStage:
     allocator: ComponentSpec
+    #: every candidate configuration: the listed ``candidates``, then the ``grid``'s product
     candidates: tuple[Mapping[str, Any], ...]
     budget_bits: float | None = None
     include_lowrank: bool = False
+    #: the per-matrix error the allocator sums: auto, output, fisher or weight (pipeline.layer_cost)
+    metric: str = "auto"
+    #: the on-disk cost cache: True (the default file), False (none) or a file path
+    cache: bool | str = True
 
 
 @attrs.frozen
@@ -402,6 +407,41 @@ def _candidate(value: Any, ctx: _Ctx) -> dict[str, dict[str, Any]]:
     return {"quantizer": body, "reconstructor": {}}
 
 
+#: LQ-LoRA's configuration space (METHODS.md §1.4) for the ``nf`` quantizer with its double
+#: quantization: bits × first-level block × second-level bits × second-level block × scale format
+LQLORA_GRID = {"quantizer": {"double_quant": ["lqlora"], "bits": [2, 3, 4, 8], "group_size": [16, 32, 64],
+                             "dq_bits": [2, 3, 4, 8], "dq_group_size": [16, 64, 256],
+                             "dq_scale_dtype": ["bfloat16", "float16", "float32"]}}
+
+
+def _grid(value: Any, ctx: _Ctx) -> tuple[dict[str, dict[str, Any]], ...]:
+    """The product of option lists: ``{quantizer: {bits: [2, 3, 4]}, reconstructor: {rank: [16, 64]}}``
+    (a bare value is a list of one), or ``lqlora`` for LQ-LoRA's 432-configuration NF grid.
+    Candidates come in row-major order: the last option varies fastest."""
+    import itertools
+
+    if value == "lqlora":
+        value = LQLORA_GRID
+    body = _mapping(value, ctx, ("quantizer", "reconstructor"))
+    axes: list[tuple[str, str, list[Any]]] = []
+    for kind in ("quantizer", "reconstructor"):
+        options = _mapping(body.get(kind), ctx.child(kind))
+        for key, values in options.items():
+            values = values if isinstance(values, list) else [values]
+            if not values:
+                raise ctx.child(kind).child(key).error("expected a non-empty list of values")
+            axes.append((kind, key, values))
+    if not axes:
+        raise ctx.error("a grid needs at least one option list, e.g. {quantizer: {bits: [2, 3, 4]}}")
+    out = []
+    for combo in itertools.product(*(values for _, _, values in axes)):
+        cand: dict[str, dict[str, Any]] = {"quantizer": {}, "reconstructor": {}}
+        for (kind, key, _), v in zip(axes, combo, strict=True):
+            cand[kind][key] = v
+        out.append(cand)
+    return tuple(out)
+
+
 def _check_component(spec: ComponentSpec, kind: str, ctx: _Ctx) -> None:
     """Instantiate through the registry so unknown names and bad options fail now, with a path."""
     from lqframe.registry import registry
@@ -479,26 +519,38 @@ def parse_recipe(doc: Any, origin: str = "<recipe>", check_components: bool = Tr
 
     if "allocate_stage" in body:
         c = root.child("allocate_stage")
-        s = _mapping(body["allocate_stage"], c, ("allocator", "candidates", "budget_bits", "include_lowrank"))
+        s = _mapping(body["allocate_stage"], c, ("allocator", "candidates", "grid", "budget_bits", "include_lowrank",
+                                                  "metric", "cache"))
         if "quantize_stage" not in body:
             raise c.error("an allocate_stage chooses quantizer options per layer: it needs a quantize_stage")
-        cands = s.get("candidates")
-        if not isinstance(cands, list) or not cands:
+        cands = s.get("candidates", [] if "grid" in s else None)
+        if not isinstance(cands, list) or not (cands or "grid" in s):
             raise c.child("candidates").error("expected a non-empty list of quantizer option sets, e.g. "
-                                              "[{bits: 4}, {bits: 3}]")
+                                              "[{bits: 4}, {bits: 3}] (or a grid: of option lists)")
         candidates = tuple(_candidate(x, c.child("candidates").child(i)) for i, x in enumerate(cands))
+        if "grid" in s:
+            candidates += _grid(s["grid"], c.child("grid"))
         budget = s.get("budget_bits")
+        metric = s.get("metric", "auto")
+        if metric not in ("auto", "output", "fisher", "weight"):
+            raise c.child("metric").error(f"expected auto, output, fisher or weight, got {metric!r}")
+        cache = s.get("cache", True)
+        if not isinstance(cache, bool | str) or cache == "":
+            raise c.child("cache").error(f"expected true, false or a file path, got {cache!r}")
         stage = AllocateStage(
             allocator=_component(s.get("allocator", "uniform"), c.child("allocator"), "allocator"),
             candidates=candidates,
             budget_bits=None if budget is None else _float(budget, c.child("budget_bits"), 0.0),
             include_lowrank=_bool(s.get("include_lowrank", False), c.child("include_lowrank")),
+            metric=metric,
+            cache=cache,
         )
         if check_components:
             _check_component(stage.allocator, "allocator", c.child("allocator"))
             recon = kw["reconstruct"].reconstructor if "reconstruct" in kw else ComponentSpec("none")
-            for i, cand in enumerate(candidates):
-                where = c.child("candidates").child(i)
+            listed = len(cands)
+            for i, cand in enumerate(candidates):  # the grid's candidates are numbered in its row-major order
+                where = c.child("candidates").child(i) if i < listed else c.child("grid").child(i - listed)
                 _check_component(kw["quantize"].quantizer.merged(cand["quantizer"]), "quantizer", where)
                 _check_component(recon.merged(cand["reconstructor"]), "reconstructor", where)
         kw["allocate"] = stage

@@ -13,6 +13,18 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cost_cache(tmp_path_factory):
+    """Allocation cost caches in a fresh folder: tests never read or fill the user's cache."""
+    old = os.environ.get("LQFRAME_CACHE")
+    os.environ["LQFRAME_CACHE"] = str(tmp_path_factory.mktemp("lqframe-cache"))
+    yield
+    if old is None:
+        os.environ.pop("LQFRAME_CACHE", None)
+    else:
+        os.environ["LQFRAME_CACHE"] = old
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -1,0 +1,130 @@
+"""The allocate stage with the ilp allocator: grids of candidates (bits, group size, rank), the
+budget with and without the low-rank factors, the on-disk cost cache, the metrics."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lqframe
+from lqframe.costcache import CostCache
+from lqframe.data import make_windows
+from lqframe.errors import BudgetError, RecipeError
+from lqframe.recipe import LQLORA_GRID, parse_recipe
+from lqframe.run import compress
+from tests.tiny import byte_tokenizer, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def windows():
+    return make_windows(byte_tokenizer(), "pydoc", 40, 3, 0, 0)
+
+
+def _recipe(budget, include_lowrank=False, cache=False, metric="auto", reconstructor="qera-exact", grid=None):
+    grid = grid or {"quantizer": {"bits": [2, 3, 4], "group_size": [32, 64]}, "reconstructor": {"rank": [2, 8]}}
+    doc = {"data": {"seq_len": 40, "calibration_windows": 3, "evaluation_windows": 0},
+           "quantize_stage": {"quantizer": {"name": "rtn", "bits": 4, "group_size": 32}},
+           "reconstruct_stage": {"reconstructor": {"name": reconstructor, "rank": 4}},
+           "allocate_stage": {"allocator": "ilp", "budget_bits": budget, "include_lowrank": include_lowrank,
+                              "grid": grid, "cache": cache, "metric": metric}}
+    return parse_recipe(doc, "<alloc>")
+
+
+def _avg_bits(results, include_lowrank):
+    total = sum(r.storage_bits + (r.lowrank_bits if include_lowrank else 0) for r in results)
+    return total / sum(r.numel for r in results)
+
+
+def test_grid_expands_in_row_major_order():
+    r = _recipe(3.0)
+    cands = r.allocate.candidates
+    assert len(cands) == 12
+    assert cands[0] == {"quantizer": {"bits": 2, "group_size": 32}, "reconstructor": {"rank": 2}}
+    assert cands[1] == {"quantizer": {"bits": 2, "group_size": 32}, "reconstructor": {"rank": 8}}
+    assert cands[-1] == {"quantizer": {"bits": 4, "group_size": 64}, "reconstructor": {"rank": 8}}
+    lq = parse_recipe({"quantize_stage": {"quantizer": {"name": "nf"}},
+                       "allocate_stage": {"allocator": "ilp", "grid": "lqlora"}}, "<g>")
+    assert len(lq.allocate.candidates) == 432 == 4 * 3 * 4 * 3 * 3
+    assert all(c["quantizer"]["double_quant"] == "lqlora" for c in lq.allocate.candidates)
+    assert LQLORA_GRID["quantizer"]["bits"] == [2, 3, 4, 8]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"grid": {"quantizer": {"bits": []}}}, r"allocate_stage\.grid\.quantizer\.bits: expected a non-empty list"),
+    ({"grid": {"quantizer": {"bits": [3, 9]}}}, r"allocate_stage\.grid\[1\]: quantizer 'rtn': bits must be <= 8"),
+    ({"grid": {}}, r"allocate_stage\.grid: a grid needs at least one option list"),
+    ({"metric": "hessian"}, r"allocate_stage\.metric: expected auto, output, fisher or weight"),
+    ({"cache": 3}, r"allocate_stage\.cache: expected true, false or a file path"),
+])
+def test_bad_allocation_options_name_the_place(change, message):
+    doc = {"quantize_stage": {"quantizer": {"name": "rtn"}},
+           "allocate_stage": {"allocator": "ilp", "budget_bits": 3.0, "grid": {"quantizer": {"bits": [2, 3]}},
+                              **change}}
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(doc, "<bad>")
+
+
+@pytest.mark.parametrize("include_lowrank, budget", [(False, 3.0), (True, 4.5)])
+def test_ilp_spends_the_budget_per_matrix(windows, include_lowrank, budget):
+    """Bits and rank chosen per matrix; the average (with or without the factors) is within the
+    budget, and the allocation is mixed (the ILP is not a uniform choice)."""
+    model = tiny_llama(layers=2)
+    results = compress(model, _recipe(budget, include_lowrank), windows.calibration, device="cpu", progress=False)
+    assert _avg_bits(results, include_lowrank) <= budget
+    assert len({(r.bits, r.group_size, r.rank) for r in results}) > 1
+    if not include_lowrank:  # factors are free: every matrix takes the larger rank
+        assert {r.rank for r in results} == {8}
+
+
+def test_an_infeasible_budget_is_one_line_with_the_smallest_feasible_one(windows):
+    with pytest.raises(BudgetError, match=r"^ilp allocator: a budget of 1 bits/parameter is infeasible; the smallest "
+                                          r"feasible budget is 2\.\d+ bits/parameter"):
+        compress(tiny_llama(layers=1), _recipe(1.0), windows.calibration, device="cpu", progress=False)
+
+
+def test_the_cost_cache_makes_a_second_budget_cost_only_the_solve(windows, tmp_path, monkeypatch):
+    """A warm cache: no candidate is decomposed again except the chosen ones, and the result is
+    bit for bit the one a cold run gives (the chosen decompositions use the same statistics)."""
+    path = tmp_path / "costs.sqlite"
+    base = tiny_llama(layers=1)
+    compress(copy.deepcopy(base), _recipe(3.0, cache=str(path)), windows.calibration, device="cpu", progress=False)
+    n_entries = len(CostCache(path))
+    assert n_entries == 7 * 12
+
+    calls = []
+    from lqframe import pipeline
+
+    original = pipeline.decompose_candidate
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "decompose_candidate", counting)
+    monkeypatch.setattr(lqframe.engine, "decompose_candidate", counting)
+    warm_model = copy.deepcopy(base)
+    warm = compress(warm_model, _recipe(3.5, cache=str(path)), windows.calibration, device="cpu", progress=False)
+    assert len(calls) == 7  # the chosen candidate of each matrix, nothing else
+    assert len(CostCache(path)) == n_entries
+    monkeypatch.undo()
+    cold_model = copy.deepcopy(base)
+    cold = compress(cold_model, _recipe(3.5, cache=False), windows.calibration, device="cpu", progress=False)
+    assert [(r.bits, r.group_size, r.rank) for r in warm] == [(r.bits, r.group_size, r.rank) for r in cold]
+    sw, sc = warm_model.state_dict(), cold_model.state_dict()
+    assert all(torch.equal(sw[k], sc[k]) for k in sw)
+    # other statistics (one calibration window fewer) are other keys: all computed again
+    compress(copy.deepcopy(base), _recipe(3.5, cache=str(path)), windows.calibration[:2], device="cpu",
+             progress=False)
+    assert len(CostCache(path)) == 2 * n_entries
+
+
+def test_fisher_metric_runs_the_gradient_pass(windows):
+    """``metric: fisher`` prices candidates by Σ F ⊙ (W − Ŵ)² even with a data-free
+    reconstructor: the engine produces the Fisher for it."""
+    grid = {"quantizer": {"bits": [2, 4]}}
+    model = tiny_llama(layers=1)
+    results = compress(model, _recipe(3.0, metric="fisher", reconstructor="lqlora", grid=grid), windows.calibration,
+                       device="cpu", progress=False)
+    assert _avg_bits(results, False) <= 3.0 and {r.bits for r in results} == {2, 4}
