@@ -135,6 +135,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from lqframe.run import format_table
 
     info = inspect_checkpoint(Path(args.dir))
+    if args.plot:
+        from lqframe.plot import plot_layers
+
+        print(f"wrote {plot_layers(info, args.plot)}", file=sys.stderr)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
     else:
@@ -195,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="per-layer formats, bits, ranks and errors of a saved checkpoint")
     p.add_argument("dir")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", metavar="FILE", help="also draw bits and rank per matrix to FILE (.png, .svg, .pdf; "
+                   "needs matplotlib: pip install 'lqframe[plot]')")
     p.set_defaults(func=cmd_inspect)
     return parser
 

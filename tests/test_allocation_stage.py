@@ -128,3 +128,35 @@ def test_fisher_metric_runs_the_gradient_pass(windows):
     results = compress(model, _recipe(3.0, metric="fisher", reconstructor="lqlora", grid=grid), windows.calibration,
                        device="cpu", progress=False)
     assert _avg_bits(results, False) <= 3.0 and {r.bits for r in results} == {2, 4}
+
+
+def test_inspect_plot_draws_bits_and_rank_per_matrix(tmp_path, monkeypatch, capsys):
+    """``lqframe inspect DIR --plot out.png`` after an ILP run: a PNG appears (written atomically,
+    nothing else left in the folder); without matplotlib the command says how to install it."""
+    import sys
+
+    from lqframe.cli import main
+    from lqframe.run import run
+    from tests.tiny import tiny_llama_dir
+
+    model_dir = tiny_llama_dir(tmp_path / "m", layers=2)
+    doc = _recipe(3.0, include_lowrank=False)
+    run(attrs_evolve_save(doc), str(model_dir), tmp_path / "out", device="cpu", progress=False, log=lambda s: None)
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    assert main(["inspect", str(tmp_path / "out"), "--plot", str(plots / "layers.png")]) == 0
+    data = (plots / "layers.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert [p.name for p in plots.iterdir()] == ["layers.png"]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["inspect", str(tmp_path / "out"), "--plot", str(plots / "again.png")]) != 0
+    assert "pip install 'lqframe[plot]'" in capsys.readouterr().err
+    assert not (plots / "again.png").exists()
+
+
+def attrs_evolve_save(recipe):
+    import attrs
+
+    from lqframe.recipe import SaveStage
+
+    return attrs.evolve(recipe, save=SaveStage())
