@@ -5,6 +5,7 @@ with its report row. The run engine (:mod:`lqframe.engine`) drives these over th
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -229,11 +230,54 @@ def _component_fingerprint(spec: ComponentSpec, kind: str, instance: Any) -> dic
             "version": info.version}
 
 
-def decompose_candidate(w: torch.Tensor, plan: LayerPlan, stats: LayerStats | None, index: int
-                        ) -> tuple[Decomposition, float]:
+class SharedQuantizer(Quantizer):
+    """A quantizer that remembers its result for one weight: the candidates of a cost table that
+    share a quantizer configuration and differ only in the reconstructor (rank, factor format,
+    weighting) quantize the layer's weight once. Any other input (an alternation's ``W − LR``)
+    goes to the wrapped quantizer. The weight is recognised by its storage (pointer, shape,
+    strides, dtype, version counter): a view of it, as ``check_weight`` makes, is the same weight."""
+
+    def __init__(self, inner: Quantizer, weight: torch.Tensor):
+        self.inner = inner
+        self.needs = inner.needs
+        self.rounds_to_nearest = inner.rounds_to_nearest
+        self._key = self._identity(weight)
+        self._memo: dict[str, Any] = {}
+
+    @staticmethod
+    def _identity(t: torch.Tensor) -> tuple:
+        return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version)
+
+    def _shared(self, what: str, weight: torch.Tensor, compute):
+        if self._identity(weight) != self._key:
+            return compute()
+        if what not in self._memo:
+            self._memo[what] = compute()
+        return self._memo[what]
+
+    def quantize(self, weight, stats=None):
+        return self._shared("quantize", weight, lambda: self.inner.quantize(weight, stats))
+
+    def roundtrip(self, weight, stats=None):
+        return self._shared("roundtrip", weight, lambda: self.inner.roundtrip(weight, stats))
+
+    def storage_bits(self, shape):
+        return self.inner.storage_bits(shape)
+
+    def options(self):
+        return self.inner.options()
+
+
+def decompose_candidate(w: torch.Tensor, plan: LayerPlan, stats: LayerStats | None, index: int,
+                        shared: dict[str, SharedQuantizer] | None = None) -> tuple[Decomposition, float]:
     """One allocation candidate's decomposition of a layer and its seconds (errors name the layer
-    and the candidate)."""
+    and the candidate). ``shared``: per-layer memo of quantizers by spec (see :class:`SharedQuantizer`)."""
     q, rec = components(plan.quantizer, plan.reconstructor)
+    if shared is not None:
+        spec = json.dumps(plan.quantizer.to_dict(), sort_keys=True, default=str)
+        if spec not in shared:
+            shared[spec] = SharedQuantizer(q, w)
+        q = shared[spec]
     t0 = time.perf_counter()
     try:
         dec = rec.decompose(w, q, stats)
@@ -274,7 +318,9 @@ def cost_table(model: nn.Module, recipe: Recipe, plans: Sequence[LayerPlan], sta
         shape = (w.shape[0], w.shape[1])
         numel.append(w.numel())
         stats = stats_of(plan.name)
+        w = w.to(torch.float32).contiguous()  # one tensor for every candidate: shared quantizations
         w_digest = tensor_digest(w) if cache is not None else ""
+        shared: dict[str, SharedQuantizer] = {}
         for j, cand in enumerate(per_layer[i]):
             q, rec = components(cand.quantizer, cand.reconstructor)
             bits[i, j] = q.storage_bits(shape) + (rec.lowrank_bits(shape) if stage.include_lowrank else 0)
@@ -291,7 +337,7 @@ def cost_table(model: nn.Module, recipe: Recipe, plans: Sequence[LayerPlan], sta
                 if hit is not None:
                     cost[i, j] = hit[0]
                     continue
-            dec, seconds = decompose_candidate(w, cand, stats, j)
+            dec, seconds = decompose_candidate(w, cand, stats, j, shared)
             decs[(i, j)] = (dec, seconds)
             cost[i, j] = layer_cost(w, dec, stats, _known_output_error(rec, dec), stage.metric)
             if key is not None:

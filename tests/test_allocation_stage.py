@@ -160,3 +160,29 @@ def attrs_evolve_save(recipe):
     from lqframe.recipe import SaveStage
 
     return attrs.evolve(recipe, save=SaveStage())
+
+
+def test_candidates_that_differ_in_the_reconstructor_share_one_quantization(monkeypatch):
+    """Rank (or factor format) candidates of one quantizer configuration quantize the weight once;
+    an alternation's other inputs still reach the quantizer; the results equal unshared ones."""
+    from lqframe.pipeline import LayerPlan, decompose_candidate
+    from lqframe.recipe import ComponentSpec
+
+    rtn_cls = type(lqframe.registry().create("quantizer", "rtn"))
+    calls = []
+    original = rtn_cls.quantize
+
+    def counting(self, weight, stats=None):
+        calls.append(weight.data_ptr())
+        return original(self, weight, stats)
+
+    monkeypatch.setattr(rtn_cls, "quantize", counting)
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(0))
+    plans = [LayerPlan(name="layer", block=0, quantizer=ComponentSpec("rtn", {"bits": 3, "group_size": 32}),
+                       reconstructor=ComponentSpec(rec, {"rank": r})) for rec in ("svd", "loftq") for r in (2, 4, 8)]
+    shared = {}
+    got = [decompose_candidate(w, p, None, j, shared)[0] for j, p in enumerate(plans)]
+    assert len(set(calls)) > 1  # loftq quantizes W − LR too
+    assert calls.count(w.data_ptr()) == 1
+    for p, dec in zip(plans, got, strict=True):
+        assert torch.equal(dec.dense(), decompose_candidate(w, p, None, 0)[0].dense())
