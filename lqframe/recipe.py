@@ -64,11 +64,13 @@ DEFAULT_RECIPE = """\
 # lqframe's default recipe: GPTQ int4 (group 64, float16 scale + 4-bit zero point per group) and a
 # QERA-exact rank-32 correction (float16 factors) that minimises each layer's output error, both
 # fitted to 48 × 512 calibration tokens mixed from two domains (Python documentation and English
-# news prose, 24 windows each); scored on held-out windows of both and of Wikipedia, a domain it
-# never saw. Chosen from benchmarks/results/calibration.md: the best perplexity across the domains
-# (on the default model 1.044 / 1.074 / 1.091 × float on pydoc / news / wiki, against 1.035 /
-# 1.142 / 1.142 when calibrated on pydoc alone). GPTQ in natural order: followed by a correction
-# it beats act-order here (docs/gptq.md).
+# news prose, 24 windows each), alternating twice (GPTQ on W − L·R, then QERA on W − Q: coordinate
+# descent on the layer-output error, the better iterate kept); scored on held-out windows of both
+# and of Wikipedia, a domain it never saw. Chosen from benchmarks/results/calibration.md: the best
+# perplexity on every domain among the measured recipes within the 10-minute budget (on the default
+# model 1.041 / 1.065 / 1.084 × float on pydoc / news / wiki; one pass: 1.044 / 1.074 / 1.091;
+# calibrated on pydoc alone: 1.035 / 1.142 / 1.142). GPTQ in natural order: followed by a
+# correction it beats act-order here (docs/gptq.md).
 data:
   source: pydoc
   calibration: [pydoc, news]
@@ -81,7 +83,7 @@ quantize_stage:
   ignore: []
   quantizer: {name: gptq, bits: 4, group_size: 64, act_order: false, static_groups: false}
 reconstruct_stage:
-  reconstructor: {name: qera-exact, rank: 32}
+  reconstructor: {name: qera-exact, rank: 32, iterations: 2}
 evaluate_stage:
   float_baseline: true
   data: [pydoc, news, wiki]

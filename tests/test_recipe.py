@@ -17,7 +17,8 @@ def test_default_recipe():
     assert r.stages() == ["quantize", "reconstruct", "evaluate", "save"]
     assert r.quantize.quantizer.name == "gptq" and r.quantize.quantizer.options == {
         "bits": 4, "group_size": 64, "act_order": False, "static_groups": False}
-    assert r.reconstruct.reconstructor.name == "qera-exact" and r.reconstruct.reconstructor.options == {"rank": 32}
+    assert r.reconstruct.reconstructor.name == "qera-exact" and r.reconstruct.reconstructor.options == {
+        "rank": 32, "iterations": 2}
     assert r.data.source == "pydoc" and r.data.seq_len == 512 and r.data.calibration_windows == 48
     assert r.data.calibration_sources() == (("pydoc", None), ("news", None))
     assert r.evaluation_sources() == ("pydoc", "news", "wiki")
@@ -131,7 +132,7 @@ def test_overrides_resolve_per_layer():
     # a different name replaces the component; later overrides win
     assert r.quantizer_for("model.layers.0.mlp.down_proj").name == "rtn"
     assert r.quantizer_for("model.layers.0.mlp.down_proj").options == {"bits": 3}
-    assert r.reconstructor_for("model.layers.1.mlp.up_proj").options == {"rank": 64}
+    assert r.reconstructor_for("model.layers.1.mlp.up_proj").options == {"rank": 64, "iterations": 2}
     assert r.reconstructor_for("model.layers.1.self_attn.o_proj").options == {"rank": 32}
 
 
