@@ -133,7 +133,7 @@ def test_overrides_resolve_per_layer():
     assert r.quantizer_for("model.layers.0.mlp.down_proj").name == "rtn"
     assert r.quantizer_for("model.layers.0.mlp.down_proj").options == {"bits": 3}
     assert r.reconstructor_for("model.layers.1.mlp.up_proj").options == {"rank": 64, "iterations": 2}
-    assert r.reconstructor_for("model.layers.1.self_attn.o_proj").options == {"rank": 32}
+    assert r.reconstructor_for("model.layers.1.self_attn.o_proj").options == {"rank": 32, "iterations": 2}
 
 
 def test_fingerprint_tracks_content():
