@@ -20,19 +20,17 @@ from __future__ import annotations
 
 import argparse
 import collections
-import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from methods_table import _options, _read, _versions_line  # noqa: E402
+from methods_table import _options, _read, _versions_line, compress_and_score  # noqa: E402
 
 from lqframe.costcache import CostCache  # noqa: E402
 from lqframe.data import make_data  # noqa: E402
-from lqframe.engine import RunState, execute, perplexity_table, versions  # noqa: E402
+from lqframe.engine import perplexity_table, versions  # noqa: E402
 from lqframe.evaluate import perplexity  # noqa: E402
 from lqframe.executor import resolve_device  # noqa: E402
 from lqframe.models import load_model  # noqa: E402
@@ -114,13 +112,7 @@ def main() -> None:
             print(f"{convention:5} {budget:.3f} {allocator}: cached", flush=True)
             continue
         entries_before = len(CostCache(cache_path)) if cache_path.exists() else 0
-        state = RunState(recipe, copy.deepcopy(base), device=device, calibration=data.calibration,
-                         evaluation=data.evaluation, progress=False, log=lambda s: None)
-        state.fp_ppls = dict(fps)
-        t0 = time.perf_counter()
-        execute(state, only=("calibrate", "allocate", "decompose"))
-        seconds = time.perf_counter() - t0
-        execute(state, only=("evaluate",))
+        state, seconds = compress_and_score(recipe, base, device, data, fps)
         results = state.results
         row = {
             "recipe": doc, "convention": convention, "budget": budget, "allocator": allocator,

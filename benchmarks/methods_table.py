@@ -116,13 +116,7 @@ def main() -> None:
         if rname != "none":
             doc["reconstruct_stage"] = {"reconstructor": {"name": rname, "rank": args.rank, **r_opts}}
         recipe = parse_recipe(doc, f"{qname}-{bits}-{rname}")
-        state = RunState(recipe, copy.deepcopy(base), device=device, calibration=data.calibration,
-                         evaluation=data.evaluation, progress=False, log=lambda s: None)
-        state.fp_ppls = dict(fps)
-        t0 = time.perf_counter()
-        execute(state, only=("calibrate", "allocate", "decompose"))
-        seconds = time.perf_counter() - t0
-        execute(state, only=("evaluate",))
+        state, seconds = compress_and_score(recipe, base, device, data, fps)
         ppl, results = state.ppl, state.results
         row = {"quantizer": qname, "bits": bits, "reconstructor": rname, "rank": rank,
                "quantizer_options": qopts, "reconstructor_options": r_opts, "sequential": args.sequential,
@@ -140,6 +134,20 @@ def main() -> None:
               + f"  bits {row['avg_bits']:.3f}/{row['avg_bits_with_lowrank']:.3f}  {seconds:6.1f} s",
               flush=True)
         del state
+
+
+def compress_and_score(recipe, base, device, data, fps: dict) -> tuple[RunState, float]:
+    """Compress a fresh copy of ``base`` with ``recipe`` on the shared windows and score it on
+    every evaluation source (the float figures ``fps`` are given, not measured again); returns
+    the run state and the compression seconds (calibrate + allocate + decompose)."""
+    state = RunState(recipe, copy.deepcopy(base), device=device, calibration=data.calibration,
+                     evaluation=data.evaluation, progress=False, log=lambda s: None)
+    state.fp_ppls = dict(fps)
+    t0 = time.perf_counter()
+    execute(state, only=("calibrate", "allocate", "decompose"))
+    seconds = time.perf_counter() - t0
+    execute(state, only=("evaluate",))
+    return state, seconds
 
 
 def _resolved(state: RunState) -> dict:
