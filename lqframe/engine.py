@@ -103,6 +103,8 @@ class RunState:
     fp_ppls: dict[str, float] = attrs.field(factory=dict)
     ppls: dict[str, float] = attrs.field(factory=dict)
     timings: dict[str, float] = attrs.field(factory=dict)
+    #: what the allocate stage chose and what it cost (report.json ``allocation``)
+    allocation: dict[str, Any] | None = None
 
     @property
     def uses_data(self) -> bool:
@@ -311,6 +313,15 @@ def _allocate(state: RunState) -> None:
         state.prepared[plan.name] = decs[(i, j)]
     state.plans = plans
     state.needs = {p.name: layer_needs(p) for p in plans}
+    used = sum(choice[p.name].bits for p in plans) / max(table.total_params, 1)
+    state.allocation = {
+        "allocator": stage.allocator.to_dict(), "budget_bits": stage.budget_bits,
+        "include_lowrank": stage.include_lowrank, "metric": stage.metric, "candidates": len(table.configs),
+        "bits_per_param": used, "total_cost": sum(choice[p.name].cost for p in plans),
+        "cost_table_seconds": state.timings["cost_table"], "solve_seconds": state.timings["allocate_solve"],
+        "cache": None if cache is None else {"path": str(cache.path), "hits": cache.hits, "computed": cache.misses},
+        "chosen": {p.name: choice[p.name].index for p in plans},
+    }
     state.log(f"allocation: {table.total_params:,} parameters, "
               f"{sum(choice[p.name].bits for p in plans) / max(table.total_params, 1):.4f} bits per parameter")
 

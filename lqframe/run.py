@@ -326,6 +326,7 @@ def _run(recipe: Recipe, spec: str, out: Path, sink: CheckpointSink | None, devi
             "data": windows.record(),
             "stages": recipe.stages(),
             "stage_seconds": dict(st.timings),
+            "allocation": st.allocation,
             "layers": [r.as_dict() for r in st.results],
         }
 

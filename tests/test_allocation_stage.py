@@ -141,7 +141,12 @@ def test_inspect_plot_draws_bits_and_rank_per_matrix(tmp_path, monkeypatch, caps
 
     model_dir = tiny_llama_dir(tmp_path / "m", layers=2)
     doc = _recipe(3.0, include_lowrank=False)
-    run(attrs_evolve_save(doc), str(model_dir), tmp_path / "out", device="cpu", progress=False, log=lambda s: None)
+    report = run(attrs_evolve_save(doc), str(model_dir), tmp_path / "out", device="cpu", progress=False,
+                 log=lambda s: None)
+    alloc = report["allocation"]
+    assert alloc["allocator"] == {"name": "ilp"} and alloc["candidates"] == 12 and alloc["budget_bits"] == 3.0
+    assert alloc["bits_per_param"] <= 3.0 and alloc["bits_per_param"] == pytest.approx(report["avg_bits"])
+    assert len(alloc["chosen"]) == 14 and alloc["cache"] is None and alloc["solve_seconds"] >= 0
     plots = tmp_path / "plots"
     plots.mkdir()
     assert main(["inspect", str(tmp_path / "out"), "--plot", str(plots / "layers.png")]) == 0
