@@ -64,12 +64,14 @@ def main() -> None:
     ap.add_argument("--cache", default="benchmarks/results/.cost-cache.sqlite",
                     help="cost cache file (shared by every budget of this run)")
     ap.add_argument("--out", default="benchmarks/results/allocation.jsonl")
-    ap.add_argument("--uniform", default="benchmarks/results/methods.jsonl")
+    ap.add_argument("--uniform", nargs="+",
+                    default=["benchmarks/results/methods.jsonl", "benchmarks/results/gptq.jsonl"],
+                    help="JSON-lines files of uniform rows to compare with (methods_table.py's)")
     ap.add_argument("--table", action="store_true", help="only print the markdown table of what --out holds")
     args = ap.parse_args()
     out = Path(args.out)
     if args.table:
-        print(render(_read(out), _read(Path(args.uniform))))
+        print(render(_read(out), [row for path in args.uniform for row in _read(Path(path))]))
         return
     qopts, ropts = _options(args.quantizer_options), _options(args.reconstructor_options)
     grid = {"quantizer": {"bits": args.bits, "group_size": args.group_sizes}}
