@@ -206,11 +206,12 @@ def render(rows: list[dict]) -> str:
     bits = sorted({r["bits"] for r in rows}, reverse=True)
     lines: dict[tuple, dict[int, dict]] = {}
     for r in rows:
-        label = (r["quantizer"], r["reconstructor"], _label(r.get("quantizer_options", {}),
-                                                              r.get("reconstructor_options", {}),
-                                                              r.get("sequential", "block"),
-                                                              r.get("calibration_windows", 16),
-                                                              r.get("calibration_sources", ["pydoc"])).strip())
+        rank = f" [rank {r['rank']}]" if r.get("rank") not in (0, 32, None) else ""
+        label = (r["quantizer"], r["reconstructor"], (_label(r.get("quantizer_options", {}),
+                                                               r.get("reconstructor_options", {}),
+                                                               r.get("sequential", "block"),
+                                                               r.get("calibration_windows", 16),
+                                                               r.get("calibration_sources", ["pydoc"])) + rank).strip())
         lines.setdefault(label, {})[r["bits"]] = r
     order = ["none", "svd", "lqer", "qera-approx", "qera-exact", "loftq"]
     lines = dict(sorted(lines.items(), key=lambda kv: (kv[0][0] != "rtn", kv[0][0],
