@@ -61,16 +61,16 @@ STAGE_ORDER = ("allocate", "quantize", "reconstruct", "tune", "evaluate", "save"
 SEQUENTIAL_MODES = ("block", "layer")
 
 DEFAULT_RECIPE = """\
-# lqframe's default recipe: GPTQ int4 (group 64, float16 scale + 4-bit zero point per group) and a
-# QERA-exact rank-32 correction (float16 factors) that minimises each layer's output error, both
-# fitted to 48 × 512 calibration tokens mixed from two domains (Python documentation and English
-# news prose, 24 windows each), alternating twice (GPTQ on W − L·R, then QERA on W − Q: coordinate
-# descent on the layer-output error, the better iterate kept); scored on held-out windows of both
-# and of Wikipedia, a domain it never saw. Chosen from benchmarks/results/calibration.md: the best
-# perplexity on every domain among the measured recipes within the 10-minute budget (on the default
-# model 1.041 / 1.065 / 1.084 × float on pydoc / news / wiki; one pass: 1.044 / 1.074 / 1.091;
-# calibrated on pydoc alone: 1.035 / 1.142 / 1.142). GPTQ in natural order: followed by a
-# correction it beats act-order here (docs/gptq.md).
+# lqframe's default recipe: GPTQ int4 (group 64, float16 scale + 4-bit zero point per group; the
+# quantizer's defaults: act-order with static groups) and a QERA-exact rank-32 correction (float16
+# factors) that minimises each layer's output error, both fitted to 48 × 512 calibration tokens
+# mixed from two domains (Python documentation and English news prose, 24 windows each),
+# alternating three times (GPTQ on W − L·R, then QERA on W − Q: coordinate descent on the
+# layer-output error, the best iterate kept); scored on held-out windows of both and of
+# Wikipedia, a domain it never saw. Chosen from benchmarks/results/calibration.md: the best
+# perplexity on every domain among the measured recipes within the 10-minute budget (on the
+# default model 1.038 / 1.064 / 1.079 × float on pydoc / news / wiki; natural-order GPTQ in one
+# pass: 1.044 / 1.074 / 1.091; calibrated on pydoc alone: 1.035 / 1.142 / 1.142).
 data:
   source: pydoc
   calibration: [pydoc, news]
@@ -81,9 +81,9 @@ data:
 quantize_stage:
   targets: [Linear]
   ignore: []
-  quantizer: {name: gptq, bits: 4, group_size: 64, act_order: false, static_groups: false}
+  quantizer: {name: gptq, bits: 4, group_size: 64}
 reconstruct_stage:
-  reconstructor: {name: qera-exact, rank: 32, iterations: 2}
+  reconstructor: {name: qera-exact, rank: 32, iterations: 3}
 evaluate_stage:
   float_baseline: true
   data: [pydoc, news, wiki]

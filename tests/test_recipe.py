@@ -15,10 +15,10 @@ def write(tmp_path, text, name="recipe.yaml"):
 def test_default_recipe():
     r = load_recipe(None)
     assert r.stages() == ["quantize", "reconstruct", "evaluate", "save"]
-    assert r.quantize.quantizer.name == "gptq" and r.quantize.quantizer.options == {
-        "bits": 4, "group_size": 64, "act_order": False, "static_groups": False}
+    # GPTQ's own defaults (act-order, static groups) apply
+    assert r.quantize.quantizer.name == "gptq" and r.quantize.quantizer.options == {"bits": 4, "group_size": 64}
     assert r.reconstruct.reconstructor.name == "qera-exact" and r.reconstruct.reconstructor.options == {
-        "rank": 32, "iterations": 2}
+        "rank": 32, "iterations": 3}
     assert r.data.source == "pydoc" and r.data.seq_len == 512 and r.data.calibration_windows == 48
     assert r.data.calibration_sources() == (("pydoc", None), ("news", None))
     assert r.evaluation_sources() == ("pydoc", "news", "wiki")
@@ -126,14 +126,13 @@ def test_overrides_resolve_per_layer():
                                           {"targets": ["layers\\.0\\."], "quantizer": {"name": "rtn", "bits": 3}}]
     doc["reconstruct_stage"]["overrides"] = [{"targets": ["mlp"], "reconstructor": {"rank": 64}}]
     r = parse_recipe(doc)
-    natural = {"act_order": False, "static_groups": False}
-    assert r.quantizer_for("model.layers.3.mlp.down_proj").options == {"bits": 8, "group_size": 64, **natural}
-    assert r.quantizer_for("model.layers.3.self_attn.q_proj").options == {"bits": 4, "group_size": 64, **natural}
+    assert r.quantizer_for("model.layers.3.mlp.down_proj").options == {"bits": 8, "group_size": 64}
+    assert r.quantizer_for("model.layers.3.self_attn.q_proj").options == {"bits": 4, "group_size": 64}
     # a different name replaces the component; later overrides win
     assert r.quantizer_for("model.layers.0.mlp.down_proj").name == "rtn"
     assert r.quantizer_for("model.layers.0.mlp.down_proj").options == {"bits": 3}
-    assert r.reconstructor_for("model.layers.1.mlp.up_proj").options == {"rank": 64, "iterations": 2}
-    assert r.reconstructor_for("model.layers.1.self_attn.o_proj").options == {"rank": 32, "iterations": 2}
+    assert r.reconstructor_for("model.layers.1.mlp.up_proj").options == {"rank": 64, "iterations": 3}
+    assert r.reconstructor_for("model.layers.1.self_attn.o_proj").options == {"rank": 32, "iterations": 3}
 
 
 def test_fingerprint_tracks_content():
