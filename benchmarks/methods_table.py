@@ -233,6 +233,10 @@ def render(rows: list[dict]) -> str:
     measured = {_versions_line(r["versions"]) for r in rows if r.get("versions")}
     out.append("")
     out += [f"Measured with {line}." for line in sorted(measured)]
+    missing = sorted({s for r in rows for s in sources if s not in (r.get("perplexity") or {"pydoc": None})})
+    if missing:
+        out.append(f"– for {', '.join(missing)}: the row was measured before that text was added to the protocol "
+                   "(its other figures stand; re-run the row to add it).")
     if any(not r.get("versions") for r in rows):
         out.append("† measured before report rows recorded their versions (an earlier engine; same protocol).")
     return "\n".join(out)
