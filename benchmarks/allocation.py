@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from methods_table import _options, _read, _versions_line, compress_and_score  # noqa: E402
 
-from lqframe.costcache import CostCache  # noqa: E402
+from lqframe.costcache import CostCache, default_cache_path  # noqa: E402
 from lqframe.data import make_data  # noqa: E402
 from lqframe.engine import perplexity_table, versions  # noqa: E402
 from lqframe.evaluate import perplexity  # noqa: E402
@@ -61,8 +61,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--evaluation-sources", nargs="+", default=["pydoc", "news"])
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--cache", default="benchmarks/results/.cost-cache.sqlite",
-                    help="cost cache file (shared by every budget of this run)")
+    ap.add_argument("--cache", help="cost cache file, shared by every budget (default: lqframe's, "
+                    "$LQFRAME_CACHE/costs.sqlite or ~/.cache/lqframe/costs.sqlite)")
     ap.add_argument("--out", default="benchmarks/results/allocation.jsonl")
     ap.add_argument("--uniform", nargs="+",
                     default=["benchmarks/results/methods.jsonl", "benchmarks/results/gptq.jsonl"],
@@ -88,7 +88,7 @@ def main() -> None:
     print("float perplexity " + ", ".join(f"{v:.4f} ({s})" for s, v in fps.items()), flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {_key(r) for r in _read(out)}
-    cache_path = Path(args.cache)
+    cache_path = Path(args.cache) if args.cache else default_cache_path()
 
     jobs = []
     for convention in args.conventions:
