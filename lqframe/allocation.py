@@ -23,11 +23,11 @@ def budget_total(table: CostTable, budget_bits: float | None) -> float:
     return float(budget_bits) * table.total_params
 
 
-def check_allocatable(table: CostTable, budget_bits: float | None, who: str) -> np.ndarray:
+def check_allocatable(table: CostTable, budget_bits: float | None, who: str) -> None:
     """Raise :class:`~lqframe.BudgetError` when no allocation of ``table`` fits ``budget_bits``:
     no configurations, a matrix whose every configuration is impossible (cost ``inf``), or a
     budget below the smallest feasible one (every matrix at its smallest possible configuration),
-    which the message states. Returns the boolean mask of possible ``(matrix, config)`` pairs."""
+    which the message states."""
     if table.layers and not table.configs:
         raise BudgetError(f"{who}: the cost table has no candidate configurations")
     possible = np.isfinite(table.cost)
@@ -41,7 +41,6 @@ def check_allocatable(table: CostTable, budget_bits: float | None, who: str) -> 
             raise BudgetError(f"{who}: a budget of {budget_bits:g} bits/parameter is infeasible; the smallest "
                               f"feasible budget is {smallest / table.total_params:.6f} bits/parameter "
                               "(every matrix at its smallest candidate)")
-    return possible
 
 
 def efficient_configs(table: CostTable, layer: int) -> np.ndarray:

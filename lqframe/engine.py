@@ -322,8 +322,7 @@ def _allocate(state: RunState) -> None:
         "cache": None if cache is None else {"path": str(cache.path), "hits": cache.hits, "computed": cache.misses},
         "chosen": {p.name: choice[p.name].index for p in plans},
     }
-    state.log(f"allocation: {table.total_params:,} parameters, "
-              f"{sum(choice[p.name].bits for p in plans) / max(table.total_params, 1):.4f} bits per parameter")
+    state.log(f"allocation: {table.total_params:,} parameters, {used:.4f} bits per parameter")
 
 
 def _by_block(plans: Sequence[LayerPlan]) -> dict[int, list[LayerPlan]]:

@@ -269,10 +269,12 @@ class SharedQuantizer(Quantizer):
 
 
 def decompose_candidate(w: torch.Tensor, plan: LayerPlan, stats: LayerStats | None, index: int,
-                        shared: dict[str, SharedQuantizer] | None = None) -> tuple[Decomposition, float]:
+                        shared: dict[str, SharedQuantizer] | None = None,
+                        parts: tuple[Quantizer, ErrorReconstructor] | None = None) -> tuple[Decomposition, float]:
     """One allocation candidate's decomposition of a layer and its seconds (errors name the layer
-    and the candidate). ``shared``: per-layer memo of quantizers by spec (see :class:`SharedQuantizer`)."""
-    q, rec = components(plan.quantizer, plan.reconstructor)
+    and the candidate). ``shared``: per-layer memo of quantizers by spec (see :class:`SharedQuantizer`);
+    ``parts``: the candidate's components when the caller has made them already."""
+    q, rec = parts if parts is not None else components(plan.quantizer, plan.reconstructor)
     if shared is not None:
         spec = json.dumps(plan.quantizer.to_dict(), sort_keys=True, default=str)
         if spec not in shared:
@@ -312,13 +314,11 @@ def cost_table(model: nn.Module, recipe: Recipe, plans: Sequence[LayerPlan], sta
     bar = tqdm(plans, desc=f"allocate: cost table ({n} matrices × {k} candidates)", unit="matrix",
                disable=not progress, leave=False)
     for i, plan in enumerate(bar):
-        w = model.get_submodule(plan.name).weight.detach()
-        if device is not None:
-            w = w.to(device)
+        # one float32 tensor for every candidate (shared quantizations recognise it)
+        w = model.get_submodule(plan.name).weight.detach().to(device=device, dtype=torch.float32).contiguous()
         shape = (w.shape[0], w.shape[1])
         numel.append(w.numel())
         stats = stats_of(plan.name)
-        w = w.to(torch.float32).contiguous()  # one tensor for every candidate: shared quantizations
         w_digest = tensor_digest(w) if cache is not None else ""
         shared: dict[str, SharedQuantizer] = {}
         for j, cand in enumerate(per_layer[i]):
@@ -337,7 +337,7 @@ def cost_table(model: nn.Module, recipe: Recipe, plans: Sequence[LayerPlan], sta
                 if hit is not None:
                     cost[i, j] = hit[0]
                     continue
-            dec, seconds = decompose_candidate(w, cand, stats, j, shared)
+            dec, seconds = decompose_candidate(w, cand, stats, j, shared, (q, rec))
             decs[(i, j)] = (dec, seconds)
             cost[i, j] = layer_cost(w, dec, stats, _known_output_error(rec, dec), stage.metric)
             if key is not None:

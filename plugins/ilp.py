@@ -17,7 +17,6 @@ result is optimal (it equals brute force on small tables; tests/test_allocators.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import warnings
@@ -49,15 +48,16 @@ class ILPAllocator(BudgetAllocator):
         # the cheapest-cost configuration of each matrix is the last of its front
         unconstrained = np.array([f[-1] for f in fronts])
         rows = np.arange(len(fronts))
-        if table.bits[rows, unconstrained].sum() <= budget_total(table, budget_bits):
+        total = budget_total(table, budget_bits)
+        if table.bits[rows, unconstrained].sum() <= total:
             return choices_from_indices(table, unconstrained)
-        limit = budget_total(table, budget_bits)
+        limit = total
         for _ in range(4):
             picked = self._solve(table, fronts, limit)
             used = table.bits[rows, picked].sum()
-            if used <= budget_total(table, budget_bits):
+            if used <= total:
                 return choices_from_indices(table, picked)
-            limit -= (used - budget_total(table, budget_bits)) + 1.0  # tolerance overshoot: tighten, re-solve
+            limit -= (used - total) + 1.0  # tolerance overshoot: tighten, re-solve
         raise BudgetError(f"ilp allocator: HiGHS could not keep within {budget_bits:g} bits/parameter")
 
     def _solve(self, table, fronts, limit: float) -> np.ndarray:
@@ -113,19 +113,19 @@ def _quiet_highs():
     once per process), which would corrupt a command's JSON output."""
     import highspy
 
-    with contextlib.ExitStack() as stack:
-        try:
-            sys.stdout.flush()
-            saved = os.dup(1)
-        except (OSError, ValueError):  # no real standard output: nothing to protect
-            return highspy, highspy.Highs()
-        stack.callback(os.close, saved)
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 1)
-            try:
-                return highspy, highspy.Highs()
-            finally:
-                os.dup2(saved, 1)
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):  # no real standard output: nothing to protect
+        return highspy, highspy.Highs()
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        return highspy, highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
 
 
 @hookimpl

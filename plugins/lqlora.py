@@ -72,13 +72,18 @@ class LQLoRAReconstructor(LowRankReconstructor):
                 {"rank": 2, "iterations": 2, "weighting": "fisher"},
                 {"rank": 2, "iterations": 2, "weighting": "output", "tolerance": 0.0}]
 
+    @staticmethod
+    def _fisher(stats) -> torch.Tensor:
+        """The layer's Fisher as float64, negative rounding noise clipped (once per statistics)."""
+        return stats.cached(("lqlora-fisher",), lambda: stats.get("fisher").to(torch.float64).clamp_min(0))
+
     def _fisher_weights(self, stats) -> tuple[DiagonalScaling, DiagonalScaling]:
         def weights():
-            f = stats.get("fisher").to(torch.float64).clamp_min(0)
+            f = self._fisher(stats)
             return (DiagonalScaling(f.mean(1).sqrt(), floor=self.fisher_floor),
                     DiagonalScaling(f.mean(0).sqrt(), floor=self.fisher_floor))
 
-        return stats.cached(("lqlora-fisher", self.fisher_floor), weights)
+        return stats.cached(("lqlora-fisher-weights", self.fisher_floor), weights)
 
     def row_scaling(self, stats):
         return self._fisher_weights(stats)[0] if self.weighting == "fisher" else None
@@ -93,7 +98,7 @@ class LQLoRAReconstructor(LowRankReconstructor):
     def alternation_error(self, diff, rows, cols, stats):
         if self.weighting != "fisher":
             return super().alternation_error(diff, rows, cols, stats)
-        f = stats.get("fisher").to(device=diff.device, dtype=torch.float64).clamp_min(0)
+        f = self._fisher(stats).to(diff.device)
         return float(torch.sqrt((f * diff.to(torch.float64) ** 2).sum()))
 
     def stop_early(self, errors):
