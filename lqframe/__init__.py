@@ -40,6 +40,7 @@ from lqframe.interfaces import BudgetAllocator, Component, ErrorReconstructor, L
 from lqframe.registry import Registry, registry
 from lqframe.stats import StatisticKind, StatsAccumulator
 from lqframe.types import (
+    OUTPUT_NAMES,
     STAT_NAMES,
     Choice,
     CostTable,
@@ -110,6 +111,7 @@ __all__ = [
     "CostTable",
     "Choice",
     "STAT_NAMES",
+    "OUTPUT_NAMES",
     "average_bits",
     "LqframeError",
     "PluginError",

@@ -99,10 +99,22 @@ class BudgetAllocator(Component, abc.ABC):
 
 
 class LossObjective(Component, abc.ABC):
-    """A training loss over the compressed model (used to tune L and R with Q frozen)."""
+    """A training loss over the compressed model (used to tune L and R with Q frozen).
+
+    Outputs are named (:data:`lqframe.types.OUTPUT_NAMES`): ``hidden`` the final hidden state after
+    the last norm (batch × seq × d), ``logits`` the language-model head's output (batch × seq ×
+    vocab), ``blocks`` every decoder block's output stacked (blocks × batch × seq × d). The tune
+    stage computes the teacher's once, from the float model, and the student's on every step.
+    """
 
     #: teacher outputs to cache before training, e.g. {"hidden"} or {"logits"}
     needs: ClassVar[frozenset[str]] = frozenset()
+    #: student outputs the loss reads (None: the same as ``needs``)
+    outputs: ClassVar[frozenset[str] | None] = None
+
+    def student_needs(self) -> frozenset[str]:
+        """The student outputs the tune stage must compute for this objective."""
+        return frozenset(self.needs if self.outputs is None else self.outputs)
 
     @abc.abstractmethod
     def loss(

@@ -854,6 +854,11 @@ def check_allocator(
 # =========================================================================== objectives
 
 
+def _student_needs(objective: Any) -> frozenset[str]:
+    own = getattr(objective, "student_needs", None)
+    return frozenset(own()) if callable(own) else frozenset()
+
+
 def check_objective(
     objective: Any,
     config: Mapping[str, Any] | None = None,
@@ -883,10 +888,10 @@ def check_objective(
     against soft teacher targets: the teacher's entropy).
     """
     objective = _component("objective", objective, config, registry)
-    names = sorted(objective.needs) or ["logits"]
+    names = sorted(frozenset(objective.needs) | _student_needs(objective)) or ["logits"]
 
     @_settings(max_examples, hypothesis_settings)
-    @given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 3), seq=st.integers(1, 8),
+    @given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 3), seq=st.integers(2, 8),
            width=st.integers(2, 32), noise=st.floats(1e-3, 1.0))
     def objective_properties(seed, batch, seq, width, noise):
         if inputs is None:

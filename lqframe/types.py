@@ -37,6 +37,7 @@ __all__ = [
     "CostTable",
     "Choice",
     "STAT_NAMES",
+    "OUTPUT_NAMES",
     "average_bits",
 ]
 
@@ -345,6 +346,12 @@ class Decomposition:
 #: ``abs_sum`` Σ |x| per channel (float64);
 #: ``fisher`` Σ grad² of the weight (n×m, float64) — data-aware LQ-LoRA.
 STAT_NAMES = frozenset({"rxx", "sq_sum", "abs_sum", "abs_mean_max", "fisher"})
+
+#: Model outputs a loss objective may declare (``LossObjective.needs`` / ``outputs``):
+#: ``hidden`` the final hidden state after the last norm (batch × seq × d) — RILQ's model loss;
+#: ``logits`` the language-model head's output (batch × seq × vocab);
+#: ``blocks`` every decoder block's output, stacked (blocks × batch × seq × d) — a layer loss.
+OUTPUT_NAMES = frozenset({"hidden", "logits", "blocks"})
 
 
 @attrs.frozen(eq=False)
