@@ -146,6 +146,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from lqframe.export import export
+
+    result = export(args.dir, args.to, args.out, merge=args.merge, gptq_version=args.gptq_version,
+                    base_model=args.base_model, check=not args.no_check,
+                    log=lambda s: print(s, file=sys.stderr))
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(f"wrote {args.to} export of {args.dir} to {args.out}")
+    return 0
+
+
 def _device(value: str) -> str:
     from lqframe.recipe import check_device
 
@@ -202,6 +215,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE", help="also draw bits and rank per matrix to FILE (.png, .svg, .pdf; "
                    "needs matplotlib: pip install 'lqframe[plot]')")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("export", help="write a saved checkpoint as a PEFT LoRA adapter, a GPTQ checkpoint or a "
+                                      "dense float model")
+    p.add_argument("dir", help="an lqframe checkpoint folder")
+    p.add_argument("--to", required=True, choices=("peft", "gptq", "dense"),
+                   help="peft: L·R as a LoRA adapter folder; gptq: Q as a GPTQ checkpoint (integer formats); "
+                        "dense: a float checkpoint of Q (with --merge: Q + L·R)")
+    p.add_argument("out", help="the folder to write (must be new or empty)")
+    p.add_argument("--merge", action="store_true", help="dense: fold L·R into the weights")
+    p.add_argument("--gptq-version", type=int, choices=(1, 2),
+                   help="gptq: 1 the original format (zeros stored minus one), 2 gptq_v2 (default: 1 when every "
+                        "zero point fits it)")
+    p.add_argument("--base-model", help="peft: base_model_name_or_path to record (default: DIR)")
+    p.add_argument("--no-check", action="store_true", help="skip the self-check that reads the export back")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

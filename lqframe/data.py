@@ -513,3 +513,74 @@ def make_data(
         evaluation_sources=tuple((s, windows[s].evaluation_index) for s in evaluation),
         total_tokens={s: w.total_tokens for s, w in windows.items()},
     )
+
+
+# ----------------------------------------------------------------------------------------- tuning
+
+
+@attrs.frozen(eq=False)
+class TuningWindows:
+    """Training and validation windows of the tune stage, mixed from several sources.
+
+    Each source is windowed like :func:`make_windows` with the run's ``n_evaluation`` evaluation
+    windows held out, so no tuning window is ever an evaluation window of the same source; the
+    windows of all sources are pooled and a seeded permutation gives the validation windows
+    (``n_validation``) and the training windows (the rest)."""
+
+    train: torch.Tensor = attrs.field(repr=_shape_repr)
+    validation: torch.Tensor = attrs.field(repr=_shape_repr)
+    seq_len: int
+    seed: int
+    sources: tuple[tuple[str, tuple[int, ...]], ...]  # (source, window indices in its windowing)
+    total_tokens: dict[str, int]
+
+    def record(self) -> dict[str, Any]:
+        return {"seq_len": self.seq_len, "seed": self.seed, "train": int(self.train.shape[0]),
+                "validation": int(self.validation.shape[0]),
+                "sources": [{"source": s, "total_tokens": self.total_tokens[s], "windows": list(idx)}
+                            for s, idx in self.sources]}
+
+    def checksum(self) -> int:
+        return int(self.train.sum()) * 31 + int(self.validation.sum())
+
+
+#: added to the data seed for the tuning windows, so that they are not the calibration windows
+#: whenever the text has room for both
+TUNING_SEED_OFFSET = 7919
+
+
+def make_tuning_windows(
+    tokenizer: Any,
+    sources: Sequence[tuple[str, int | None]] | Sequence[str],
+    seq_len: int,
+    n_train: int,
+    n_validation: int,
+    n_evaluation: int,
+    seed: int = 0,
+    texts: dict[str, str] | None = None,
+) -> TuningWindows:
+    """The tune stage's windows: ``n_train + n_validation`` windows drawn from ``sources`` (shares
+    as in :func:`calibration_shares`), none of them among a source's ``n_evaluation`` evaluation
+    windows; a pure function of the arguments."""
+    n_train = _check_count("tuning windows", n_train, 1)
+    n_validation = _check_count("validation windows", n_validation, 0)
+    pairs = [(c, None) if isinstance(c, str) else (c[0], c[1]) for c in sources]
+    if not pairs:
+        raise DataError("no tuning source given")
+    shares = calibration_shares(n_train + n_validation, pairs)
+    chunks, picked, totals = [], [], {}
+    for src, n in shares:
+        w = make_windows(tokenizer, src, seq_len, n, n_evaluation, seed + TUNING_SEED_OFFSET,
+                         text=(texts or {}).get(src))
+        chunks.append(w.calibration)
+        picked.append((src, w.calibration_index))
+        totals[src] = w.total_tokens
+    pool = torch.cat(chunks)
+    if pool.shape[0] != n_train + n_validation:  # (a source's explicit count changed the total)
+        n_train = pool.shape[0] - n_validation
+        if n_train < 1:
+            raise DataError(f"tuning sources give {pool.shape[0]} windows, fewer than the {n_validation} "
+                            "validation windows plus one training window")
+    order = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(seed + TUNING_SEED_OFFSET))
+    return TuningWindows(train=pool[order[n_validation:]].clone(), validation=pool[order[:n_validation]].clone(),
+                         seq_len=seq_len, seed=seed, sources=tuple(picked), total_tokens=totals)

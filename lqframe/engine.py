@@ -3,6 +3,8 @@
 ::
 
     baseline   float perplexity before anything changes      (evaluate_stage.float_baseline)
+    teacher    the float model's outputs on the tuning        (tune_stage)
+               windows, once, before any layer is replaced
     calibrate  block-0 inputs; gradient statistics; a float   (quantize_stage; the full pass only
                pass filling the statistics store for a         when the allocate stage is
                data-aware allocation                           data-aware)
@@ -105,6 +107,12 @@ class RunState:
     timings: dict[str, float] = attrs.field(factory=dict)
     #: what the allocate stage chose and what it cost (report.json ``allocation``)
     allocation: dict[str, Any] | None = None
+    #: the tune stage's training and validation windows (``.train``, ``.validation``: (n, seq_len))
+    tuning: Any = None
+    objectives: Any = None
+    teacher_store: Any = None
+    #: what the tune stage did (report.json ``tuning``)
+    tuned: dict[str, Any] | None = None
 
     @property
     def uses_data(self) -> bool:
@@ -178,7 +186,18 @@ def prepare(state: RunState) -> RunState:
             raise RecipeError(f"{recipe.origin}: the components {names} need calibration statistics, but no "
                               "calibration windows were given (data.calibration_windows is 0)")
     if recipe.tune is not None:
-        raise RecipeError(f"{recipe.origin}: tune_stage: tuning is not available yet in this version")
+        if state.tuning is None:
+            raise RecipeError(f"{recipe.origin}: tune_stage: no tuning windows were given (lqframe run makes them "
+                              "from tune_stage.data; lqframe.compress takes tuning=...)")
+        if state.task != "causal-lm":
+            raise RecipeError(f"{recipe.origin}: tune_stage: the objectives train a causal LM, and this is a "
+                              f"{state.task} model")
+        if recipe.reconstruct is None:
+            raise RecipeError(f"{recipe.origin}: tune_stage: no layer has a low-rank term to train (there is no "
+                              "reconstruct_stage); add one with a rank, e.g. {reconstructor: {name: svd, rank: 32}}")
+        from lqframe.tune import Objectives
+
+        state.objectives = Objectives.from_stage(recipe.tune)
     if recipe.evaluate is not None and state.evaluation is not None and state.task != "causal-lm":
         raise RecipeError(f"{recipe.origin}: evaluate_stage: token perplexity needs a causal LM, and this is a "
                           f"{state.task} model; remove evaluate_stage to compress it")
@@ -383,6 +402,54 @@ def _decompose(state: RunState) -> None:
             state.sink.write(b, block, block_results, state.inputs)
 
 
+def _tune_identity(state: RunState) -> dict[str, Any]:
+    return {"windows": int(state.tuning.checksum()) if hasattr(state.tuning, "checksum")
+            else int(state.tuning.train.sum()) * 31 + int(state.tuning.validation.sum()),
+            "tune_stage": attrs.asdict(state.recipe.tune, value_serializer=lambda i, a, v: v if not isinstance(
+                v, tuple) else list(v))}
+
+
+def _tuning_device(state: RunState) -> torch.device:
+    # a backward pass needs every block where the forward ran: an offloaded model runs it on the CPU
+    return torch.device("cpu") if state.offload else state.device
+
+
+def _teacher(state: RunState) -> None:
+    from lqframe.tune import TEACHER_DIR, TeacherStore, compute_teacher
+
+    stage = state.recipe.tune
+    work = state.sink.work_dir()
+    directory = work / TEACHER_DIR if stage.teacher == "disk" and work is not None else None
+    if stage.teacher == "disk" and directory is None:
+        state.log("tune_stage.teacher is disk, but this run keeps no files (no save stage): teacher outputs stay "
+                  "in memory")
+    state.teacher_store = TeacherStore(state.objectives.stored(), directory)
+    with offloaded(state.model, state.device) if state.offload else contextlib.nullcontext():
+        seconds = compute_teacher(state.model, state.tuning, state.objectives, state.teacher_store, state.device,
+                                  stage.batch_size, state.progress, identity=_tune_identity(state))
+    state.timings["teacher_outputs"] = seconds
+    n = len(state.tuning.train) + len(state.tuning.validation)
+    state.log(f"teacher outputs ({', '.join(sorted(state.teacher_store.names)) or 'none'}) of {n} windows: "
+              f"{state.teacher_store.nbytes() / 2**20:.0f} MB in {'files' if directory else 'memory'}"
+              + (f", {seconds:.1f} s" if seconds else " (kept from before)"))
+
+
+def _tune(state: RunState) -> None:
+    from lqframe.tune import tune
+
+    device = _tuning_device(state)
+    if state.offload:
+        state.model.to(device)
+    try:
+        state.tuned = tune(state.model, state.recipe.tune, state.tuning, state.teacher_store, device,
+                           objectives=state.objectives, work_dir=state.sink.work_dir(),
+                           identity=_tune_identity(state), progress=state.progress, log=state.log,
+                           origin=state.recipe.origin)
+    finally:
+        if state.offload:
+            state.executor.place_model()
+
+
 def _evaluate(state: RunState) -> None:
     state.ppls = _perplexities(state, "perplexity")
 
@@ -397,15 +464,16 @@ def _has_quantize(recipe: Recipe) -> bool:
 
 STAGES: tuple[Stage, ...] = (
     Stage("baseline", ("evaluate_stage",), lambda r: r.evaluate is not None and r.evaluate.float_baseline, _baseline),
+    Stage("teacher", ("tune_stage",), lambda r: r.tune is not None, _teacher),
     Stage("calibrate", ("quantize_stage",), _has_quantize, _calibrate),
     Stage("allocate", ("allocate_stage",), lambda r: r.allocate is not None, _allocate),
     Stage("decompose", ("quantize_stage", "reconstruct_stage"), _has_quantize, _decompose),
-    Stage("tune", ("tune_stage",), lambda r: r.tune is not None, lambda s: None),
+    Stage("tune", ("tune_stage",), lambda r: r.tune is not None, _tune),
     Stage("evaluate", ("evaluate_stage",), lambda r: r.evaluate is not None, _evaluate),
     Stage("save", ("save_stage",), lambda r: r.save is not None, _save),
 )
 #: the stages that change the model (what :func:`lqframe.compress` runs)
-COMPRESSION_STAGES = ("calibrate", "allocate", "decompose", "tune")
+COMPRESSION_STAGES = ("teacher", "calibrate", "allocate", "decompose", "tune")
 
 
 def execute(state: RunState, only: Container[str] | None = None) -> RunState:

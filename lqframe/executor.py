@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -123,6 +124,11 @@ class BlockSink:
 
     def save(self, state: Any) -> None:
         pass
+
+    def work_dir(self) -> Path | None:
+        """A folder for a later stage's own progress (the tune stage's state, teacher files), kept
+        until the run is saved; None: the run keeps no progress on disk."""
+        return None
 
 
 class MemorySink(BlockSink):

@@ -45,6 +45,7 @@ __all__ = [
     "ReconstructStage",
     "AllocateStage",
     "TuneStage",
+    "WeightedObjective",
     "EvaluateStage",
     "SaveStage",
     "load_recipe",
@@ -237,10 +238,45 @@ class AllocateStage:
 
 
 @attrs.frozen
-class TuneStage:
+class WeightedObjective:
+    """One term of the tune stage's loss: a loss objective and its weight."""
+
     objective: ComponentSpec
-    steps: int = 100
+    weight: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.objective.to_dict(), "weight": self.weight}
+
+
+#: tune_stage.init: start from the reconstructor's factors, or RILQ's (R Gaussian with std 1/r, L = 0)
+TUNE_INITS = ("keep", "rilq")
+#: tune_stage.teacher: where the float model's outputs are kept between steps
+TEACHER_STORES = ("memory", "disk")
+
+
+@attrs.frozen
+class TuneStage:
+    """Train every LQLinear's L and R with Q frozen, against a weighted sum of loss objectives."""
+
+    objectives: tuple[WeightedObjective, ...]
+    #: factors to start from: the reconstructor's (``keep``) or RILQ's (``rilq``)
+    init: str = "keep"
+    #: the text tuned on (sources mixed, like data.calibration); empty: the calibration sources
+    data: tuple[tuple[str, int | None], ...] = ()
+    #: training windows and held-out validation windows (disjoint, none of them an evaluation window)
+    windows: int = 64
+    validation_windows: int = 16
     lr: float = 1e-4
+    #: windows per micro-batch, and micro-batches per optimizer update
+    batch_size: int = 1
+    grad_accum: int = 8
+    #: optimizer updates at most; validate every ``eval_every`` updates; stop after ``patience``
+    #: validations without improvement (0: never stop early); the best validated state is kept
+    max_updates: int = 250
+    eval_every: int = 25
+    patience: int = 5
+    teacher: str = "memory"
+    seed: int = 0
 
 
 @attrs.frozen
@@ -444,6 +480,78 @@ def _grid(value: Any, ctx: _Ctx) -> tuple[dict[str, dict[str, Any]], ...]:
     return tuple(out)
 
 
+_TUNE_KEYS = ("objectives", "objective", "init", "data", "windows", "validation_windows", "lr", "batch_size",
+              "grad_accum", "max_updates", "eval_every", "patience", "teacher", "seed")
+
+
+def _objectives(value: Any, ctx: _Ctx) -> tuple[WeightedObjective, ...]:
+    """``model-loss``; ``{model-loss: 0.5, causal-lm: 0.5}`` (name: weight); or a list of names or
+    ``{name, weight, ...options}`` mappings."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, Mapping) and "name" not in value:
+        items = []
+        for key, weight in value.items():
+            if not isinstance(key, str):
+                raise ctx.error(f"objective names must be strings, got {key!r}")
+            items.append({"name": key, "weight": weight})
+        value = items
+    elif isinstance(value, Mapping):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ctx.error("expected one or more loss objectives: a name, {name: weight, ...} or a list, e.g. "
+                        "{model-loss: 0.5, causal-lm: 0.5}")
+    out = []
+    for i, item in enumerate(value):
+        c = ctx.child(i)
+        body = _mapping({"name": item} if isinstance(item, str) else item, c)
+        weight = _float(body.pop("weight", 1.0), c.child("weight"), 0.0)
+        out.append(WeightedObjective(_component(body, c, "objective"), weight))
+    if not any(o.weight > 0 for o in out):
+        raise ctx.error("every objective has weight 0: nothing to train against")
+    return tuple(out)
+
+
+def _tune_stage(value: Any, c: _Ctx, check_components: bool) -> TuneStage:
+    s = _mapping(value, c, _TUNE_KEYS)
+    if "objectives" in s and "objective" in s:
+        raise c.error("give 'objectives' or 'objective', not both")
+    key = "objectives" if "objectives" in s else "objective"
+    if key not in s:
+        raise c.error("tune_stage needs 'objectives', e.g. {model-loss: 0.5, causal-lm: 0.5} (RILQ); "
+                      "see `lqframe plugins` for the objectives installed")
+    objectives = _objectives(s[key], c.child(key))
+
+    def choice(name: str, allowed: Sequence[str], default: str) -> str:
+        v = s.get(name, default)
+        if v not in allowed:
+            raise c.child(name).error(f"expected one of {', '.join(allowed)}, got {v!r}")
+        return v
+
+    stage = TuneStage(
+        objectives=objectives,
+        init=choice("init", TUNE_INITS, "keep"),
+        data=_calibration_sources(s.get("data"), c.child("data")),
+        windows=_int(s.get("windows", 64), c.child("windows"), 1),
+        validation_windows=_int(s.get("validation_windows", 16), c.child("validation_windows"), 0),
+        lr=_float(s.get("lr", 1e-4), c.child("lr"), 0.0),
+        batch_size=_int(s.get("batch_size", 1), c.child("batch_size"), 1),
+        grad_accum=_int(s.get("grad_accum", 8), c.child("grad_accum"), 1),
+        max_updates=_int(s.get("max_updates", 250), c.child("max_updates"), 1),
+        eval_every=_int(s.get("eval_every", 25), c.child("eval_every"), 1),
+        patience=_int(s.get("patience", 5), c.child("patience"), 0),
+        teacher=choice("teacher", TEACHER_STORES, "memory"),
+        seed=_int(s.get("seed", 0), c.child("seed")),
+    )
+    if stage.validation_windows == 0 and stage.patience > 0:
+        raise c.child("patience").error("early stopping needs validation windows (validation_windows is 0); set "
+                                        "patience: 0 or give validation_windows")
+    if check_components:
+        for i, o in enumerate(objectives):
+            _check_component(o.objective, "objective", c.child(key).child(i))
+    return stage
+
+
 def _check_component(spec: ComponentSpec, kind: str, ctx: _Ctx) -> None:
     """Instantiate through the registry so unknown names and bad options fail now, with a path."""
     from lqframe.registry import registry
@@ -558,18 +666,7 @@ def parse_recipe(doc: Any, origin: str = "<recipe>", check_components: bool = Tr
         kw["allocate"] = stage
 
     if "tune_stage" in body:
-        c = root.child("tune_stage")
-        s = _mapping(body["tune_stage"], c, ("objective", "steps", "lr"))
-        if "objective" not in s:
-            raise c.error("tune_stage needs an 'objective' (a loss objective plugin)")
-        stage = TuneStage(
-            objective=_component(s["objective"], c.child("objective"), "objective"),
-            steps=_int(s.get("steps", 100), c.child("steps"), 1),
-            lr=_float(s.get("lr", 1e-4), c.child("lr"), 0.0),
-        )
-        if check_components:
-            _check_component(stage.objective, "objective", c.child("objective"))
-        kw["tune"] = stage
+        kw["tune"] = _tune_stage(body["tune_stage"], root.child("tune_stage"), check_components)
 
     if "evaluate_stage" in body:
         c = root.child("evaluate_stage")

@@ -27,6 +27,7 @@ from lqframe.executor import BlockSink, resolve_device
 from lqframe.lqlinear import LQLinear
 from lqframe.pipeline import LayerResult, set_module, summarize
 from lqframe.recipe import Recipe
+from lqframe.tune import TUNE_STATE
 
 __all__ = ["run", "compress", "default_output", "peak_rss_mb", "format_table"]
 
@@ -86,9 +87,11 @@ class CheckpointSink(BlockSink):
     def save_progress(self) -> None:
         atomic_write_json(self.dir / "progress.json", self.progress)
 
-    def check_data(self, data_sets) -> None:
+    def check_data(self, data_sets, tuning=None) -> None:
         """A resumed run must see the very same token windows (text, tokenizer and lqframe alike)."""
         data = {**data_sets.record(), "checksum": data_sets.checksum()}
+        if tuning is not None:
+            data["tuning"] = {**tuning.record(), "checksum": tuning.checksum()}
         if self.progress.get("data") is None:
             self.progress["data"] = data
             self.save_progress()
@@ -100,6 +103,7 @@ class CheckpointSink(BlockSink):
         data = self.progress.get("data")
         for f in self.dir.glob("*.safetensors"):
             f.unlink(missing_ok=True)
+        (self.dir / TUNE_STATE).unlink(missing_ok=True)  # it tuned the layers being discarded
         self.progress = {**self._fresh(), "data": data}
         self.save_progress()
 
@@ -125,6 +129,9 @@ class CheckpointSink(BlockSink):
 
     def next_block(self) -> int:
         return int(self.progress["finished_block"]) + 1
+
+    def work_dir(self) -> Path:
+        return self.dir
 
     def restore(self, model) -> tuple[int, list[torch.Tensor] | None, list[LayerResult]]:
         """Swap the finished layers back in; return (next block, its inputs, finished results)."""
@@ -264,6 +271,19 @@ def _windows(recipe: Recipe, tokenizer):
                      d.evaluation_windows, d.seed)
 
 
+def _tuning_windows(recipe: Recipe, tokenizer):
+    """The tune stage's training and validation windows (None without a tune stage), from
+    ``tune_stage.data`` or else the calibration sources, never an evaluation window."""
+    from lqframe.data import make_tuning_windows
+
+    stage = recipe.tune
+    if stage is None:
+        return None
+    d = recipe.data
+    return make_tuning_windows(tokenizer, stage.data or d.calibration_sources(), d.seq_len, stage.windows,
+                               stage.validation_windows, d.evaluation_windows, d.seed)
+
+
 def _describe(data) -> str:
     cal = " + ".join(f"{len(idx)} × {s}" for s, idx in data.calibration_sources) or "none"
     ev = ", ".join(f"{len(idx)} × {s}" for s, idx in data.evaluation_sources) or "none"
@@ -307,9 +327,14 @@ def _run(recipe: Recipe, spec: str, out: Path, sink: CheckpointSink | None, devi
     log(f"loading model {spec} …")
     loaded = load_model(spec)
     windows = _windows(recipe, loaded.tokenizer)
+    tuning = _tuning_windows(recipe, loaded.tokenizer)
     log(f"{_describe(windows)}; device {device}" + (" (blocks offloaded to CPU memory)" if offload else ""))
+    if tuning is not None:
+        log(f"tuning: {len(tuning.train)} training + {len(tuning.validation)} validation windows of "
+            + " + ".join(f"{len(idx)} × {s}" for s, idx in tuning.sources))
     state = RunState(recipe, loaded.model, device=device, offload=offload, calibration=windows.calibration,
-                     evaluation=windows.evaluation or None, task=loaded.task, progress=progress, log=log)
+                     evaluation=windows.evaluation or None, task=loaded.task, progress=progress, log=log,
+                     tuning=tuning)
 
     def finish(st: RunState) -> dict[str, Any]:
         return {
@@ -327,11 +352,12 @@ def _run(recipe: Recipe, spec: str, out: Path, sink: CheckpointSink | None, devi
             "stages": recipe.stages(),
             "stage_seconds": dict(st.timings),
             "allocation": st.allocation,
+            "tuning": None if st.tuned is None else {**st.tuned, "data": tuning.record()},
             "layers": [r.as_dict() for r in st.results],
         }
 
     if sink is not None:
-        sink.check_data(windows)
+        sink.check_data(windows, tuning)
         sink.state, sink.finish, sink.tokenizer = state, finish, loaded.tokenizer
         state.sink = sink
         fp = sink.progress.get("fp_ppl")
@@ -344,11 +370,20 @@ def _run(recipe: Recipe, spec: str, out: Path, sink: CheckpointSink | None, devi
 
 
 def compress(model, recipe: Recipe, calibration: torch.Tensor | None = None, *, device: str | None = None,
-             offload: bool | None = None, progress: bool = True) -> list[LayerResult]:
+             offload: bool | None = None, progress: bool = True,
+             tuning: tuple[torch.Tensor, torch.Tensor] | Any = None) -> list[LayerResult]:
     """Compress an already-loaded model in place (Python API); returns the per-layer results. The
-    model ends on the compute device (``device``, else the recipe's, else CUDA when present)."""
+    model ends on the compute device (``device``, else the recipe's, else CUDA when present).
+    ``tuning``: the tune stage's ``(training, validation)`` windows (or a
+    :class:`~lqframe.data.TuningWindows`), needed when the recipe has a tune stage."""
+    if isinstance(tuning, tuple):
+        from lqframe.data import TuningWindows
+
+        train, val = tuning
+        tuning = TuningWindows(train=train, validation=val, seq_len=int(train.shape[1]), seed=0, sources=(),
+                               total_tokens={})
     state = RunState(recipe, model, device=resolve_device(device if device is not None else recipe.device),
                      offload=recipe.offload if offload is None else offload, calibration=calibration,
-                     progress=progress, log=lambda s: None)
+                     progress=progress, log=lambda s: None, tuning=tuning)
     execute(state, only=COMPRESSION_STAGES)
     return state.results

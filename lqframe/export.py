@@ -1,0 +1,377 @@
+"""Exports of a compressed model to formats other tools load (``lqframe export DIR --to FORMAT OUT``).
+
+``peft``
+    the low-rank terms as a standard PEFT LoRA adapter folder: ``adapter_config.json`` +
+    ``adapter_model.safetensors`` with ``lora_A = R`` (r × in) and ``lora_B = L`` (out × r) of every
+    layer with rank > 0, ``lora_alpha = r`` per layer (scaling 1), so that PEFT computes exactly
+    ``x·Wᵀ + (x·Rᵀ)·Lᵀ``; mixed ranks go to ``rank_pattern`` / ``alpha_pattern``. Factors keep
+    their stored precision (float16 / bfloat16 as such, int8 and float32 as float32 values).
+``gptq``
+    Q as a GPTQ checkpoint (the format AutoGPTQ, GPTQModel, optimum, transformers and vLLM read):
+    per layer int32 ``qweight`` (in·bits/32 × out, the codes of each output column packed
+    least-significant first along the input dimension, 3-bit codes running across words),
+    ``qzeros`` (groups × out·bits/32, packed the same way along the output dimension, holding
+    ``zero − 1`` in the original ``gptq`` checkpoint format, ``zero`` in ``gptq_v2``), float16
+    ``scales`` (groups × out) and ``g_idx``; everything else of the model in float16;
+    ``quantization_config`` with ``quant_method: gptq``. Only integer formats with one float16 scale
+    and zero point per group of input channels (``rtn``, ``gptq``) fit it. With a ``peft`` export of
+    the same checkpoint this is the pair serving engines load as "quantized base + LoRA".
+``dense``
+    an ordinary float checkpoint whose linear weights are ``Q`` (the base the adapter applies to, on
+    machines without GPTQ kernels), or ``Q + L·R`` with ``merge``.
+
+Every export ends with a self-check (:func:`check_export`): the files are read back by code that
+does not share the writer's packing, and the weights they define must equal the model's ``Q`` (and
+``L·R``) exactly; the PEFT adapter, where PEFT is installed, must give the model's logits.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lqframe.checkpoint import atomic_write_json, save_tensors
+from lqframe.errors import CheckpointError
+from lqframe.lqlinear import LQLinear
+from lqframe.types import QuantizedWeight
+
+__all__ = ["EXPORT_FORMATS", "export", "export_peft", "export_gptq", "export_dense", "check_export",
+           "gptq_pack", "gptq_layer"]
+
+EXPORT_FORMATS = ("peft", "gptq", "dense")
+GPTQ_BITS = (2, 3, 4, 8)
+
+
+def _layers(model: nn.Module) -> dict[str, LQLinear]:
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LQLinear)}
+    if not layers:
+        raise CheckpointError("the model has no compressed (LQLinear) layers to export")
+    return layers
+
+
+def _config_dict(model: nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    if config is None:
+        raise CheckpointError(f"{type(model).__name__} has no Hugging Face config to export with")
+    d = config.to_dict()
+    d.pop("quantization_config", None)
+    return d
+
+
+# --------------------------------------------------------------------------- PEFT
+
+
+def _factor_tensor(module: LQLinear, key: str) -> torch.Tensor:
+    value = getattr(module, key).detach().to("cpu")
+    if module.factor_dtype in ("float16", "bfloat16"):
+        return value.to(getattr(torch, module.factor_dtype)).contiguous()
+    return value.to(torch.float32).contiguous()
+
+
+def export_peft(model: nn.Module, out: str | Path, base_model: str | None = None) -> dict[str, Any]:
+    """Write the adapter folder; returns its ``adapter_config``."""
+    out = Path(out)
+    layers = {n: m for n, m in _layers(model).items() if m.rank > 0}
+    if not layers:
+        raise CheckpointError("no compressed layer has a low-rank term (every rank is 0): nothing to export as an "
+                              "adapter")
+    ranks = {n: m.rank for n, m in layers.items()}
+    counts: dict[int, int] = {}
+    for r in ranks.values():
+        counts[r] = counts.get(r, 0) + 1
+    r = max(counts, key=lambda k: (counts[k], k))
+    pattern = {n: v for n, v in ranks.items() if v != r}
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+        "target_modules": sorted(layers), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
+        "inference_mode": True, "revision": None,
+    }
+    tensors = {}
+    for name, m in layers.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = _factor_tensor(m, "right")
+        tensors[f"base_model.model.{name}.lora_B.weight"] = _factor_tensor(m, "left")
+    out.mkdir(parents=True, exist_ok=True)
+    save_tensors(out / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
+    atomic_write_json(out / "adapter_config.json", config)
+    return config
+
+
+# --------------------------------------------------------------------------- GPTQ
+
+
+def gptq_pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 words of ``codes`` (rows × n, values < 2**bits), each row's codes packed least
+    significant first into ``n·bits/32`` words (a code may straddle two words when bits is 3)."""
+    rows, n = codes.shape
+    if (n * bits) % 32:
+        raise CheckpointError(f"{n} codes of {bits} bits do not fill whole 32-bit words")
+    words = torch.zeros(rows, n * bits // 32, dtype=torch.int64)
+    c = codes.to(torch.int64)
+    for j in range(n):
+        pos = j * bits
+        w, s = divmod(pos, 32)
+        words[:, w] |= (c[:, j] << s) & 0xFFFFFFFF
+        if s + bits > 32:  # the high bits go to the next word
+            words[:, w + 1] |= c[:, j] >> (32 - s)
+    words = torch.where(words >= 2**31, words - 2**32, words)  # two's complement into int32
+    return words.to(torch.int32)
+
+
+def _check_gptq_weight(name: str, qw: QuantizedWeight) -> None:
+    why = None
+    if qw.codebook is not None or qw.offset is not None:
+        why = f"its format {qw.format!r} maps codes through a codebook or an offset"
+    elif isinstance(qw.scale, QuantizedWeight):
+        why = "its scales are themselves quantized (double quantization)"
+    elif qw.bits not in GPTQ_BITS:
+        why = f"GPTQ checkpoints hold 2, 3, 4 or 8 bits, not {qw.bits}"
+    elif len(qw.shape) != 2:
+        why = f"it is not a matrix (shape {qw.shape})"
+    elif qw.shape[1] % qw.block_size:
+        why = f"its {qw.shape[1]} input channels are not a whole number of groups of {qw.block_size}"
+    elif (qw.shape[1] * qw.bits) % 32 or (qw.shape[0] * qw.bits) % 32:
+        why = f"its shape {tuple(qw.shape)} does not pack into 32-bit words at {qw.bits} bits"
+    elif not torch.equal(qw.block_scales().to(torch.float16).to(torch.float32), qw.block_scales()):
+        why = "its scales are not float16 values"
+    if why:
+        raise CheckpointError(f"layer {name} cannot be written as GPTQ: {why} (GPTQ needs an integer format with "
+                              "a float16 scale and zero point per group, e.g. the rtn or gptq quantizers)")
+
+
+def gptq_layer(name: str, qw: QuantizedWeight, bias: torch.Tensor | None, version: int = 1
+               ) -> dict[str, torch.Tensor]:
+    """The GPTQ tensors of one layer (``version`` 1: the original ``gptq`` format, zeros stored
+    minus one; 2: ``gptq_v2``)."""
+    _check_gptq_weight(name, qw)
+    out_f, in_f = qw.shape
+    codes = qw.unpacked_codes().to(torch.int64)  # out × in
+    zeros = qw.block_zeros().to(torch.int64)  # out × groups
+    stored_zeros = zeros - 1 if version == 1 else zeros
+    if version == 1 and bool((stored_zeros < 0).any()):
+        raise CheckpointError(f"layer {name}: a zero point of 0 cannot be written in the original gptq format "
+                              "(it stores zero − 1); export with gptq_version 2")
+    tensors = {
+        f"{name}.qweight": gptq_pack(codes, qw.bits).T.contiguous(),  # (in·bits/32) × out
+        f"{name}.qzeros": gptq_pack(stored_zeros.T.contiguous(), qw.bits),  # groups × (out·bits/32)
+        f"{name}.scales": qw.block_scales().T.contiguous().to(torch.float16),  # groups × out
+        f"{name}.g_idx": (torch.arange(in_f) // qw.block_size).to(torch.int32),
+    }
+    if bias is not None:
+        tensors[f"{name}.bias"] = bias.detach().to("cpu", torch.float16)
+    return tensors
+
+
+def _float_state(model: nn.Module, skip: set[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model's state outside the compressed layers (floats in ``dtype``); a tied output
+    embedding is left out, as transformers saves it."""
+    drop = set()
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        drop = {f"{n}.weight" for n, mod in model.named_modules() if head is not None and mod is head}
+    out = {}
+    for name, t in model.state_dict().items():
+        module = name.rsplit(".", 1)[0]
+        if name in drop or any(module == s or module.startswith(s + ".") for s in skip):
+            continue
+        out[name] = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
+    return out
+
+
+def export_gptq(model: nn.Module, out: str | Path, tokenizer: Any = None, version: int | None = None
+                ) -> dict[str, Any]:
+    """Write the GPTQ checkpoint folder; returns its ``quantization_config``. ``version`` None:
+    the original format when every zero point fits it, else ``gptq_v2``."""
+    out = Path(out)
+    layers = _layers(model)
+    for name, m in layers.items():
+        _check_gptq_weight(name, m.quantized_weight())
+    configs = {(m.quantized_weight().bits, m.quantized_weight().block_size) for m in layers.values()}
+    if len(configs) != 1:
+        raise CheckpointError("a GPTQ checkpoint has one bit width and group size for every layer; this model mixes "
+                              + ", ".join(f"{b} bits g{g}" for b, g in sorted(configs)))
+    bits, group = configs.pop()
+    if version is None:
+        version = 1 if all(bool((m.quantized_weight().block_zeros() >= 1).all()) for m in layers.values()) else 2
+    sym = all(not isinstance(m.quantized_weight().zero, torch.Tensor) for m in layers.values())
+    tensors = _float_state(model, set(layers), torch.float16)
+    for name, m in layers.items():
+        tensors.update(gptq_layer(name, m.quantized_weight(), m.bias, version))
+    config = _config_dict(model)
+    qc = {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": False, "sym": sym,
+          "true_sequential": True, "static_groups": False, "damp_percent": 0.01,
+          "checkpoint_format": "gptq" if version == 1 else "gptq_v2",
+          "modules_in_block_to_quantize": None,
+          "meta": {"quantizer": "lqframe", "layers": sorted(layers)}}
+    config["quantization_config"] = qc
+    config["torch_dtype"] = "float16"
+    out.mkdir(parents=True, exist_ok=True)
+    save_tensors(out / "model.safetensors", tensors, metadata={"format": "pt"})
+    atomic_write_json(out / "config.json", config)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return qc
+
+
+# --------------------------------------------------------------------------- dense
+
+
+def export_dense(model: nn.Module, out: str | Path, tokenizer: Any = None, merge: bool = False,
+                 dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """An ordinary transformers checkpoint with ``Q`` (``merge``: ``Q + L·R``) as the weights."""
+    out = Path(out)
+    layers = _layers(model)
+    tensors = _float_state(model, set(layers), dtype)
+    for name, m in layers.items():
+        w = m.dense_weight() if merge else m.dequantized_weight()
+        tensors[f"{name}.weight"] = w.detach().to("cpu", dtype).contiguous()
+        if m.bias is not None:
+            tensors[f"{name}.bias"] = m.bias.detach().to("cpu", dtype)
+    config = _config_dict(model)
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    out.mkdir(parents=True, exist_ok=True)
+    save_tensors(out / "model.safetensors", tensors, metadata={"format": "pt"})
+    atomic_write_json(out / "config.json", config)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return {"merged": merge, "dtype": config["torch_dtype"]}
+
+
+# --------------------------------------------------------------------------- self-check
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def gptq_unpack_reference(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """(rows × count) codes from int32 words (rows × k) by reading the bit stream one bit at a time
+    (a different route from :func:`gptq_pack`, for the self-check)."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    bit = (w.unsqueeze(-1) >> torch.arange(32)) & 1  # rows × k × 32, least significant first
+    stream = bit.reshape(w.shape[0], -1)[:, :count * bits].reshape(w.shape[0], count, bits)
+    return (stream << torch.arange(bits)).sum(-1)
+
+
+def _dense_base(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` whose compressed layers are plain ``nn.Linear`` with ``weights``."""
+    import copy
+
+    from lqframe.pipeline import set_module
+
+    base = copy.deepcopy(model).to("cpu")
+    for name, m in _layers(base).items():
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(weights[name])
+            if m.bias is not None:
+                lin.bias.copy_(m.bias.detach())
+        set_module(base, name, lin)
+    return base
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits.float()
+
+
+def check_export(model: nn.Module, fmt: str, out: str | Path, log: Callable[[str], None] = lambda s: None,
+                 merge: bool = False) -> dict[str, Any]:
+    """Read the export back and compare it with ``model``; raises ``CheckpointError`` on any
+    difference, returns what was checked."""
+    out = Path(out)
+    layers = _layers(model)
+    result: dict[str, Any] = {"format": fmt, "layers": 0}
+    if fmt == "gptq":
+        state = _read(out / "model.safetensors")
+        qc = json.loads((out / "config.json").read_text(encoding="utf-8"))["quantization_config"]
+        bits, offset = qc["bits"], 1 if qc["checkpoint_format"] == "gptq" else 0
+        for name, m in layers.items():
+            qweight, qzeros = state[f"{name}.qweight"], state[f"{name}.qzeros"]
+            scales, g_idx = state[f"{name}.scales"].float(), state[f"{name}.g_idx"].long()
+            codes = gptq_unpack_reference(qweight.T.contiguous(), bits, m.in_features).T  # in × out
+            zeros = gptq_unpack_reference(qzeros, bits, m.out_features) + offset  # groups × out
+            w = ((codes - zeros[g_idx]).float() * scales[g_idx]).T  # out × in
+            if not torch.equal(w, m.dequantized_weight().detach().to("cpu", torch.float32)):
+                diff = float((w - m.dequantized_weight().cpu()).abs().max())
+                raise CheckpointError(f"GPTQ self-check: layer {name} reads back different weights (max |Δ| {diff})")
+            result["layers"] += 1
+        log(f"self-check: {result['layers']} GPTQ layers unpack to exactly the model's Q")
+    elif fmt == "peft":
+        state = _read(out / "adapter_model.safetensors")
+        weights = {}
+        for name, m in layers.items():
+            if m.rank == 0:
+                weights[name] = m.dequantized_weight().detach().cpu()
+                continue
+            a = state[f"base_model.model.{name}.lora_A.weight"].float()
+            b = state[f"base_model.model.{name}.lora_B.weight"].float()
+            if not (torch.equal(a, m.right.detach().cpu().float()) and torch.equal(b, m.left.detach().cpu().float())):
+                raise CheckpointError(f"PEFT self-check: layer {name}'s adapter differs from its factors")
+            weights[name] = m.dequantized_weight().detach().cpu()
+            result["layers"] += 1
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            log("self-check: the adapter holds exactly the model's factors (PEFT is not installed: its logits were "
+                "not compared)")
+            return result
+        from peft import PeftModel
+
+        base = _dense_base(model, weights)
+        tuned = PeftModel.from_pretrained(base, str(out)).eval()
+        vocab = int(getattr(model.config, "vocab_size", 256))
+        ids = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0))
+        mine = _logits(model.to("cpu"), ids)
+        theirs = _logits(tuned, ids)
+        err = float((mine - theirs).abs().max() / mine.abs().max().clamp_min(1e-12))
+        result["peft_logits_rel_error"] = err
+        if err > 1e-4:
+            raise CheckpointError(f"PEFT self-check: Q + the adapter loaded by PEFT gives other logits than the model "
+                                  f"(max relative difference {err:.2e})")
+        log(f"self-check: PEFT {sys.modules['peft'].__version__} on Q reproduces the model's logits (max relative "
+            f"difference {err:.1e})")
+    elif fmt == "dense":
+        state = _read(out / "model.safetensors")
+        for name, m in layers.items():
+            stored = state[f"{name}.weight"]
+            ref = (m.dense_weight() if merge else m.dequantized_weight()).detach().to("cpu", stored.dtype)
+            if not torch.equal(stored, ref):
+                raise CheckpointError(f"dense self-check: layer {name} reads back different weights")
+            result["layers"] += 1
+        log(f"self-check: {result['layers']} dense layers ({'Q + L·R' if merge else 'Q'}) read back exactly")
+    return result
+
+
+def export(source: str | Path, fmt: str, out: str | Path, *, merge: bool = False, gptq_version: int | None = None,
+           base_model: str | None = None, check: bool = True, log: Callable[[str], None] = lambda s: None
+           ) -> dict[str, Any]:
+    """Export the lqframe checkpoint folder ``source`` (see module doc)."""
+    from lqframe.checkpoint import load_checkpoint, load_tokenizer
+
+    if fmt not in EXPORT_FORMATS:
+        raise CheckpointError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    source, out = Path(source), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"export folder {out} is not empty; choose another")
+    model = load_checkpoint(source)
+    tokenizer = load_tokenizer(source)
+    if fmt == "peft":
+        info = export_peft(model, out, base_model or str(source))
+    elif fmt == "gptq":
+        info = export_gptq(model, out, tokenizer, gptq_version)
+    else:
+        info = export_dense(model, out, tokenizer, merge=merge)
+    result = {"format": fmt, "output": str(out), "info": info}
+    if check:
+        result["check"] = check_export(model, fmt, out, log, merge=merge)
+    return result
