@@ -62,7 +62,7 @@ def test_only_the_factors_learn_and_the_objective_decreases():
     history = state.tuned["history"]
     assert [h["update"] for h in history] == [0, 4, 8, 12]
     losses = [h["validation_loss"] for h in history]
-    assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses  # a small step: it decreases at every check
+    assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses  # decreases at every check
     model_loss = [h["terms"]["model-loss"] for h in history]
     assert model_loss[-1] < 0.8 * model_loss[0], model_loss
     # everything that is not a factor is as before: embeddings, norms, head (the float model's) ...
