@@ -31,7 +31,7 @@ import yaml
 
 import lqframe
 from lqframe.data import make_data
-from lqframe.engine import RunState, execute, perplexity_table, versions
+from lqframe.engine import COMPRESSION_STAGES, RunState, execute, perplexity_table, versions
 from lqframe.evaluate import perplexity
 from lqframe.executor import resolve_device
 from lqframe.models import load_model
@@ -136,15 +136,17 @@ def main() -> None:
         del state
 
 
-def compress_and_score(recipe, base, device, data, fps: dict) -> tuple[RunState, float]:
+def compress_and_score(recipe, base, device, data, fps: dict, tuning=None, log=lambda s: None
+                       ) -> tuple[RunState, float]:
     """Compress a fresh copy of ``base`` with ``recipe`` on the shared windows and score it on
     every evaluation source (the float figures ``fps`` are given, not measured again); returns
-    the run state and the compression seconds (calibrate + allocate + decompose)."""
+    the run state and the compression seconds (every stage that changes the model: teacher,
+    calibrate, allocate, decompose, tune). ``tuning``: the tune stage's windows."""
     state = RunState(recipe, copy.deepcopy(base), device=device, calibration=data.calibration,
-                     evaluation=data.evaluation, progress=False, log=lambda s: None)
+                     evaluation=data.evaluation, progress=False, log=log, tuning=tuning)
     state.fp_ppls = dict(fps)
     t0 = time.perf_counter()
-    execute(state, only=("calibrate", "allocate", "decompose"))
+    execute(state, only=COMPRESSION_STAGES)
     seconds = time.perf_counter() - t0
     execute(state, only=("evaluate",))
     return state, seconds
