@@ -61,14 +61,16 @@ def load(path, device="cpu"):
     return load_checkpoint(path, device)
 
 
-def compress(model, recipe, data=None, *, device=None, offload=None, progress: bool = True):
+def compress(model, recipe, data=None, *, device=None, offload=None, progress: bool = True, tuning=None):
     """Compress a loaded transformers model in place.
 
     ``recipe``: a :class:`lqframe.recipe.Recipe`, a recipe file path, or a recipe mapping.
     ``data``: calibration token windows (a LongTensor ``n × seq_len``, or ``TokenWindows``), or None
     for data-free methods. ``device``: ``auto`` (CUDA when present), ``cpu``, ``cuda[:N]``; default:
     the recipe's ``device`` (auto). ``offload``: keep blocks in CPU memory, one on the device at a
-    time. Returns the per-layer results.
+    time. ``tuning``: the tune stage's ``(training, validation)`` windows (or a
+    ``lqframe.data.TuningWindows``), needed when the recipe has a ``tune_stage``. Returns the
+    per-layer results.
     """
     from pathlib import Path as _Path
 
@@ -82,7 +84,7 @@ def compress(model, recipe, data=None, *, device=None, offload=None, progress: b
     elif not isinstance(recipe, Recipe):
         raise TypeError(f"recipe must be a Recipe, a path or a mapping, got {type(recipe).__name__}")
     calibration = getattr(data, "calibration", data)
-    return _compress(model, recipe, calibration, device=device, offload=offload, progress=progress)
+    return _compress(model, recipe, calibration, device=device, offload=offload, progress=progress, tuning=tuning)
 
 
 try:
