@@ -157,6 +157,11 @@ def _key(row: dict) -> str:
     return json.dumps(row["recipe"], sort_keys=True)
 
 
+def _metric(row: dict) -> str:
+    metric = row["recipe"]["allocate_stage"].get("metric", "auto")
+    return "output" if metric == "auto" else metric
+
+
 def render(rows: list[dict], uniform: list[dict]) -> str:
     """One line per allocation row, with the best uniform row at equal or more bits beside it."""
     if not rows:
@@ -165,17 +170,21 @@ def render(rows: list[dict], uniform: list[dict]) -> str:
     fps = rows[0]["perplexity"]
     floats = " / ".join(f"{fps[s]['float']:.2f}" for s in sources)
     lines = [f"float perplexity {floats} ({' / '.join(sources)}); "
-             "uniform: the methods-table row of the same quantizer with the lowest pydoc perplexity among those "
-             "with at least as many bits in the same convention", "",
-             "| budget counts | budget | allocator | bits Q / Q+L·R | " + " | ".join(sources)
-             + " | choices | best uniform at ≥ bits | cost table | solve |",
+             "uniform: among the methods-table rows of the same quantizer with at least as many bits in the same "
+             "convention, those with the fewest bits, and of them the one with the lowest pydoc perplexity", "",
+             "| budget counts | budget | allocator (cost) | bits Q / Q+L·R | " + " | ".join(sources)
+             + " | choices | nearest uniform at ≥ bits | cost table | solve |",
              "|---|---|---|---|" + "---|" * len(sources) + "---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["convention"], r["budget"], r["allocator"])):
+    for r in sorted(rows, key=lambda r: (r["convention"], r["budget"], r["allocator"], _metric(r))):
         lr = r["convention"] == "q+lr"
         used = r["avg_bits_with_lowrank"] if lr else r["avg_bits"]
         peers = [u for u in uniform if u["quantizer"] == r["quantizer"] and "perplexity" in u
                  and (u["avg_bits_with_lowrank"] if lr else u["avg_bits"]) >= used - 1e-9]
-        best = min(peers, key=lambda u: u["perplexity"]["pydoc"]["compressed"], default=None)
+        # the nearest uniform configuration at or above the bits used (the best of them if several)
+        fewest = min(((u["avg_bits_with_lowrank"] if lr else u["avg_bits"]) for u in peers), default=None)
+        near = [u for u in peers if fewest is not None
+                and abs((u["avg_bits_with_lowrank"] if lr else u["avg_bits"]) - fewest) < 0.02]
+        best = min(near, key=lambda u: u["perplexity"]["pydoc"]["compressed"], default=None)
         uni = "–" if best is None else (
             f"{best['bits']}-bit {best['reconstructor']} "
             f"{best['avg_bits_with_lowrank'] if lr else best['avg_bits']:.2f} b: "
@@ -183,7 +192,9 @@ def render(rows: list[dict], uniform: list[dict]) -> str:
                          for s in sources))
         choices = ", ".join(f"{k} ×{v}" for k, v in sorted(r["choices"].items()))
         table = f"{r['cost_table_seconds']:.0f} s ({'cold' if r['cost_table_cold'] else 'cached'})"
-        lines.append(f"| {'Q + L·R' if lr else 'Q'} | {r['budget']:.3f} | {r['allocator']} | "
+        fisher = f", Fisher pass {r['fisher_seconds']:.0f} s" if r.get("fisher_seconds") else ""
+        table += fisher
+        lines.append(f"| {'Q + L·R' if lr else 'Q'} | {r['budget']:.3f} | {r['allocator']} ({_metric(r)}) | "
                      f"{r['avg_bits']:.3f} / {r['avg_bits_with_lowrank']:.3f} | "
                      + " | ".join(f"{r['perplexity'][s]['compressed']:.2f}" for s in sources)
                      + f" | {choices} | {uni} | {table} | {r['solve_seconds']:.2f} s |")

@@ -263,3 +263,16 @@ def test_tuning_windows_avoid_the_evaluation_windows():
     assert tw.train.shape == (20, 64) and tw.validation.shape == (5, 64)
     again = make_tuning_windows(tok, ["pydoc"], 64, 20, 5, 16, seed=0)
     assert torch.equal(again.train, tw.train) and torch.equal(again.validation, tw.validation)
+
+
+def test_python_api_takes_tuning_windows():
+    model = tiny_llama(seed=2, layers=1)
+    tw = _windows(n_train=4, n_val=2)
+    doc = {"data": {"seq_len": 64, "calibration_windows": 2},
+           "quantize_stage": {"quantizer": {"name": "nf", "bits": 2, "group_size": 32}},
+           "reconstruct_stage": {"reconstructor": {"name": "svd", "rank": 4}},
+           "tune_stage": {**TUNE, "max_updates": 2, "eval_every": 2}}
+    with pytest.raises(RecipeError, match="no tuning windows"):
+        lqframe.compress(tiny_llama(seed=2, layers=1), doc, tw.train[:2], progress=False)
+    results = lqframe.compress(model, doc, tw.train[:2], progress=False, tuning=(tw.train, tw.validation))
+    assert len(results) == 7
