@@ -31,6 +31,7 @@ from methods_table import _options, _read, _versions_line, compress_and_score  #
 from lqframe.costcache import CostCache, default_cache_path  # noqa: E402
 from lqframe.data import make_data  # noqa: E402
 from lqframe.engine import perplexity_table, versions  # noqa: E402
+from lqframe.errors import BudgetError  # noqa: E402
 from lqframe.evaluate import perplexity  # noqa: E402
 from lqframe.executor import resolve_device  # noqa: E402
 from lqframe.models import load_model  # noqa: E402
@@ -56,6 +57,9 @@ def main() -> None:
                          "smallest rank)")
     ap.add_argument("--allocators", nargs="+", default=["ilp"])
     ap.add_argument("--metric", default="auto", choices=["auto", "output", "fisher", "weight"])
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep the cost table's decompositions (float-model statistics) instead of compressing the "
+                         "chosen configurations block by block (allocate_stage.reuse)")
     ap.add_argument("--calibration", type=int, default=16)
     ap.add_argument("--evaluation", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -103,7 +107,7 @@ def main() -> None:
             "quantize_stage": {"quantizer": {"name": args.quantizer, **qopts}},
             "allocate_stage": {"allocator": allocator, "budget_bits": round(budget, 6),
                                "include_lowrank": convention == "q+lr", "grid": grid, "metric": args.metric,
-                               "cache": str(cache_path)},
+                               "cache": str(cache_path), "reuse": args.reuse},
             "evaluate_stage": {"float_baseline": False, "data": args.evaluation_sources},
         }
         if args.reconstructor != "none":
@@ -114,7 +118,15 @@ def main() -> None:
             print(f"{convention:5} {budget:.3f} {allocator}: cached", flush=True)
             continue
         entries_before = len(CostCache(cache_path)) if cache_path.exists() else 0
-        state, seconds = compress_and_score(recipe, base, device, data, fps)
+        try:
+            state, seconds = compress_and_score(recipe, base, device, data, fps)
+        except BudgetError as exc:  # recorded: the table says which budgets cannot be met
+            row = {"recipe": doc, "convention": convention, "budget": budget, "allocator": allocator,
+                   "quantizer": args.quantizer, "reconstructor": args.reconstructor, "grid": grid, "error": str(exc)}
+            with out.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(f"{convention:5} budget {budget:.3f} {allocator}: {exc}", flush=True)
+            continue
         results = state.results
         row = {
             "recipe": doc, "convention": convention, "budget": budget, "allocator": allocator,
@@ -158,16 +170,18 @@ def _key(row: dict) -> str:
 
 
 def _metric(row: dict) -> str:
-    metric = row["recipe"]["allocate_stage"].get("metric", "auto")
-    return "output" if metric == "auto" else metric
+    stage = row["recipe"]["allocate_stage"]
+    metric = stage.get("metric", "auto")
+    return ("output" if metric == "auto" else metric) + (", reuse" if stage.get("reuse") else "")
 
 
 def render(rows: list[dict], uniform: list[dict]) -> str:
     """One line per allocation row, with the best uniform row at equal or more bits beside it."""
     if not rows:
         return "no rows"
-    sources = list(rows[0]["perplexity"])
-    fps = rows[0]["perplexity"]
+    measured = [r for r in rows if "perplexity" in r]
+    sources = list(measured[0]["perplexity"])
+    fps = measured[0]["perplexity"]
     floats = " / ".join(f"{fps[s]['float']:.2f}" for s in sources)
     lines = [f"float perplexity {floats} ({' / '.join(sources)}); "
              "uniform: among the methods-table rows of the same quantizer with at least as many bits in the same "
@@ -177,6 +191,10 @@ def render(rows: list[dict], uniform: list[dict]) -> str:
              "|---|---|---|---|" + "---|" * len(sources) + "---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["convention"], r["budget"], r["allocator"], _metric(r))):
         lr = r["convention"] == "q+lr"
+        if "error" in r:
+            lines.append(f"| {'Q + L·R' if lr else 'Q'} | {r['budget']:.3f} | {r['allocator']} ({_metric(r)}) | "
+                         f"infeasible: {r['error'].split(': ', 1)[-1]} |" + " |" * (len(sources) + 5))
+            continue
         used = r["avg_bits_with_lowrank"] if lr else r["avg_bits"]
         peers = [u for u in uniform if u["quantizer"] == r["quantizer"] and "perplexity" in u
                  and (u["avg_bits_with_lowrank"] if lr else u["avg_bits"]) >= used - 1e-9]
@@ -199,7 +217,7 @@ def render(rows: list[dict], uniform: list[dict]) -> str:
                      + " | ".join(f"{r['perplexity'][s]['compressed']:.2f}" for s in sources)
                      + f" | {choices} | {uni} | {table} | {r['solve_seconds']:.2f} s |")
     lines.append("")
-    lines += [f"Measured with {v}." for v in sorted({_versions_line(r["versions"]) for r in rows})]
+    lines += [f"Measured with {v}." for v in sorted({_versions_line(r["versions"]) for r in measured})]
     return "\n".join(lines)
 
 

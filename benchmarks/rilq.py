@@ -18,7 +18,6 @@ import argparse
 import json
 import sys
 import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -323,19 +323,28 @@ def _allocate(state: RunState) -> None:
     choice = allocator.allocate(table, stage.budget_bits)
     state.timings["allocate_solve"] = time.perf_counter() - t0
     plans = []
+    kinds = registry().statistics()
     for i, plan in enumerate(state.plans):
         j = choice[plan.name].index
-        plans.append(per_layer[i][j])
+        chosen = per_layer[i][j]
+        plans.append(chosen)
+        # a candidate that reads forward statistics is decomposed again in the decompose stage, on
+        # the inputs of the compressed blocks before it (as without allocation), unless told to reuse
+        forward = any(kinds[n].source == "forward" for n in layer_needs(chosen))
+        if forward and not stage.reuse:
+            continue
         if (i, j) not in decs:  # its cost came from the cache: decompose it as the table would have
             w = state.model.get_submodule(plan.name).weight.detach().to(state.device)
-            decs[(i, j)] = decompose_candidate(w, per_layer[i][j], state.stats.layer_stats(plan.name), j)
+            decs[(i, j)] = decompose_candidate(w, chosen, state.stats.layer_stats(plan.name), j)
         state.prepared[plan.name] = decs[(i, j)]
+    decs.clear()
     state.plans = plans
     state.needs = {p.name: layer_needs(p) for p in plans}
     used = sum(choice[p.name].bits for p in plans) / max(table.total_params, 1)
     state.allocation = {
         "allocator": stage.allocator.to_dict(), "budget_bits": stage.budget_bits,
-        "include_lowrank": stage.include_lowrank, "metric": stage.metric, "candidates": len(table.configs),
+        "include_lowrank": stage.include_lowrank, "metric": stage.metric, "reuse": stage.reuse,
+        "candidates": len(table.configs),
         "bits_per_param": used, "total_cost": sum(choice[p.name].cost for p in plans),
         "cost_table_seconds": state.timings["cost_table"], "solve_seconds": state.timings["allocate_solve"],
         "cache": None if cache is None else {"path": str(cache.path), "hits": cache.hits, "computed": cache.misses},

@@ -235,6 +235,9 @@ class AllocateStage:
     metric: str = "auto"
     #: the on-disk cost cache: True (the default file), False (none) or a file path
     cache: bool | str = True
+    #: keep the cost table's decompositions of the chosen candidates (made on the float model's
+    #: statistics) instead of decomposing them again block by block on the compressed model's inputs
+    reuse: bool = False
 
 
 @attrs.frozen
@@ -630,7 +633,7 @@ def parse_recipe(doc: Any, origin: str = "<recipe>", check_components: bool = Tr
     if "allocate_stage" in body:
         c = root.child("allocate_stage")
         s = _mapping(body["allocate_stage"], c, ("allocator", "candidates", "grid", "budget_bits", "include_lowrank",
-                                                  "metric", "cache"))
+                                                  "metric", "cache", "reuse"))
         if "quantize_stage" not in body:
             raise c.error("an allocate_stage chooses quantizer options per layer: it needs a quantize_stage")
         cands = s.get("candidates", [] if "grid" in s else None)
@@ -654,6 +657,7 @@ def parse_recipe(doc: Any, origin: str = "<recipe>", check_components: bool = Tr
             include_lowrank=_bool(s.get("include_lowrank", False), c.child("include_lowrank")),
             metric=metric,
             cache=cache,
+            reuse=_bool(s.get("reuse", False), c.child("reuse")),
         )
         if check_components:
             _check_component(stage.allocator, "allocator", c.child("allocator"))

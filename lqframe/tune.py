@@ -385,7 +385,10 @@ def tune(model: nn.Module, stage: TuneStage, tuning, store: TeacherStore, device
         best_loss, bad = saved["best_loss"], saved["bad"]
         log(f"tune: resuming at update {record['updates']} from {path}")
 
+    prior = float(record.get("seconds", 0.0))
+
     def checkpoint() -> None:
+        record["seconds"] = prior + time.perf_counter() - t0  # (a resumed stage adds its own time)
         if path is not None:
             _atomic_save({"identity": identity, "masters": [f.master for f in factors],
                           "optimizer": optimizer.state_dict(), "record": record, "best": best,
@@ -471,7 +474,7 @@ def tune(model: nn.Module, stage: TuneStage, tuning, store: TeacherStore, device
             p.requires_grad_(True)
         set_weight_cache(model, False)
         model.train(was_training)
-    record["seconds"] = record.get("seconds", 0.0) + time.perf_counter() - t0
+    record["seconds"] = prior + time.perf_counter() - t0
     history = record["history"]
     if history:
         record["validation_before"] = {"loss": history[0]["validation_loss"], "ppl": history[0]["validation_ppl"]}

@@ -22,13 +22,18 @@ def windows():
     return make_windows(byte_tokenizer(), "pydoc", 40, 3, 0, 0)
 
 
-def _recipe(budget, include_lowrank=False, cache=False, metric="auto", reconstructor="qera-exact", grid=None):
+def _doc(reconstructor="qera-exact"):
+    return {"data": {"seq_len": 40, "calibration_windows": 3, "evaluation_windows": 0},
+            "quantize_stage": {"quantizer": {"name": "rtn", "bits": 4, "group_size": 32}},
+            "reconstruct_stage": {"reconstructor": {"name": reconstructor, "rank": 4}}}
+
+
+def _recipe(budget, include_lowrank=False, cache=False, metric="auto", reconstructor="qera-exact", grid=None,
+            reuse=False):
     grid = grid or {"quantizer": {"bits": [2, 3, 4], "group_size": [32, 64]}, "reconstructor": {"rank": [2, 8]}}
-    doc = {"data": {"seq_len": 40, "calibration_windows": 3, "evaluation_windows": 0},
-           "quantize_stage": {"quantizer": {"name": "rtn", "bits": 4, "group_size": 32}},
-           "reconstruct_stage": {"reconstructor": {"name": reconstructor, "rank": 4}},
+    doc = {**_doc(reconstructor),
            "allocate_stage": {"allocator": "ilp", "budget_bits": budget, "include_lowrank": include_lowrank,
-                              "grid": grid, "cache": cache, "metric": metric}}
+                              "grid": grid, "cache": cache, "metric": metric, "reuse": reuse}}
     return parse_recipe(doc, "<alloc>")
 
 
@@ -84,12 +89,15 @@ def test_an_infeasible_budget_is_one_line_with_the_smallest_feasible_one(windows
         compress(tiny_llama(layers=1), _recipe(1.0), windows.calibration, device="cpu", progress=False)
 
 
-def test_the_cost_cache_makes_a_second_budget_cost_only_the_solve(windows, tmp_path, monkeypatch):
-    """A warm cache: no candidate is decomposed again except the chosen ones, and the result is
-    bit for bit the one a cold run gives (the chosen decompositions use the same statistics)."""
+@pytest.mark.parametrize("reuse", [True, False])
+def test_the_cost_cache_makes_a_second_budget_cost_only_the_solve(windows, tmp_path, monkeypatch, reuse):
+    """A warm cache: no candidate is decomposed again except the chosen ones (by the allocate stage
+    with ``reuse``, else by the decompose stage), and the result is bit for bit the one a cold run
+    gives (the chosen decompositions use the same statistics)."""
     path = tmp_path / "costs.sqlite"
     base = tiny_llama(layers=1)
-    compress(copy.deepcopy(base), _recipe(3.0, cache=str(path)), windows.calibration, device="cpu", progress=False)
+    compress(copy.deepcopy(base), _recipe(3.0, cache=str(path), reuse=reuse), windows.calibration, device="cpu",
+             progress=False)
     n_entries = len(CostCache(path))
     assert n_entries == 7 * 12
 
@@ -105,12 +113,14 @@ def test_the_cost_cache_makes_a_second_budget_cost_only_the_solve(windows, tmp_p
     monkeypatch.setattr(pipeline, "decompose_candidate", counting)
     monkeypatch.setattr(lqframe.engine, "decompose_candidate", counting)
     warm_model = copy.deepcopy(base)
-    warm = compress(warm_model, _recipe(3.5, cache=str(path)), windows.calibration, device="cpu", progress=False)
-    assert len(calls) == 7  # the chosen candidate of each matrix, nothing else
+    warm = compress(warm_model, _recipe(3.5, cache=str(path), reuse=reuse), windows.calibration, device="cpu",
+                    progress=False)
+    assert len(calls) == (7 if reuse else 0)  # the chosen candidate of each matrix, nothing else
     assert len(CostCache(path)) == n_entries
     monkeypatch.undo()
     cold_model = copy.deepcopy(base)
-    cold = compress(cold_model, _recipe(3.5, cache=False), windows.calibration, device="cpu", progress=False)
+    cold = compress(cold_model, _recipe(3.5, cache=False, reuse=reuse), windows.calibration, device="cpu",
+                    progress=False)
     assert [(r.bits, r.group_size, r.rank) for r in warm] == [(r.bits, r.group_size, r.rank) for r in cold]
     sw, sc = warm_model.state_dict(), cold_model.state_dict()
     assert all(torch.equal(sw[k], sc[k]) for k in sw)
@@ -118,6 +128,26 @@ def test_the_cost_cache_makes_a_second_budget_cost_only_the_solve(windows, tmp_p
     compress(copy.deepcopy(base), _recipe(3.5, cache=str(path)), windows.calibration[:2], device="cpu",
              progress=False)
     assert len(CostCache(path)) == 2 * n_entries
+
+
+def test_the_chosen_configurations_are_compressed_as_a_run_without_allocation(windows):
+    """Without ``reuse`` an allocation that chooses the recipe's own configuration everywhere gives
+    exactly the model a plain run gives: each layer decomposed on the inputs of the compressed
+    blocks before it. With ``reuse`` the layers after the first block keep the cost table's
+    decompositions, made on the float model's inputs, and differ."""
+    base = tiny_llama(layers=2)
+    plain = copy.deepcopy(base)
+    compress(plain, parse_recipe(_doc(), "<plain>"), windows.calibration, device="cpu", progress=False)
+    only = {"quantizer": {"bits": [4], "group_size": [32]}, "reconstructor": {"rank": [4]}}
+    states = {}
+    for reuse in (False, True):
+        model = copy.deepcopy(base)
+        compress(model, _recipe(None, grid=only, reuse=reuse), windows.calibration, device="cpu", progress=False)
+        states[reuse] = model.state_dict()
+    ref = plain.state_dict()
+    assert all(torch.equal(states[False][k], ref[k]) for k in ref)
+    differ = [k for k in ref if not torch.equal(states[True][k], ref[k])]
+    assert differ and all(k.startswith("model.layers.1.") for k in differ), differ
 
 
 def test_fisher_metric_runs_the_gradient_pass(windows):
