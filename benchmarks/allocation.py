@@ -169,6 +169,28 @@ def _key(row: dict) -> str:
     return json.dumps(row["recipe"], sort_keys=True)
 
 
+def _ropts(row: dict) -> dict:
+    """The reconstructor options of an allocation row (besides its name and the grid's rank)."""
+    spec = dict(row["recipe"].get("reconstruct_stage", {}).get("reconstructor", {}))
+    spec.pop("name", None)
+    return spec
+
+
+def _nearest(peers: list[dict], lr: bool, sources: list[str]) -> str:
+    """The uniform rows with the fewest bits among ``peers``, the best of them on pydoc."""
+    def bits(u):
+        return u["avg_bits_with_lowrank"] if lr else u["avg_bits"]
+
+    fewest = min((bits(u) for u in peers), default=None)
+    near = [u for u in peers if fewest is not None and abs(bits(u) - fewest) < 0.02]
+    best = min(near, key=lambda u: u["perplexity"]["pydoc"]["compressed"], default=None)
+    if best is None:
+        return "–"
+    return (f"{best['bits']}-bit {best['reconstructor']} {bits(best):.2f} b: "
+            + " / ".join(f"{best['perplexity'][s]['compressed']:.2f}" if s in best["perplexity"] else "–"
+                         for s in sources))
+
+
 def _metric(row: dict) -> str:
     stage = row["recipe"]["allocate_stage"]
     metric = stage.get("metric", "auto")
@@ -187,35 +209,29 @@ def render(rows: list[dict], uniform: list[dict]) -> str:
              "uniform: among the methods-table rows of the same quantizer with at least as many bits in the same "
              "convention, those with the fewest bits, and of them the one with the lowest pydoc perplexity", "",
              "| budget counts | budget | allocator (cost) | bits Q / Q+L·R | " + " | ".join(sources)
-             + " | choices | nearest uniform at ≥ bits | cost table | solve |",
-             "|---|---|---|---|" + "---|" * len(sources) + "---|---|---|---|"]
+             + " | choices | nearest uniform at ≥ bits | the same method uniform at ≥ bits | cost table | solve |",
+             "|---|---|---|---|" + "---|" * len(sources) + "---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["convention"], r["budget"], r["allocator"], _metric(r))):
         lr = r["convention"] == "q+lr"
         if "error" in r:
             lines.append(f"| {'Q + L·R' if lr else 'Q'} | {r['budget']:.3f} | {r['allocator']} ({_metric(r)}) | "
-                         f"infeasible: {r['error'].split(': ', 1)[-1]} |" + " |" * (len(sources) + 5))
+                         f"infeasible: {r['error'].split(': ', 1)[-1]} |" + " |" * (len(sources) + 6))
             continue
         used = r["avg_bits_with_lowrank"] if lr else r["avg_bits"]
         peers = [u for u in uniform if u["quantizer"] == r["quantizer"] and "perplexity" in u
                  and (u["avg_bits_with_lowrank"] if lr else u["avg_bits"]) >= used - 1e-9]
-        # the nearest uniform configuration at or above the bits used (the best of them if several)
-        fewest = min(((u["avg_bits_with_lowrank"] if lr else u["avg_bits"]) for u in peers), default=None)
-        near = [u for u in peers if fewest is not None
-                and abs((u["avg_bits_with_lowrank"] if lr else u["avg_bits"]) - fewest) < 0.02]
-        best = min(near, key=lambda u: u["perplexity"]["pydoc"]["compressed"], default=None)
-        uni = "–" if best is None else (
-            f"{best['bits']}-bit {best['reconstructor']} "
-            f"{best['avg_bits_with_lowrank'] if lr else best['avg_bits']:.2f} b: "
-            + " / ".join(f"{best['perplexity'][s]['compressed']:.2f}" if s in best["perplexity"] else "–"
-                         for s in sources))
+        uni = _nearest(peers, lr, sources)
+        same = _nearest([u for u in peers if u["reconstructor"] == r["reconstructor"]
+                         and u.get("reconstructor_options") == _ropts(r)], lr, sources)
         choices = ", ".join(f"{k} ×{v}" for k, v in sorted(r["choices"].items()))
-        table = f"{r['cost_table_seconds']:.0f} s ({'cold' if r['cost_table_cold'] else 'cached'})"
+        new = r.get("new_cost_entries") or 0
+        table = f"{r['cost_table_seconds']:.0f} s ({f'{new} computed' if new else 'cached'})"
         fisher = f", Fisher pass {r['fisher_seconds']:.0f} s" if r.get("fisher_seconds") else ""
         table += fisher
         lines.append(f"| {'Q + L·R' if lr else 'Q'} | {r['budget']:.3f} | {r['allocator']} ({_metric(r)}) | "
                      f"{r['avg_bits']:.3f} / {r['avg_bits_with_lowrank']:.3f} | "
                      + " | ".join(f"{r['perplexity'][s]['compressed']:.2f}" for s in sources)
-                     + f" | {choices} | {uni} | {table} | {r['solve_seconds']:.2f} s |")
+                     + f" | {choices} | {uni} | {same} | {table} | {r['solve_seconds']:.2f} s |")
     lines.append("")
     lines += [f"Measured with {v}." for v in sorted({_versions_line(r["versions"]) for r in measured})]
     return "\n".join(lines)
