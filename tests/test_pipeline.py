@@ -368,10 +368,12 @@ def test_linears_reading_the_same_input_share_statistics(model_dir):
     assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
 
 
-def test_data_aware_allocation_runs_after_calibration(model_dir, tmp_path):
+@pytest.mark.parametrize("reuse", [False, True])
+def test_data_aware_allocation_runs_after_calibration(model_dir, tmp_path, reuse):
     """gptq + qera-exact candidates at two bit widths (and two ranks): statistics are captured before
-    the cost table, bits come from storage_bits + lowrank_bits, and each chosen decomposition is
-    the one the cost table made (not computed twice)."""
+    the cost table, bits come from storage_bits + lowrank_bits, and each chosen configuration is
+    compressed again on the compressed model's inputs (with ``reuse``: the cost table's
+    decomposition is kept, not computed twice)."""
     from lqframe import pipeline
 
     calls = {"n": 0}
@@ -388,7 +390,8 @@ def test_data_aware_allocation_runs_after_calibration(model_dir, tmp_path):
         object.__setattr__(recon, "decompose", decompose)
         return quantizer, recon
 
-    allocate = ("allocate_stage={allocator: uniform, budget_bits: 4.0, candidates: ["
+    allocate = (f"allocate_stage={{allocator: uniform, budget_bits: 4.0, reuse: {str(reuse).lower()}, cache: false, "
+                "candidates: ["
                 "{quantizer: {bits: 4}, reconstructor: {rank: 4}}, {quantizer: {bits: 3}, reconstructor: {rank: 8}}]}")
     recipe = load_recipe(BASE, [*SMALL, "quantize_stage.quantizer.name=gptq",
                                 "reconstruct_stage.reconstructor.name=qera-exact", allocate])
@@ -396,7 +399,7 @@ def test_data_aware_allocation_runs_after_calibration(model_dir, tmp_path):
 
     with unittest.mock.patch.object(pipeline, "components", counting):
         report = run(recipe, str(model_dir), tmp_path / "o", progress=False)
-    assert calls["n"] == 2 * 21  # every candidate once per layer; the chosen one is reused
+    assert calls["n"] == (2 if reuse else 3) * 21  # every candidate once per layer (+ the chosen one again)
     layers = report["layers"]
     assert {(r["bits"], r["rank"]) for r in layers} == {(3, 8)}  # 4-bit g32 int needs 4.625 bits
     assert report["avg_bits"] <= 4.0
