@@ -248,20 +248,29 @@ def _gradient_statistics(state: RunState) -> None:
                 wanted.setdefault(name, []).append(plan.name)
     if not wanted:
         return
-    # a backward pass needs every block where the forward ran: an offloaded model runs it on the CPU
-    device = torch.device("cpu") if state.offload else state.device
-    if state.offload:
-        state.model.to(device)
-    try:
+    with _backward_device(state) as device:
         for name, layers in wanted.items():
             t0 = time.perf_counter()
             ctx = GradientContext(state.model, state.calibration, device, layers, state.progress)
             for layer, value in kinds[name].produce(ctx).items():
                 state.stats.add_gradient(layer, name, value)
             state.timings[f"gradient:{name}"] = time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _backward_device(state: RunState):
+    """Where a backward pass over the whole model runs (gradient statistics, tuning): the run's
+    device, or the CPU for an offloaded model (a backward pass needs every block where the forward
+    ran); the blocks are placed back as the run keeps them afterwards."""
+    if not state.offload:
+        yield state.device
+        return
+    device = torch.device("cpu")
+    state.model.to(device)
+    try:
+        yield device
     finally:
-        if state.offload:
-            state.executor.place_model()
+        state.executor.place_model()
 
 
 def _calibrate(state: RunState) -> None:
@@ -412,15 +421,9 @@ def _decompose(state: RunState) -> None:
 
 
 def _tune_identity(state: RunState) -> dict[str, Any]:
-    return {"windows": int(state.tuning.checksum()) if hasattr(state.tuning, "checksum")
-            else int(state.tuning.train.sum()) * 31 + int(state.tuning.validation.sum()),
+    return {"windows": int(state.tuning.checksum()),
             "tune_stage": attrs.asdict(state.recipe.tune, value_serializer=lambda i, a, v: v if not isinstance(
                 v, tuple) else list(v))}
-
-
-def _tuning_device(state: RunState) -> torch.device:
-    # a backward pass needs every block where the forward ran: an offloaded model runs it on the CPU
-    return torch.device("cpu") if state.offload else state.device
 
 
 def _teacher(state: RunState) -> None:
@@ -446,17 +449,11 @@ def _teacher(state: RunState) -> None:
 def _tune(state: RunState) -> None:
     from lqframe.tune import tune
 
-    device = _tuning_device(state)
-    if state.offload:
-        state.model.to(device)
-    try:
+    with _backward_device(state) as device:
         state.tuned = tune(state.model, state.recipe.tune, state.tuning, state.teacher_store, device,
                            objectives=state.objectives, work_dir=state.sink.work_dir(),
                            identity=_tune_identity(state), progress=state.progress, log=state.log,
                            origin=state.recipe.origin)
-    finally:
-        if state.offload:
-            state.executor.place_model()
 
 
 def _evaluate(state: RunState) -> None:

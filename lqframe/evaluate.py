@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from lqframe.errors import DataError
 
-__all__ = ["perplexity", "nll_sum"]
+__all__ = ["perplexity", "nll_sum", "next_token_nll"]
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -52,15 +52,20 @@ def _forward_kwargs(model: torch.nn.Module) -> dict:
     return {}
 
 
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Sum (float64, 0-dim) of the next-token NLL of ``logits`` (batch × L × vocab) over positions
+    1..L-1 of every row of ``ids``."""
+    # Position t predicts token t+1; the last position predicts nothing inside the window.
+    logits = logits[:, :-1, :].float()
+    targets = ids[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return nll.double().sum()
+
+
 def _batch_nll(model: torch.nn.Module, batch: torch.Tensor, extra: dict) -> torch.Tensor:
     """Sum (float64, 0-dim) of next-token NLL over positions 1..L-1 of every row of ``batch``."""
     out = model(input_ids=batch, **extra)
-    logits = out.logits if hasattr(out, "logits") else out[0]
-    # Position t predicts token t+1; the last position predicts nothing inside the window.
-    logits = logits[:, :-1, :].float()
-    targets = batch[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return nll.double().sum()
+    return next_token_nll(out.logits if hasattr(out, "logits") else out[0], batch)
 
 
 def nll_sum(

@@ -38,6 +38,7 @@ from torch import nn
 
 from lqframe.checkpoint import atomic_write_json, save_tensors
 from lqframe.errors import CheckpointError
+from lqframe.kernels import pack_bits
 from lqframe.lqlinear import LQLinear
 from lqframe.types import QuantizedWeight
 
@@ -109,20 +110,17 @@ def export_peft(model: nn.Module, out: str | Path, base_model: str | None = None
 
 def gptq_pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """int32 words of ``codes`` (rows × n, values < 2**bits), each row's codes packed least
-    significant first into ``n·bits/32`` words (a code may straddle two words when bits is 3)."""
+    significant first into ``n·bits/32`` words (a code may straddle two words when bits is 3).
+
+    That is lqframe's own bit stream (:func:`lqframe.kernels.pack_bits`, LSB-first over bytes)
+    read as little-endian int32: every row fills whole words, so rows start on word boundaries."""
     rows, n = codes.shape
     if (n * bits) % 32:
         raise CheckpointError(f"{n} codes of {bits} bits do not fill whole 32-bit words")
-    words = torch.zeros(rows, n * bits // 32, dtype=torch.int64)
-    c = codes.to(torch.int64)
-    for j in range(n):
-        pos = j * bits
-        w, s = divmod(pos, 32)
-        words[:, w] |= (c[:, j] << s) & 0xFFFFFFFF
-        if s + bits > 32:  # the high bits go to the next word
-            words[:, w + 1] |= c[:, j] >> (32 - s)
-    words = torch.where(words >= 2**31, words - 2**32, words)  # two's complement into int32
-    return words.to(torch.int32)
+    if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
+        raise CheckpointError("GPTQ export needs a little-endian machine")
+    stream = pack_bits(codes.reshape(-1).to(torch.int64), bits)
+    return stream.view(torch.int32).reshape(rows, n * bits // 32)
 
 
 def _check_gptq_weight(name: str, qw: QuantizedWeight) -> None:
@@ -310,14 +308,13 @@ def check_export(model: nn.Module, fmt: str, out: str | Path, log: Callable[[str
         state = _read(out / "adapter_model.safetensors")
         weights = {}
         for name, m in layers.items():
+            weights[name] = m.dequantized_weight().detach().cpu()
             if m.rank == 0:
-                weights[name] = m.dequantized_weight().detach().cpu()
                 continue
             a = state[f"base_model.model.{name}.lora_A.weight"].float()
             b = state[f"base_model.model.{name}.lora_B.weight"].float()
             if not (torch.equal(a, m.right.detach().cpu().float()) and torch.equal(b, m.left.detach().cpu().float())):
                 raise CheckpointError(f"PEFT self-check: layer {name}'s adapter differs from its factors")
-            weights[name] = m.dequantized_weight().detach().cpu()
             result["layers"] += 1
         try:
             import peft  # noqa: F401

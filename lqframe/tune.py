@@ -22,7 +22,6 @@ objectives (RILQ: ``0.5·model-loss + 0.5·causal-lm``; fine-tuning on a user's 
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -32,11 +31,12 @@ from typing import Any
 
 import attrs
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from lqframe.checkpoint import _atomic, atomic_write_json, save_tensors
 from lqframe.errors import LqframeError, ModelError, RecipeError
+from lqframe.evaluate import next_token_nll
 from lqframe.factors import round_factor
 from lqframe.interfaces import LossObjective
 from lqframe.lqlinear import LQLinear, set_weight_cache
@@ -184,8 +184,6 @@ class TeacherStore:
 
     def mark_complete(self, count: int, identity: Mapping[str, Any]) -> None:
         if self.dir is not None:
-            from lqframe.checkpoint import atomic_write_json
-
             atomic_write_json(self.dir / "complete.json", {**identity, "count": count})
 
     def put(self, index: int, outputs: Mapping[str, torch.Tensor]) -> None:
@@ -193,9 +191,6 @@ class TeacherStore:
         if self.dir is None:
             self._memory[index] = values
             return
-        from lqframe.checkpoint import save_tensors
-
-        self.dir.mkdir(parents=True, exist_ok=True)
         save_tensors(self._path(index), values)
 
     def get(self, index: int) -> dict[str, torch.Tensor]:
@@ -253,8 +248,9 @@ def _teacher_batch(store: TeacherStore, indices: Sequence[int], model: nn.Module
     parts = [store.get(i) for i in indices]
     out = {k: torch.cat([p[k] for p in parts], dim=1 if k == "blocks" else 0).to(device) for k in store.names}
     if "logits" in objectives.teacher_needs:
+        head = _head(model)
         with torch.no_grad():
-            out["logits"] = _head(model)(out["hidden"].to(_head(model).weight.dtype))
+            out["logits"] = head(out["hidden"].to(head.weight.dtype))
     return out
 
 
@@ -329,19 +325,10 @@ def _validate(model, tuning, objectives: Objectives, store: TeacherStore, device
         total += float(loss) * ids.shape[0]
         for k, v in parts.items():
             parts_sum[k] = parts_sum.get(k, 0.0) + v * ids.shape[0]
-        logits = student["logits"][:, :-1].float()
-        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                     reduction="sum").double())
+        nll += float(next_token_nll(student["logits"], ids))
         count += ids[:, 1:].numel()
     n = val.shape[0]
     return total / n, math.exp(min(nll / count, 700.0)), {k: v / n for k, v in parts_sum.items()}
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def tune(model: nn.Module, stage: TuneStage, tuning, store: TeacherStore, device: torch.device, *,
@@ -390,13 +377,15 @@ def tune(model: nn.Module, stage: TuneStage, tuning, store: TeacherStore, device
     def checkpoint() -> None:
         record["seconds"] = prior + time.perf_counter() - t0  # (a resumed stage adds its own time)
         if path is not None:
-            _atomic_save({"identity": identity, "masters": [f.master for f in factors],
-                          "optimizer": optimizer.state_dict(), "record": record, "best": best,
-                          "best_loss": best_loss, "bad": bad}, path)
+            state = {"identity": identity, "masters": [f.master for f in factors],
+                     "optimizer": optimizer.state_dict(), "record": record, "best": best,
+                     "best_loss": best_loss, "bad": bad}
+            _atomic(path, lambda tmp: torch.save(state, tmp))
 
     for f in factors:  # published values of a resumed or RILQ-initialised state are in place already
         f.param.requires_grad_(True)
-    frozen = [p for p in model.parameters() if p.requires_grad and not any(p is f.param for f in factors)]
+    trained = {id(f.param) for f in factors}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in trained]
     for p in frozen:
         p.requires_grad_(False)
     was_training = model.training
@@ -427,7 +416,6 @@ def tune(model: nn.Module, stage: TuneStage, tuning, store: TeacherStore, device
             checkpoint()
         bar = tqdm(total=stage.max_updates, initial=record["updates"], desc="tune", unit="update",
                    disable=not progress, file=sys.stderr)
-        window_loss = 0.0
         while record["updates"] < stage.max_updates and record["stopped"] is None:
             update = record["updates"]
             total = 0.0
