@@ -7,10 +7,17 @@ format, shape); the first that does computes it. The torch reference — decode 
 in the activations' dtype, then two matmuls — handles everything and always comes last. Triton
 kernels register themselves in front of it (``register_backend(..., first=True)``) and must give
 the reference's result within the compute dtype's rounding.
+
+The Triton backend (:mod:`lqframe.kernels.triton_lq`) is registered here and imported at its first
+use. ``LQFRAME_KERNELS`` selects: ``auto`` (default: Triton for CUDA tensors, the reference
+elsewhere), ``triton`` (Triton for every call it can take, CPU tensors included when
+``TRITON_INTERPRET=1`` — for tests; an error when Triton cannot run at all) or ``reference``.
+Calls that need gradients (tuning) always take the reference: the kernels are forward-only.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +27,18 @@ import torch
 from lqframe.kernels.reference import lq_linear
 
 __all__ = ["Backend", "register_backend", "unregister_backend", "backends", "select_backend", "lq_linear_packed",
-           "compute_dtype"]
+           "compute_dtype", "kernel_mode", "KERNEL_MODES"]
+
+#: values of ``LQFRAME_KERNELS``
+KERNEL_MODES = ("auto", "triton", "reference")
+
+
+def kernel_mode() -> str:
+    """The backend selection asked for by ``LQFRAME_KERNELS`` (read at every call)."""
+    mode = os.environ.get("LQFRAME_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"LQFRAME_KERNELS={mode!r}: expected one of {', '.join(KERNEL_MODES)}")
+    return mode
 
 
 @attrs.frozen
@@ -42,7 +60,54 @@ def _reference(x: torch.Tensor, qweight: Any, left, right, bias) -> torch.Tensor
 
 
 REFERENCE = Backend("torch-reference", lambda x, qweight: True, _reference)
-_BACKENDS: list[Backend] = [REFERENCE]
+
+_TRITON: dict[str, Any] = {}
+
+
+def _triton_module():
+    """``lqframe.kernels.triton_lq``, imported once (None when Triton cannot be imported)."""
+    if "module" not in _TRITON:
+        try:
+            from lqframe.kernels import triton_lq
+        except Exception as exc:  # triton missing or without a driver
+            _TRITON["module"], _TRITON["error"] = None, exc
+        else:
+            _TRITON["module"] = triton_lq
+    return _TRITON["module"]
+
+
+def _triton_supports(x: torch.Tensor, qweight: Any) -> bool:
+    mode = kernel_mode()
+    if mode == "reference":
+        return False
+    if mode == "auto" and not x.is_cuda:
+        return False
+    if torch.is_grad_enabled() and x.requires_grad:
+        return False
+    module = _triton_module()
+    if module is None:
+        if mode == "triton":
+            raise RuntimeError(f"LQFRAME_KERNELS=triton, but Triton cannot be used here: {_TRITON['error']}")
+        return False
+    if not x.is_cuda and not module.INTERPRETER:
+        if mode == "triton":
+            raise RuntimeError("LQFRAME_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 (set before "
+                               "the first call)")
+        return False
+    from lqframe.kernels.layout import layout_supported
+
+    return (x.is_floating_point() and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and x.shape[-1] > 0 and qweight.rows > 0 and layout_supported(qweight) is None)
+
+
+def _triton_run(x: torch.Tensor, qweight: Any, left, right, bias) -> torch.Tensor:
+    if left is not None and torch.is_grad_enabled() and (left.requires_grad or right.requires_grad):
+        return _reference(x, qweight, left, right, bias)  # gradients to L and R: the reference path
+    return _triton_module().lq_linear_triton(x, qweight, left, right, bias)
+
+
+TRITON = Backend("triton", _triton_supports, _triton_run)
+_BACKENDS: list[Backend] = [TRITON, REFERENCE]
 
 
 def register_backend(backend: Backend, *, first: bool = True) -> None:
