@@ -7,8 +7,10 @@ device, into row-aligned 32-bit words:
 
 * ``words`` — int32 ``(rows, ceil(cols / cpw))`` with ``cpw = 32 // bits`` codes per word
   (16 × 2-bit, 10 × 3-bit, 8 × 4-bit, 4 × 8-bit): code ``(n, k)`` is bits
-  ``[(k % cpw)·bits, (k % cpw + 1)·bits)`` of word ``(n, k // cpw)``. No code crosses a word; for
-  2, 4 and 8 bits the words hold exactly the stored bytes (3-bit wastes 2 bits per 30).
+  ``[(k % cpw)·bits, (k % cpw + 1)·bits)`` of word ``(n, k // cpw)``. No code crosses a word. For
+  1, 2, 4 and 8 bits with rows of whole words (``cols·bits`` a multiple of 32: every LLM layer)
+  the words *are* the stored bytes, viewed as int32 — no copy; otherwise (3-bit: 2 bits wasted per
+  30) they are a copy, built once.
 * ``scale`` — ``(rows, blocks_per_row)``: the stored scale tensor as it is (float16, bfloat16 or
   float32) or, for double-quantized scales, their float32 decoding (done here, once).
 * ``zero`` — uint8 ``(rows, blocks_per_row)`` when zero points are packed per block, else the
@@ -88,6 +90,15 @@ def layout_supported(qweight: Any) -> str | None:
     return None
 
 
+def _stored_words(qweight: Any) -> torch.Tensor | None:
+    """The stored codes viewed as row-aligned words, when they already are (see module doc)."""
+    rows, cols = qweight.shape
+    codes = qweight.codes
+    if 32 % qweight.bits or (cols * qweight.bits) % 32 or codes.data_ptr() % 4 or not codes.is_contiguous():
+        return None
+    return codes.view(torch.int32).view(rows, cols * qweight.bits // 32)
+
+
 def _pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """``(rows, cols)`` int64 codes → int32 ``(rows, ceil(cols / cpw))`` row-aligned words."""
     rows, cols = codes.shape
@@ -125,7 +136,8 @@ def compute_layout(qweight: Any) -> ComputeLayout:
                 zero_value = float(qweight.zero or 0)
         layout = ComputeLayout(
             rows=rows, cols=cols, bits=qweight.bits, block_size=qweight.block_size,
-            words=_pack_words(qweight.unpacked_codes().reshape(rows, cols), qweight.bits).contiguous(),
+            words=_words if (_words := _stored_words(qweight)) is not None
+            else _pack_words(qweight.unpacked_codes().reshape(rows, cols), qweight.bits),
             scale=scale, zero=zero, zero_value=zero_value,
             codebook=None if qweight.codebook is None else qweight.codebook.to(torch.float32).contiguous(),
             offset=None if qweight.offset is None else float(qweight.offset.reshape(()).item()),

@@ -26,6 +26,7 @@ nearest even, as torch does) and products are formed in float32.
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 import triton
@@ -209,6 +210,24 @@ def _lq_matmul(x_ptr, words_ptr, scale_ptr, zero_ptr, cb_ptr, r_ptr, l_ptr, b_pt
              mask=mm[:, None] & mn[None, :])
 
 
+_CASTS: dict[int, tuple] = {}  # id(tensor) -> ((version, dtype, device), cast); dropped with the tensor
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` contiguous in ``dtype``; conversions of a tensor that is not modified in place
+    (L, R and the bias between optimizer steps) are made once and reused."""
+    if t.dtype == dtype and t.is_contiguous():
+        return t.detach()
+    key = (t._version, dtype, t.device)
+    hit = _CASTS.get(id(t))
+    if hit is None or hit[0] != key:
+        if hit is None:
+            weakref.finalize(t, _CASTS.pop, id(t), None)
+        hit = (key, t.detach().to(dtype).contiguous())
+        _CASTS[id(t)] = hit
+    return hit[1]
+
+
 def _round_mode(dtype: torch.dtype) -> int:
     if dtype == torch.float16:
         return _ROUND_FP16
@@ -251,11 +270,10 @@ def lq_linear_triton(x: torch.Tensor, qweight, left: torch.Tensor | None, right:
         return y.reshape(*x.shape[:-1], n)
     rank = 0 if left is None or right is None else left.shape[1]
     if rank:
-        lf = left.detach().to(dtype).contiguous()
-        rf = right.detach().to(dtype).contiguous()
+        lf, rf = _as(left, dtype), _as(right, dtype)
     else:
         lf = rf = y  # unused pointers
-    b = bias.detach().to(dtype).contiguous() if bias is not None else y
+    b = _as(bias, dtype) if bias is not None else y
     zero = layout.zero if layout.zero is not None else layout.words
     cb = layout.codebook if layout.codebook is not None else layout.scale
     common = dict(BITS=layout.bits, CPW=layout.cpw, GROUP=layout.block_size, HAS_CB=layout.codebook is not None,

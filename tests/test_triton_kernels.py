@@ -101,11 +101,14 @@ def test_layout_decodes_exactly_the_reference_q(name, opts):
         assert compute_layout(qw) is layout  # built once per packed weight
 
 
-def test_layout_words_are_the_stored_bytes_for_byte_aligned_widths():
-    for bits in (2, 4, 8):
+def test_layout_words_are_the_stored_bytes_for_word_aligned_rows():
+    for bits in (1, 2, 4, 8):
         qw = _qweight("rtn", {"bits": bits}, 4, 64, 32, 1)
         words = compute_layout(qw).words
-        assert torch.equal(words.reshape(-1).view(torch.uint8), qw.codes)  # little-endian words
+        assert words.data_ptr() == qw.codes.data_ptr()  # a view of the stored bytes, not a copy
+        assert torch.equal(words, compute_layout(_qweight("rtn", {"bits": bits}, 4, 64, 32, 1)).words)
+    qw = _qweight("rtn", {"bits": 4}, 4, 60, 32, 1)  # rows of 7.5 words: a copy
+    assert compute_layout(qw).words.data_ptr() != qw.codes.data_ptr()
 
 
 def test_every_registered_quantizer_is_readable():
@@ -148,6 +151,22 @@ def test_both_paths_at_block_multiples_and_batched_inputs(bits, dtype):
     prefill = _check(x, qw, left, right, torch.randn(32), path="prefill")
     assert decode.shape == prefill.shape == (2, 3, 32)
     _check(torch.randn(32, 64).to(dtype), qw, left, right, None)
+
+
+def test_factor_casts_are_reused_until_modified():
+    qw = _qweight("rtn", {"bits": 4}, 8, 32, 16, 0)
+    left, right = torch.randn(8, 3), torch.randn(3, 32)
+    x = torch.randn(2, 32, dtype=torch.float16)
+    first = triton_lq.lq_linear_triton(x, qw, left, right)
+    cached = triton_lq._CASTS[id(left)][1]
+    assert triton_lq._as(left, torch.float16) is cached
+    with torch.no_grad():
+        left.mul_(2)  # an optimizer step: the cast is made again
+    assert triton_lq._as(left, torch.float16) is not cached
+    assert not torch.equal(first, triton_lq.lq_linear_triton(x, qw, left, right))
+    key = id(left)
+    del left
+    assert key not in triton_lq._CASTS  # dropped with the tensor
 
 
 def test_empty_batch_and_deterministic():
