@@ -34,7 +34,7 @@ import triton.language as tl
 
 from lqframe.kernels.layout import ComputeLayout, compute_layout
 
-__all__ = ["lq_linear_triton", "CONFIGS", "INTERPRETER", "DECODE_MAX_ROWS"]
+__all__ = ["lq_linear_triton", "CONFIGS", "INTERPRETER", "DECODE_MAX_ROWS", "compile_variants"]
 
 #: whether the kernels run in Triton's CPU interpreter (fixed when this module is imported)
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -48,9 +48,12 @@ CONFIGS = {
     "gpu": {
         "down": {"BR": 4, "BK": 512, "num_warps": 4},
         "decode": {"BN": 32, "BK": 256, "num_warps": 4},
-        "prefill": [  # (largest M, tile) — the first whose M bound holds
-            (64, {"BM": 16, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3}),
-            (256, {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3}),
+        # (largest M, tile) — the first whose M bound holds. Chosen without a GPU so that no variant
+        # spills registers on sm_90 at rank ≤ 64 (ptxas -v on the AOT build, compile_variants);
+        # to be timed where a GPU is available (benchmarks/kernels.py).
+        "prefill": [
+            (64, {"BM": 16, "BN": 64, "BK": 64, "num_warps": 8, "num_stages": 3}),
+            (256, {"BM": 64, "BN": 64, "BK": 64, "num_warps": 8, "num_stages": 3}),
             (None, {"BM": 128, "BN": 128, "BK": 32, "num_warps": 8, "num_stages": 3}),
         ],
     },
@@ -80,26 +83,47 @@ def _round(v, ROUND: tl.constexpr):
 
 
 @triton.jit
-def _dequant(words_ptr, scale_ptr, zero_ptr, cb_ptr, offs_n, offs_k, mask,
+def _dequant(words_ptr, scale_ptr, zero_ptr, cb_ptr, offs_n, mn, k0, K,
              stride_w, stride_s, stride_z, zero_value, offset,
-             BITS: tl.constexpr, CPW: tl.constexpr, GROUP: tl.constexpr,
-             HAS_CB: tl.constexpr, HAS_ZT: tl.constexpr, HAS_OFFSET: tl.constexpr):
-    """The float32 values of Q at rows ``offs_n`` × columns ``offs_k`` (zero where masked)."""
-    word = tl.load(words_ptr + offs_n[:, None] * stride_w + (offs_k // CPW)[None, :], mask=mask, other=0)
-    code = (word >> ((offs_k % CPW) * BITS)[None, :]) & ((1 << BITS) - 1)
-    group = (offs_k // GROUP)[None, :]
-    scale = tl.load(scale_ptr + offs_n[:, None] * stride_s + group, mask=mask, other=0.0).to(tl.float32)
+             BITS: tl.constexpr, CPW: tl.constexpr, GROUP: tl.constexpr, HAS_CB: tl.constexpr,
+             HAS_ZT: tl.constexpr, HAS_OFFSET: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+             WORD_TILES: tl.constexpr, GROUP_TILES: tl.constexpr):
+    """The float32 values of Q at rows ``offs_n`` × columns ``k0 … k0 + BK`` (zero outside).
+
+    ``WORD_TILES`` (``cpw`` a power of two dividing ``BK``): each word is loaded once and unpacked
+    in registers; otherwise each code gathers its word. ``GROUP_TILES`` (``BK`` divides the group
+    size): the tile lies in one block, so scales and zero points are one value per row."""
+    offs_k = k0 + tl.arange(0, BK)
+    mask = mn[:, None] & (offs_k < K)[None, :]
+    if WORD_TILES:
+        offs_w = k0 // CPW + tl.arange(0, BK // CPW)
+        word = tl.load(words_ptr + offs_n[:, None] * stride_w + offs_w[None, :],
+                       mask=mn[:, None] & (offs_w < (K + CPW - 1) // CPW)[None, :], other=0)
+        shifts = tl.arange(0, CPW) * BITS
+        code = tl.reshape((word[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1), (BN, BK))
+    else:
+        word = tl.load(words_ptr + offs_n[:, None] * stride_w + (offs_k // CPW)[None, :], mask=mask, other=0)
+        code = (word >> ((offs_k % CPW) * BITS)[None, :]) & ((1 << BITS) - 1)
+    if GROUP_TILES:
+        group = k0 // GROUP
+        scale = tl.load(scale_ptr + offs_n * stride_s + group, mask=mn, other=0.0).to(tl.float32)[:, None]
+    else:
+        group = (offs_k // GROUP)[None, :]
+        scale = tl.load(scale_ptr + offs_n[:, None] * stride_s + group, mask=mask, other=0.0).to(tl.float32)
     if HAS_CB:
         value = tl.load(cb_ptr + code, mask=mask, other=0.0)
     elif HAS_ZT:
-        zero = tl.load(zero_ptr + offs_n[:, None] * stride_z + group, mask=mask, other=0).to(tl.float32)
+        if GROUP_TILES:
+            zero = tl.load(zero_ptr + offs_n * stride_z + group, mask=mn, other=0).to(tl.float32)[:, None]
+        else:
+            zero = tl.load(zero_ptr + offs_n[:, None] * stride_z + group, mask=mask, other=0).to(tl.float32)
         value = code.to(tl.float32) - zero
     else:
         value = code.to(tl.float32) - zero_value
     value = value * scale
     if HAS_OFFSET:
         value = value + offset
-    return value
+    return tl.where(mask, value, 0.0)
 
 
 @triton.jit
@@ -129,7 +153,8 @@ def _lq_gemv(x_ptr, words_ptr, scale_ptr, zero_ptr, cb_ptr, t_ptr, l_ptr, b_ptr,
              stride_xm, stride_w, stride_s, stride_z, stride_tm, stride_l, stride_ym,
              BITS: tl.constexpr, CPW: tl.constexpr, GROUP: tl.constexpr, HAS_CB: tl.constexpr,
              HAS_ZT: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
-             ROUND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+             ROUND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+             WORD_TILES: tl.constexpr, GROUP_TILES: tl.constexpr):
     """Decode path: ``BM`` (≤ 4) rows of ``x`` against a ``BN``-row tile of Q, K streamed."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -142,9 +167,9 @@ def _lq_gemv(x_ptr, words_ptr, scale_ptr, zero_ptr, cb_ptr, t_ptr, l_ptr, b_ptr,
         mk = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mm[:, None] & mk[None, :], other=0.0).to(tl.float32)
-        w = _dequant(words_ptr, scale_ptr, zero_ptr, cb_ptr, offs_n, offs_k, mn[:, None] & mk[None, :],
-                     stride_w, stride_s, stride_z, zero_value, offset, BITS, CPW, GROUP, HAS_CB, HAS_ZT,
-                     HAS_OFFSET)
+        w = _dequant(words_ptr, scale_ptr, zero_ptr, cb_ptr, offs_n, mn, k0, K, stride_w, stride_s, stride_z,
+                     zero_value, offset, BITS, CPW, GROUP, HAS_CB, HAS_ZT, HAS_OFFSET, BN, BK, WORD_TILES,
+                     GROUP_TILES)
         acc += tl.sum(x[:, None, :] * _round(w, ROUND)[None, :, :], axis=2)
     if HAS_LR:  # up-projection of the precomputed t = x·Rᵀ (already rounded) for this tile's rows
         for r0 in range(0, RANK, BR):
@@ -168,7 +193,8 @@ def _lq_matmul(x_ptr, words_ptr, scale_ptr, zero_ptr, cb_ptr, r_ptr, l_ptr, b_pt
                BITS: tl.constexpr, CPW: tl.constexpr, GROUP: tl.constexpr, HAS_CB: tl.constexpr,
                HAS_ZT: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
                ROUND: tl.constexpr, NATIVE_DOT: tl.constexpr,
-               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+               WORD_TILES: tl.constexpr, GROUP_TILES: tl.constexpr):
     """Prefill path: a ``BM × BN`` output tile; Q decoded tile by tile into ``tl.dot``; ``x·Rᵀ``
     accumulated from the same ``x`` tiles; ``t·Lᵀ`` in the epilogue."""
     pid_m = tl.program_id(0)
@@ -183,9 +209,9 @@ def _lq_matmul(x_ptr, words_ptr, scale_ptr, zero_ptr, cb_ptr, r_ptr, l_ptr, b_pt
         offs_k = k0 + tl.arange(0, BK)
         mk = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
-        w = _dequant(words_ptr, scale_ptr, zero_ptr, cb_ptr, offs_n, offs_k, mn[:, None] & mk[None, :],
-                     stride_w, stride_s, stride_z, zero_value, offset, BITS, CPW, GROUP, HAS_CB, HAS_ZT,
-                     HAS_OFFSET)
+        w = _dequant(words_ptr, scale_ptr, zero_ptr, cb_ptr, offs_n, mn, k0, K, stride_w, stride_s, stride_z,
+                     zero_value, offset, BITS, CPW, GROUP, HAS_CB, HAS_ZT, HAS_OFFSET, BN, BK, WORD_TILES,
+                     GROUP_TILES)
         if HAS_LR:
             r = tl.load(r_ptr + offs_r[:, None] * stride_r + offs_k[None, :], mask=mr[:, None] & mk[None, :],
                         other=0.0)
@@ -240,6 +266,16 @@ def _next_pow2(n: int, least: int = 1) -> int:
     return max(least, 1 << max(0, (n - 1).bit_length()))
 
 
+def _k_tile(bk: int, group: int, cpw: int) -> dict:
+    """The K tile for a block size: shrunk to the block when the block is a smaller power of two
+    (≥ 16, ``tl.dot``'s least K) so that a tile never spans two blocks, and whether the kernels
+    may unpack whole words (``cpw`` a power of two dividing the tile) and read one scale per row
+    of a tile (the tile inside one block)."""
+    if 16 <= group < bk and group & (group - 1) == 0:
+        bk = group
+    return {"BK": bk, "WORD_TILES": cpw & (cpw - 1) == 0 and bk % cpw == 0, "GROUP_TILES": group % bk == 0}
+
+
 def _configs() -> dict:
     return CONFIGS["interpreter" if INTERPRETER else "gpu"]
 
@@ -291,13 +327,14 @@ def lq_linear_triton(x: torch.Tensor, qweight, left: torch.Tensor | None, right:
             _lowrank_down[(triton.cdiv(rank, down["BR"]), triton.cdiv(m, bm))](
                 x2, rf, t, m, k, rank, x2.stride(0), rf.stride(0), t.stride(0), ROUND=common["ROUND"], BM=bm,
                 **down)
-        cfg = configs["decode"]
+        cfg = {**configs["decode"], **_k_tile(configs["decode"]["BK"], layout.block_size, layout.cpw)}
         _lq_gemv[(triton.cdiv(n, cfg["BN"]), triton.cdiv(m, bm))](
             x2, layout.words, layout.scale, zero, cb, t, lf, b, y, m, n, k, rank, layout.zero_value, offset,
             x2.stride(0), layout.words.stride(0), layout.scale.stride(0), zstride, t.stride(0),
             lf.stride(0) if rank else 0, y.stride(0), BM=bm, BR=min(_next_pow2(max(rank, 1)), 32), **common, **cfg)
     else:
         cfg = _prefill_config(m)
+        cfg = {**cfg, **_k_tile(cfg["BK"], layout.block_size, layout.cpw)}
         native = dtype in (torch.float16, torch.bfloat16) and not INTERPRETER
         _lq_matmul[(triton.cdiv(m, cfg["BM"]), triton.cdiv(n, cfg["BN"]))](
             x2, layout.words, layout.scale, zero, cb, rf, lf, b, y, m, n, k, rank, layout.zero_value, offset,
@@ -305,3 +342,100 @@ def lq_linear_triton(x: torch.Tensor, qweight, left: torch.Tensor | None, right:
             rf.stride(0) if rank else 0, lf.stride(0) if rank else 0, y.stride(0),
             NATIVE_DOT=native, BR=_next_pow2(max(rank, 1), 16), **common, **cfg)
     return y.reshape(*x.shape[:-1], n)
+
+
+# --------------------------------------------------------------------------- ahead-of-time compilation
+_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _variants() -> list[tuple[str, object, dict, dict, dict]]:
+    """``(label, kernel, pointer/scalar types, constexprs, launch options)`` covering every path,
+    activation dtype, code format and GPU tile of :data:`CONFIGS` (see :func:`compile_variants`)."""
+    scalars = {"M": "i32", "N": "i32", "K": "i32", "RANK": "i32"}
+    formats = [  # (label, bits, codebook, packed zero points, scale dtype, offset)
+        ("int4 packed zeros", 4, False, True, "fp16", False),
+        ("int3 constant zero", 3, False, False, "bf16", False),
+        ("nf2 double-quant scales", 2, True, False, "fp32", False),
+        ("int8 packed zeros", 8, False, True, "fp16", False),
+        ("nf4 offset", 4, True, False, "fp32", True),
+    ]
+    gpu = CONFIGS["gpu"]
+    out = []
+
+    def fmt_args(bits, cb, zt, scale, offset):
+        types = {"words_ptr": "*i32", "scale_ptr": f"*{scale}", "zero_ptr": "*u8" if zt else "*i32",
+                 "cb_ptr": "*fp32" if cb else f"*{scale}", "zero_value": "fp32", "offset": "fp32"}
+        const = {"BITS": bits, "CPW": 32 // bits, "GROUP": 64, "HAS_CB": cb, "HAS_ZT": zt, "HAS_OFFSET": offset}
+        return types, const
+
+    def strides(names):
+        return {n: "i32" for n in names}
+
+    for dtype, act in _TYPES.items():
+        rnd = {torch.float16: _ROUND_FP16, torch.bfloat16: _ROUND_BF16}.get(dtype, _ROUND_NONE)
+        for label, bits, cb, zt, scale, offset in ([formats[0]] if dtype != torch.float16 else formats):
+            ftypes, fconst = fmt_args(bits, cb, zt, scale, offset)
+            ptrs = {n: f"*{act}" for n in ("x_ptr", "r_ptr", "l_ptr", "b_ptr", "y_ptr")}
+            tiles = [cfg for _, cfg in gpu["prefill"]] if (dtype, label) == (torch.float16, formats[0][0]) \
+                else [gpu["prefill"][0][1]]
+            for cfg in tiles:
+                tile = {"BM": cfg["BM"], "BN": cfg["BN"], **_k_tile(cfg["BK"], 64, 32 // bits)}
+                out.append((f"prefill {act} {label} {cfg}", _lq_matmul,
+                            {**ptrs, **ftypes, **scalars,
+                             **strides(("stride_xm", "stride_w", "stride_s", "stride_z", "stride_r", "stride_l",
+                                        "stride_ym"))},
+                            {**fconst, "HAS_LR": True, "HAS_BIAS": True, "ROUND": rnd,
+                             "NATIVE_DOT": dtype != torch.float32, **tile, "BR": 32},
+                            {k: cfg[k] for k in ("num_warps", "num_stages")}))
+            dec = gpu["decode"]
+            out.append((f"decode {act} {label}", _lq_gemv,
+                        {**{n: f"*{act}" for n in ("x_ptr", "l_ptr", "b_ptr", "y_ptr")}, "t_ptr": "*fp32",
+                         **ftypes, **scalars,
+                         **strides(("stride_xm", "stride_w", "stride_s", "stride_z", "stride_tm", "stride_l",
+                                    "stride_ym"))},
+                        {**fconst, "HAS_LR": True, "HAS_BIAS": True, "ROUND": rnd, "BM": 1, "BN": dec["BN"],
+                         **_k_tile(dec["BK"], 64, 32 // bits), "BR": 32},
+                        {"num_warps": dec["num_warps"]}))
+        down = gpu["down"]
+        out.append((f"down {act}", _lowrank_down,
+                    {"x_ptr": f"*{act}", "r_ptr": f"*{act}", "t_ptr": "*fp32", "M": "i32", "K": "i32",
+                     "RANK": "i32", **strides(("stride_xm", "stride_r", "stride_tm"))},
+                    {"ROUND": rnd, "BM": 4, "BR": down["BR"], "BK": down["BK"]}, {"num_warps": down["num_warps"]}))
+    return out
+
+
+def compile_variants(arch: int = 90) -> list[tuple[str, str | None]]:
+    """Compile every kernel variant (:func:`_variants`) for CUDA compute capability ``arch`` without
+    a GPU (Triton's ahead-of-time path down to a cubin); ``(label, None)`` when it compiled,
+    ``(label, error)`` when not. Needs Triton's compiler, not its interpreter: run it in a process
+    without ``TRITON_INTERPRET=1``."""
+    if INTERPRETER:
+        raise RuntimeError("compile_variants needs TRITON_INTERPRET unset (the interpreter compiles nothing)")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    results = []
+    for label, kernel, types, const, options in _variants():
+        signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
+        missing = [n for n in kernel.arg_names if signature[n] == "constexpr" and n not in const]
+        if missing:
+            raise AssertionError(f"{label}: no type or value for {missing}")
+        constexprs = {(kernel.arg_names.index(k),): v for k, v in const.items()}
+        try:
+            triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                           target=GPUTarget("cuda", arch, 32), options=options)
+        except Exception as exc:  # report every failing variant, not only the first
+            results.append((label, f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"))
+        else:
+            results.append((label, None))
+    return results
+
+
+if __name__ == "__main__":  # python -m lqframe.kernels.triton_lq [ARCH]: compile every variant
+    import sys
+
+    failed = 0
+    for label, error in compile_variants(int(sys.argv[1]) if len(sys.argv) > 1 else 90):
+        print(("ok    " if error is None else "FAIL  ") + label + ("" if error is None else f": {error}"), flush=True)
+        failed += error is not None
+    sys.exit(1 if failed else 0)
