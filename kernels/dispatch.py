@@ -96,7 +96,7 @@ def _triton_supports(x: torch.Tensor, qweight: Any) -> bool:
         return False
     from lqframe.kernels.layout import layout_supported
 
-    return (x.is_floating_point() and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return (x.dtype in (torch.float16, torch.bfloat16, torch.float32) and qweight.codes.device == x.device
             and x.shape[-1] > 0 and qweight.rows > 0 and layout_supported(qweight) is None)
 
 
