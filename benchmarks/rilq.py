@@ -91,7 +91,7 @@ def main() -> None:
         print(render(_read(out)))
         return
     qopts, ropts = _options(args.quantizer_options), _options(args.reconstructor_options)
-    tune = {"objectives": {"model-loss": 0.5, "causal-lm": 0.5}, **_options(args.tune)}
+    tune = {"objectives": RILQ_OBJECTIVES, **_options(args.tune)}
 
     loaded = load_model(args.model)
     base = loaded.model
@@ -154,6 +154,15 @@ def main() -> None:
         del state
 
 
+RILQ_OBJECTIVES = {"model-loss": 0.5, "causal-lm": 0.5}
+
+
+def _objectives_label(objectives) -> str:
+    if isinstance(objectives, dict):
+        return " + ".join(f"{w:g} {name}" for name, w in objectives.items())
+    return objectives if isinstance(objectives, str) else " + ".join(objectives)
+
+
 def _key(recipe: dict) -> str:
     return json.dumps(recipe, sort_keys=True)
 
@@ -170,6 +179,9 @@ def render(rows: list[dict]) -> str:
     order = {"none": 0, "closed": 1, "tuned": 2}
     for r in sorted(rows, key=lambda r: (-r["bits"], r["rank"], order[r["kind"]])):
         what = {"none": "none", "closed": r["reconstructor"], "tuned": f"{r['reconstructor']} + RILQ"}[r["kind"]]
+        objectives = (r["recipe"].get("tune_stage") or {}).get("objectives", RILQ_OBJECTIVES)
+        if r["kind"] == "tuned" and objectives != RILQ_OBJECTIVES:
+            what = f"{r['reconstructor']} + tuned ({_objectives_label(objectives)})"
         t = r.get("tuning")
         cells = " | ".join(f"{r['perplexity'][s]['compressed']:.2f} (×{r['perplexity'][s]['ratio']:.2f})"
                            for s in sources)
@@ -178,6 +190,9 @@ def render(rows: list[dict]) -> str:
                      + (f"{r['tune_seconds']:.0f} s | {t['updates']} ({t['best_update']}) | " if t else "– | – | ")
                      + f"{r['peak_rss_mb']:.0f} MB |")
     lines.append("")
+    schedules = sorted({json.dumps({k: v for k, v in r["recipe"]["tune_stage"].items() if k != "objectives"},
+                                   sort_keys=True) for r in rows if r["kind"] == "tuned"})
+    lines += [f"Tuning options (besides the objectives): {s}." for s in schedules]
     lines += [f"Measured with {v}." for v in sorted({_versions_line(r["versions"]) for r in rows})]
     return "\n".join(lines)
 
