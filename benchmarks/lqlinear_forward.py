@@ -12,29 +12,16 @@ lqframe is importable (the benchmark only uses API that every version has).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
+from pathlib import Path
 
 import torch
 
-import lqframe
-from lqframe.lqlinear import LQLinear
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def _time(fn, repeats: int, device: torch.device) -> float:
-    for _ in range(2):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples) * 1e3
+import lqframe  # noqa: E402
+from kernels import timed  # noqa: E402
+from lqframe.lqlinear import LQLinear  # noqa: E402
 
 
 def main() -> None:
@@ -63,9 +50,9 @@ def main() -> None:
             with torch.inference_mode():
                 module.cache_weight = False
                 module._cache = None
-                packed = _time(lambda m=module, v=x: m(v), args.repeats, device)
+                packed = timed(lambda m=module, v=x: m(v), device, args.repeats) * 1e3
                 module.cache_weight = True
-                cached = _time(lambda m=module, v=x: m(v), args.repeats, device)
+                cached = timed(lambda m=module, v=x: m(v), device, args.repeats) * 1e3
                 module.cache_weight = False
                 module._cache = None
             print(f"| {n} × {m} | {tokens} | {packed:.2f} | {cached:.2f} |", flush=True)

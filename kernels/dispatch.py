@@ -82,8 +82,6 @@ def _triton_supports(x: torch.Tensor, qweight: Any) -> bool:
         return False
     if mode == "auto" and not x.is_cuda:
         return False
-    if torch.is_grad_enabled() and x.requires_grad:
-        return False
     module = _triton_module()
     if module is None:
         if mode == "triton":
@@ -101,8 +99,8 @@ def _triton_supports(x: torch.Tensor, qweight: Any) -> bool:
 
 
 def _triton_run(x: torch.Tensor, qweight: Any, left, right, bias) -> torch.Tensor:
-    if left is not None and torch.is_grad_enabled() and (left.requires_grad or right.requires_grad):
-        return _reference(x, qweight, left, right, bias)  # gradients to L and R: the reference path
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, left, right)):
+        return _reference(x, qweight, left, right, bias)  # gradients needed: the differentiable reference
     return _triton_module().lq_linear_triton(x, qweight, left, right, bias)
 
 

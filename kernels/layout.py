@@ -30,6 +30,8 @@ from typing import Any
 import attrs
 import torch
 
+from lqframe.kernels.reference import decode_blocks
+
 __all__ = ["ComputeLayout", "compute_layout", "codes_per_word", "layout_supported"]
 
 
@@ -54,31 +56,22 @@ class ComputeLayout:
     def cpw(self) -> int:
         return codes_per_word(self.bits)
 
-    @property
-    def blocks_per_row(self) -> int:
-        return self.scale.shape[1]
-
-    def nbytes(self) -> int:
-        """Bytes a kernel reads for Q: words, scales, zero points (codebook: a few bytes, ignored)."""
-        total = self.words.numel() * 4 + self.scale.numel() * self.scale.element_size()
-        if self.zero is not None:
-            total += self.zero.numel()
-        return total
-
-    def dequantize(self) -> torch.Tensor:
-        """Q as float32 from this layout, in torch (the kernels' decoding rule, for tests)."""
+    def codes(self) -> torch.Tensor:
+        """The codes (int64, ``rows × cols``) read from the words as the kernels read them."""
         k = torch.arange(self.cols, device=self.words.device)
         w = self.words[:, k // self.cpw].to(torch.int64) & 0xFFFFFFFF
-        codes = (w >> ((k % self.cpw) * self.bits)) & ((1 << self.bits) - 1)
-        s = self.scale.to(torch.float32)[:, k // self.block_size]
-        if self.codebook is not None:
-            values = self.codebook[codes] * s
-        else:
-            z = self.zero.to(torch.float32)[:, k // self.block_size] if self.zero is not None else self.zero_value
-            values = (codes.to(torch.float32) - z) * s
-        if self.offset is not None:
-            values = values + torch.tensor(self.offset, dtype=torch.float32)
-        return values
+        return (w >> ((k % self.cpw) * self.bits)) & ((1 << self.bits) - 1)
+
+    def dequantize(self) -> torch.Tensor:
+        """Q as float32 from this layout (its codes, scales, zero points), through the shared
+        decoding rule :func:`~lqframe.kernels.reference.decode_blocks` (for tests)."""
+        zero = None
+        if self.codebook is None:
+            zero = (self.zero.to(torch.float32) if self.zero is not None
+                    else torch.full(self.scale.shape, self.zero_value, device=self.scale.device))
+        offset = None if self.offset is None else torch.tensor(self.offset, dtype=torch.float32)
+        return decode_blocks(self.codes(), self.block_size, self.scale.to(torch.float32), codebook=self.codebook,
+                             zero=zero, offset=offset)
 
 
 def layout_supported(qweight: Any) -> str | None:

@@ -127,6 +127,16 @@ def _dequant(words_ptr, scale_ptr, zero_ptr, cb_ptr, offs_n, mn, k0, K,
 
 
 @triton.jit
+def _store_output(acc, b_ptr, y_ptr, offs_m, offs_n, mm, mn, stride_ym, HAS_BIAS: tl.constexpr,
+                  ROUND: tl.constexpr):
+    """Both paths' last step: add the bias, round to the activations' dtype, store the tile."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mn, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], _round(acc, ROUND).to(y_ptr.dtype.element_ty),
+             mask=mm[:, None] & mn[None, :])
+
+
+@triton.jit
 def _lowrank_down(x_ptr, r_ptr, t_ptr, M, K, RANK, stride_xm, stride_r, stride_tm,
                   ROUND: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
     """``t = x·Rᵀ`` (float32, ``M × RANK``) for a few rows of ``x``; one program per ``BR`` ranks."""
@@ -180,10 +190,7 @@ def _lq_gemv(x_ptr, words_ptr, scale_ptr, zero_ptr, cb_ptr, t_ptr, l_ptr, b_ptr,
             lf = tl.load(l_ptr + offs_n[:, None] * stride_l + offs_r[None, :], mask=mn[:, None] & mr[None, :],
                          other=0.0).to(tl.float32)
             acc += tl.sum(t[:, None, :] * lf[None, :, :], axis=2)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mn, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], _round(acc, ROUND).to(y_ptr.dtype.element_ty),
-             mask=mm[:, None] & mn[None, :])
+    _store_output(acc, b_ptr, y_ptr, offs_m, offs_n, mm, mn, stride_ym, HAS_BIAS, ROUND)
 
 
 @triton.jit
@@ -230,10 +237,7 @@ def _lq_matmul(x_ptr, words_ptr, scale_ptr, zero_ptr, cb_ptr, r_ptr, l_ptr, b_pt
             acc = tl.dot(t.to(lf.dtype), tl.trans(lf), acc)
         else:
             acc = tl.dot(_round(t, ROUND), tl.trans(lf.to(tl.float32)), acc, input_precision="ieee")
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mn, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], _round(acc, ROUND).to(y_ptr.dtype.element_ty),
-             mask=mm[:, None] & mn[None, :])
+    _store_output(acc, b_ptr, y_ptr, offs_m, offs_n, mm, mn, stride_ym, HAS_BIAS, ROUND)
 
 
 _CASTS: dict[int, tuple] = {}  # id(tensor) -> ((version, dtype, device), cast); dropped with the tensor
