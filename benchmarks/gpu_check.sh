@@ -6,7 +6,7 @@
 #      (30 blocks of 576 / 1536: the default GGUF itself is too large to carry) and on 2 blocks of
 #      LLaMA-7B shapes (4096 / 11008), resident and offloaded
 #   3. LQLinear forward at batch 1 on the GPU
-#   4. the Triton kernels: their CUDA tests, benchmarks/kernels.py (LLaMA-7B/70B layer shapes, batch
+#   4. the Triton kernels: their CUDA tests, benchmarks/kernel_speed.py (LLaMA-7B/70B layer shapes, batch
 #      1/16/512, int4/3/2 g64 + rank 32, fused vs reference vs dense float16, bytes-read bound) and
 #      decode tokens/s of a compressed random model of the default model's shapes against float16
 # Needs lqframe importable (pip install --no-deps --no-build-isolation -e . on the machine).
@@ -29,12 +29,12 @@ cat "$OUT/lqlinear_forward.md"
 export TRITON_INTERPRET=0
 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py -k cuda 2>&1 | tail -8 \
   | tee "$OUT/kernel_tests.txt"
-timeout 400 python3 benchmarks/kernels.py --device cuda > "$OUT/kernels.md" 2> "$OUT/kernels.err"
+timeout 400 python3 benchmarks/kernel_speed.py --device cuda > "$OUT/kernels.md" 2> "$OUT/kernels.err"
 cat "$OUT/kernels.md"
 python3 -c "import sys; sys.path.insert(0, '.'); from tests.tiny import tiny_llama_dir; \
 tiny_llama_dir('$OUT/random-smol', layers=30, hidden=576, intermediate=1536, vocab=256)"
 timeout 300 python3 -m lqframe.cli run recipes/gptq4-qera32.yaml --model "$OUT/random-smol" --output "$OUT/random-smol-q" \
   --device cuda --quiet --set data.seq_len=128 --set data.calibration_windows=4 --set data.evaluation_windows=2 \
   > /dev/null 2>&1
-timeout 300 python3 benchmarks/kernels.py --device cuda --generate "$OUT/random-smol-q" 2>&1 | tail -5 \
+timeout 300 python3 benchmarks/kernel_speed.py --device cuda --generate "$OUT/random-smol-q" 2>&1 | tail -5 \
   | tee "$OUT/generate.md"

@@ -19,8 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from kernel_speed import timed  # noqa: E402
+
 import lqframe  # noqa: E402
-from kernels import timed  # noqa: E402
 from lqframe.lqlinear import LQLinear  # noqa: E402
 
 

@@ -50,7 +50,7 @@ CONFIGS = {
         "decode": {"BN": 32, "BK": 256, "num_warps": 4},
         # (largest M, tile) — the first whose M bound holds. Chosen without a GPU so that no variant
         # spills registers on sm_90 at rank ≤ 64 (ptxas -v on the AOT build, compile_variants);
-        # to be timed where a GPU is available (benchmarks/kernels.py).
+        # to be timed where a GPU is available (benchmarks/kernel_speed.py).
         "prefill": [
             (64, {"BM": 16, "BN": 64, "BK": 64, "num_warps": 8, "num_stages": 3}),
             (256, {"BM": 64, "BN": 64, "BK": 64, "num_warps": 8, "num_stages": 3}),

@@ -6,19 +6,31 @@ unquantized parameter; ``config.json`` with a ``quantization_config`` (``quant_m
 "lqframe"``) that describes each compressed layer; ``recipe.yaml``; ``report.json``; and the
 tokenizer. Every file is written atomically (temporary file + rename); ``report.json`` is
 written last, so a folder with a report is complete.
+
+``report.json`` also records every other file of the checkpoint (``files``: name → size in bytes
+and sha256). Loading compares the weight files' sizes with that record before it deserializes
+anything, so a truncated copy is a one-line error naming the file rather than a safetensors
+traceback; :func:`verify_checkpoint` (``lqframe inspect --verify``) recomputes the hashes. The
+record lives in ``report.json`` rather than in a file of its own because ``report.json`` already is
+the completion mark (and a new file would be foreign to ``lqframe run --overwrite``, which removes
+only the files it knows), and transformers' ``save_pretrained`` does not copy it (a record in
+``config.json`` would travel into folders whose files differ). Checkpoints written before it was
+recorded load without the check.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -36,11 +48,22 @@ __all__ = [
     "checkpoint_state",
     "load_checkpoint",
     "read_quantization_config",
+    "file_record",
+    "recorded_files",
+    "check_file_sizes",
+    "verify_checkpoint",
     "swap_in_skeletons",
 ]
 
 QUANT_METHOD = "lqframe"
 FORMAT_VERSION = 1
+#: the file whose ``files`` key records the size and sha256 of every other file of the checkpoint
+REPORT = "report.json"
+INDEX = "model.safetensors.index.json"
+#: what a damaged file's error tells the user to do
+_REMEDY = "truncated or damaged; re-run or copy it again"
+
+_log = logging.getLogger(__name__)
 
 
 def _atomic(path: Path, write) -> None:
@@ -200,9 +223,125 @@ def _write_checkpoint(model, out: Path, written: list[Path], recipe_yaml, report
     if recipe_yaml is not None:
         atomic_write_text(out / "recipe.yaml", recipe_yaml)
         written.append(out / "recipe.yaml")
-    if report is not None:
-        atomic_write_json(out / "report.json", report)
-        written.append(out / "report.json")
+    # last, and always (an empty report when none is given): the report records every file above, so
+    # a folder with one is complete and its files can be checked against it
+    files = {f.name: file_record(f) for f in written if f.is_file()}
+    atomic_write_json(out / REPORT, {**(report or {}), "files": files})
+    written.append(out / REPORT)
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def file_record(path: str | Path) -> dict[str, Any]:
+    """``{"size": bytes, "sha256": hex}`` of a file, hashed in chunks: weight files can be tens of GB."""
+    with open(path, "rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        size = os.fstat(fh.fileno()).st_size
+    return {"size": size, "sha256": digest}
+
+
+def _read_report(path: Path) -> dict[str, Any] | None:
+    report_path = path / REPORT
+    if not report_path.is_file():
+        return None
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bytes that are not UTF-8
+        raise CheckpointError(f"{report_path}: unreadable report: {_one_line(exc)}") from None
+    if not isinstance(report, dict):
+        raise CheckpointError(f"{report_path}: unreadable report: not a JSON object")
+    return report
+
+
+def _files_of(report: Mapping[str, Any] | None, report_path: Path) -> dict[str, dict[str, Any]] | None:
+    files = None if report is None else report.get("files")
+    if files is None:
+        return None
+
+    def valid(name: Any, rec: Any) -> bool:
+        # plain names only: the record must not send the checks outside the folder
+        return (isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
+                and "\\" not in name and isinstance(rec, dict) and type(rec.get("size")) is int
+                and rec["size"] >= 0 and isinstance(rec.get("sha256"), str) and len(rec["sha256"]) == 64)
+
+    if not isinstance(files, dict) or not all(valid(n, r) for n, r in files.items()):
+        raise CheckpointError(f"{report_path}: malformed 'files' record (expected file name → size and sha256)")
+    return files
+
+
+def recorded_files(path: str | Path) -> dict[str, dict[str, Any]] | None:
+    """The checkpoint's record of its files (name → ``{"size", "sha256"}``, from ``report.json``), or
+    None when it has none (written before lqframe recorded them, or not a complete checkpoint)."""
+    path = Path(path)
+    return _files_of(_read_report(path), path / REPORT)
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.endswith(".safetensors") or name == INDEX
+
+
+def _check_sizes(path: Path, files: Mapping[str, Mapping[str, Any]] | None) -> None:
+    if files is None:
+        _log.debug("%s records no file sizes (written before lqframe recorded them); not checked", path)
+        return
+    for name, rec in files.items():
+        if not _is_weight_file(name):
+            continue  # config, tokenizer, recipe: small, read as text, and sometimes edited by hand
+        f = path / name
+        try:
+            actual = f.stat().st_size
+        except FileNotFoundError:
+            raise CheckpointError(f"{f}: missing (the checkpoint recorded {rec['size']} bytes); copy it again or "
+                                  "re-run") from None
+        if actual != rec["size"]:
+            raise CheckpointError(f"{f}: {actual} bytes, but the checkpoint recorded {rec['size']}: {_REMEDY}")
+
+
+def check_file_sizes(path: str | Path) -> None:
+    """Raise :class:`CheckpointError` naming the file when a weight file (or the shard index) that the
+    checkpoint records is missing or has another size than recorded. Sizes only, no hashing, so it
+    costs a few ``stat`` calls even for a 70B checkpoint; a checkpoint without a record passes."""
+    path = Path(path)
+    _check_sizes(path, recorded_files(path))
+
+
+def verify_checkpoint(path: str | Path, on_file: Callable[[dict[str, Any]], None] | None = None
+                      ) -> list[dict[str, Any]]:
+    """Recompute size and sha256 of every file the checkpoint records (``lqframe inspect --verify``).
+    Returns one entry per file: ``name``, ``status`` (``ok``, ``mismatch`` or ``missing``), ``size``,
+    ``sha256`` (None when missing, or when the size already differs: no need to hash a truncated file)
+    and the recorded ``recorded_size`` and ``recorded_sha256``; ``on_file`` sees each entry as soon as
+    it is known (hashing a large checkpoint takes minutes). Raises :class:`CheckpointError` when the
+    checkpoint records no files."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    files = recorded_files(path)
+    if files is None:
+        raise CheckpointError(f"{path}: records no file sizes or checksums ({REPORT} is missing or has no 'files': "
+                              "a checkpoint written before lqframe recorded them, or an unfinished one); nothing "
+                              "to verify")
+    results = []
+    for name, rec in files.items():
+        f = path / name
+        entry: dict[str, Any] = {"name": name, "status": "missing", "size": None, "sha256": None,
+                                 "recorded_size": rec["size"], "recorded_sha256": rec["sha256"]}
+        if f.is_file():
+            entry["size"] = f.stat().st_size
+            entry["status"] = "mismatch"
+            if entry["size"] == rec["size"]:
+                entry["sha256"] = file_record(f)["sha256"]
+                if entry["sha256"] == rec["sha256"]:
+                    entry["status"] = "ok"
+        results.append(entry)
+        if on_file is not None:
+            on_file(entry)
+    return results
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 # --------------------------------------------------------------------------- loading
@@ -260,9 +399,13 @@ def swap_in_skeletons(model: nn.Module, layers: Mapping[str, Mapping[str, Any]])
 
 
 def _weight_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
+    index = path / INDEX
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index}: unreadable shard index ({type(exc).__name__}: {_one_line(exc)}); "
+                                  f"{_REMEDY}") from None
         return [path / f for f in files]
     single = path / "model.safetensors"
     if single.is_file():
@@ -270,14 +413,23 @@ def _weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def read_state(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state(path: str | Path, *, check_sizes: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint's weight files. The files' sizes are checked against the record
+    first (``check_sizes``; :func:`load_checkpoint` has done it already), and a file safetensors cannot
+    read anyway (a damaged header of the right size) is a :class:`CheckpointError` naming it."""
+    path = Path(path)
+    if check_sizes:
+        check_file_sizes(path)
     state: dict[str, torch.Tensor] = {}
-    for f in _weight_files(Path(path)):
+    for f in _weight_files(path):
         if not f.is_file():
             raise CheckpointError(f"{f}: weight shard listed in the index is missing")
-        with safe_open(f, framework="pt") as fh:
-            for key in fh.keys():
-                state[key] = fh.get_tensor(key)
+        try:
+            with safe_open(f, framework="pt") as fh:
+                for key in fh.keys():
+                    state[key] = fh.get_tensor(key)
+        except SafetensorError as exc:
+            raise CheckpointError(f"{f}: unreadable safetensors file ({_one_line(exc)}); {_REMEDY}") from None
     return state
 
 
@@ -287,6 +439,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> nn.
 
     path = Path(path)
     qc = read_quantization_config(path)
+    check_file_sizes(path)  # before building the model: a damaged copy fails in a second, naming the file
     config = transformers.AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -302,7 +455,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> nn.
     else:
         model = model_cls(config)
     swap_in_skeletons(model, qc["layers"])
-    state = read_state(path)
+    state = read_state(path, check_sizes=False)
     result = model.load_state_dict(state, strict=False)
     tied = _tied_names(model)
     missing = [k for k in result.missing_keys if k not in tied]
@@ -338,16 +491,14 @@ def load_tokenizer(path: str | Path) -> Any:
 
 
 def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Per-layer formats, bits, ranks (from config.json) and errors (from report.json, if present)."""
+    """Per-layer formats, bits, ranks (from config.json) and errors (from report.json, if present).
+    Reads no weights, but checks the weight files' sizes like a load does: a checkpoint that inspects
+    fine also loads."""
     path = Path(path)
     qc = read_quantization_config(path)
-    report: dict[str, Any] = {}
-    report_path = path / "report.json"
-    if report_path.is_file():
-        try:
-            report = json.loads(report_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{report_path}: unreadable report: {exc}") from None
+    report = _read_report(path)
+    _check_sizes(path, _files_of(report, path / REPORT))
+    report = report or {}
     measured = {r["name"]: r for r in report.get("layers", [])}
     layers = []
     for name, cfg in qc["layers"].items():

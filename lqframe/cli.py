@@ -134,6 +134,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from lqframe.checkpoint import inspect_checkpoint
     from lqframe.run import format_table
 
+    if args.verify:
+        return _verify(Path(args.dir), args.json)
     info = inspect_checkpoint(Path(args.dir))
     if args.plot:
         from lqframe.plot import plot_layers
@@ -143,6 +145,36 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2, default=str))
     else:
         print(format_table(info))
+    return 0
+
+
+def _verify(path, as_json: bool) -> int:
+    """``inspect --verify``: one line per recorded file as it is hashed (a large checkpoint takes
+    minutes), or one JSON document; any failure ends in a one-line error and a non-zero exit."""
+    from lqframe.checkpoint import verify_checkpoint
+    from lqframe.errors import CheckpointError
+
+    def show(e: dict) -> None:
+        if e["status"] == "ok":
+            line = f"ok        {e['name']} ({e['size']} bytes, sha256 {e['sha256'][:16]}…)"
+        elif e["status"] == "missing":
+            line = f"missing   {e['name']} (recorded {e['recorded_size']} bytes)"
+        elif e["size"] != e["recorded_size"]:
+            line = f"MISMATCH  {e['name']}: {e['size']} bytes, recorded {e['recorded_size']}"
+        else:
+            line = f"MISMATCH  {e['name']}: sha256 {e['sha256'][:16]}…, recorded {e['recorded_sha256'][:16]}…"
+        print(line, flush=True)
+
+    results = verify_checkpoint(path, on_file=None if as_json else show)
+    bad = [e for e in results if e["status"] != "ok"]
+    if as_json:
+        print(json.dumps({"path": str(path), "ok": not bad, "files": results}, indent=2))
+    if bad:
+        names = ", ".join(str(path / e["name"]) for e in bad[:5]) + (", …" if len(bad) > 5 else "")
+        raise CheckpointError(f"{path}: {len(bad)} of {len(results)} files fail verification ({names}): the "
+                              "checkpoint is damaged; re-run or copy it again")
+    if not as_json:
+        print(f"{path}: all {len(results)} files match their recorded size and sha256")
     return 0
 
 
@@ -212,8 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="per-layer formats, bits, ranks and errors of a saved checkpoint")
     p.add_argument("dir")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--plot", metavar="FILE", help="also draw bits and rank per matrix to FILE (.png, .svg, .pdf; "
-                   "needs matplotlib: pip install 'lqframe[plot]')")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--plot", metavar="FILE", help="also draw bits and rank per matrix to FILE (.png, .svg, .pdf; "
+                      "needs matplotlib: pip install 'lqframe[plot]')")
+    what.add_argument("--verify", action="store_true",
+                      help="instead of the table, check every file's size and sha256 against the ones the "
+                           "checkpoint recorded (reads every byte); exits non-zero if any differs or is missing")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("export", help="write a saved checkpoint as a PEFT LoRA adapter, a GPTQ checkpoint or a "

@@ -201,8 +201,10 @@ def prepare(state: RunState) -> RunState:
     if recipe.evaluate is not None and state.evaluation is not None and state.task != "causal-lm":
         raise RecipeError(f"{recipe.origin}: evaluate_stage: token perplexity needs a causal LM, and this is a "
                           f"{state.task} model; remove evaluate_stage to compress it")
+    precision = recipe.quantize.precision if recipe.quantize is not None else "float64"
     state.executor = BlockExecutor(state.model, state.device, offload=state.offload,
-                                   activations="cpu" if state.offload else "device", progress=state.progress)
+                                   activations="cpu" if state.offload else "device", progress=state.progress,
+                                   precision=getattr(torch, precision))
     state.executor.place_model()
     return state
 
@@ -304,7 +306,7 @@ def _calibrate(state: RunState) -> None:
                 ex.capture(block, ex.input_groups(block, names, x[0]), needs, x, state.stats)
             x = ex.forward(block, x)
             if b in state.teacher_blocks:
-                state.teacher[b] = x
+                state.teacher[b] = ex.in_model_dtype(x)
 
 
 def _allocate(state: RunState) -> None:
@@ -389,7 +391,7 @@ def _decompose(state: RunState) -> None:
             if teacher_in is not None:  # the float block's outputs on the float model's inputs
                 teacher_in = ex.forward(block, teacher_in)
                 if b in state.teacher_blocks:
-                    state.teacher[b] = teacher_in
+                    state.teacher[b] = ex.in_model_dtype(teacher_in)
             todo = [n for n in plans if n not in state.prepared]
             phases: list[list[list[str]]] = [[list(plans)]] if plans else []
             if state.uses_data and todo:

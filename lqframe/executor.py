@@ -19,6 +19,14 @@ Actions it offers the stages:
 - :meth:`BlockExecutor.forward` — the block's outputs for a list of inputs (teacher targets when
   run before compression, the next block's inputs after it).
 
+``precision`` (``quantize_stage.precision``, float64 by default) is the arithmetic of every calibration
+and propagation forward: the cached activations, the block's own parameters (cast for the duration of
+the call and restored exactly) and the compressed linears (which compute in their inputs' dtype). In
+float64 the statistics and the inputs each block is compressed on no longer depend on which BLAS
+kernels, SIMD width or thread count computed them (those change float32 results in the last bit, and
+a compression pipeline turns last-bit differences into different codes: docs/design.md,
+"Reproducibility"); ``None`` computes in the model's own dtype.
+
 Sources and sinks are in memory now; a sharded-safetensors source (models larger than memory) and
 a streaming sink plug in through the same two small interfaces without touching the stages.
 """
@@ -35,7 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lqframe.errors import LqframeError, ModelError
-from lqframe.lqlinear import set_weight_cache
+from lqframe.lqlinear import LQLinear, set_weight_cache
 from lqframe.models import find_blocks
 from lqframe.stats import StatsStore
 
@@ -175,10 +183,16 @@ class BlockExecutor:
     """
 
     def __init__(self, model: nn.Module, device: torch.device | str = "cpu", *, offload: bool = False,
-                 activations: str = "device", source: BlockSource | None = None, progress: bool = True):
+                 activations: str = "device", source: BlockSource | None = None, progress: bool = True,
+                 precision: torch.dtype | None = None):
         if activations not in ACTIVATION_PLACES:
             raise LqframeError(f"activations must be one of {ACTIVATION_PLACES}, got {activations!r}")
+        if precision is not None and not precision.is_floating_point:
+            raise LqframeError(f"precision must be a floating-point dtype, got {precision}")
         self.model = model
+        self.precision = precision
+        #: the dtype block inputs had before any conversion (what the model itself computes in)
+        self.model_dtype: torch.dtype | None = None
         self.device = torch.device(device)
         self.offload = offload
         self.cache_device = self.device if activations == "device" else torch.device("cpu")
@@ -211,7 +225,49 @@ class BlockExecutor:
             self.source.release(index, block, self.offload)
 
     def _to_cache(self, t: torch.Tensor) -> torch.Tensor:
+        if self.precision is not None and t.is_floating_point():
+            return t.to(self.cache_device, dtype=self.precision)
         return t.to(self.cache_device)
+
+    def in_model_dtype(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Activations back in the model's own dtype (teacher targets: tuning computes in it)."""
+        dtype = self.model_dtype
+        return [x if dtype is None or x.dtype == dtype else x.to(dtype) for x in xs]
+
+    def _cast(self, value: Any) -> Any:
+        """Floating tensors (also inside tuples and lists) in ``precision``; anything else as is."""
+        if isinstance(value, torch.Tensor):
+            return value.to(self.precision) if value.is_floating_point() else value
+        if isinstance(value, tuple | list):
+            return type(value)(self._cast(v) for v in value)
+        return value
+
+    @contextmanager
+    def computing(self, block: nn.Module) -> Iterator[None]:
+        """``block``'s floating parameters and buffers in ``precision`` for the duration of the ``with``,
+        restored afterwards to the very same tensors (so float32 weights come back bit for bit, and
+        anything holding a reference to them still does). Compressed linears are left alone: they
+        compute in their inputs' dtype from their packed buffers."""
+        if self.precision is None:
+            yield
+            return
+        packed = {id(t) for m in block.modules() if isinstance(m, LQLinear)
+                  for t in (*m.parameters(), *m.buffers())}
+        swapped: list[tuple[dict, str, torch.Tensor]] = []
+        for module in block.modules():
+            for table in (module._parameters, module._buffers):
+                for name, t in table.items():
+                    if t is None or id(t) in packed or not t.is_floating_point() or t.dtype == self.precision:
+                        continue
+                    swapped.append((table, name, t))
+                    converted = t.detach().to(self.precision)
+                    table[name] = nn.Parameter(converted, requires_grad=False) if isinstance(t, nn.Parameter) \
+                        else converted
+        try:
+            yield
+        finally:
+            for table, name, t in swapped:
+                table[name] = t
 
     # ------------------------------------------------------------------ block-0 inputs
     def first_inputs(self, windows: torch.Tensor, desc: str = "capture block-0 inputs") -> list[torch.Tensor]:
@@ -226,6 +282,7 @@ class BlockExecutor:
 
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
+            self.model_dtype = hidden.dtype
             inputs.append(self._to_cache(hidden.detach()))
             if not kwargs_seen:
                 kwargs_seen.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
@@ -244,7 +301,7 @@ class BlockExecutor:
             handle.remove()
         if len(inputs) != len(windows):
             raise ModelError("could not capture the inputs of the first block: the model never called it")
-        self.kwargs = kwargs_seen
+        self.kwargs = kwargs_seen if self.precision is None else {k: self._cast(v) for k, v in kwargs_seen.items()}
         return inputs
 
     def set_kwargs(self, windows: torch.Tensor) -> None:
@@ -262,7 +319,7 @@ class BlockExecutor:
         """The block's outputs for every input (each compressed linear dequantizes once)."""
         set_weight_cache(block, True)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self.computing(block):
                 return [self._to_cache(self.run_block(block, x)) for x in inputs]
         finally:
             set_weight_cache(block, False)
@@ -279,7 +336,7 @@ class BlockExecutor:
 
         handles = [self.model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self.computing(block):
                 self.run_block(block, x)
         finally:
             for h in handles:
@@ -320,7 +377,7 @@ class BlockExecutor:
             lambda m, args, c=cap: hook(m, args, c)) for name, cap in captures.items()]
         set_weight_cache(block, True)  # compressed linears of earlier groups dequantize once
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self.computing(block):
                 for x in inputs:
                     try:
                         self.run_block(block, x)

@@ -126,6 +126,9 @@ class LowRankReconstructor(ErrorReconstructor):
     niter: int = attrs.field(default=2, validator=integer(0))
     seed: int = attrs.field(default=0, validator=integer())
     iterations: int = attrs.field(default=1, validator=integer(1))
+    #: arithmetic of the solve and of the residuals the alternation hands the quantizer (float64: the
+    #: factors and codes do not depend on which BLAS kernels computed them; docs/design.md)
+    precision: str = attrs.field(default="float64", validator=v.in_(("float64", "float32")))
 
     @classmethod
     def test_configs(cls):
@@ -162,12 +165,17 @@ class LowRankReconstructor(ErrorReconstructor):
             row_scaling=row_scaling,
             col_scaling=col_scaling,
             method=self.method,
+            dtype=self._dtype,
             oversample=self.oversample,
             niter=self.niter,
             seed=self.seed,
         )
         fmt = self.factor_dtype
         return LowRank(round_factor(sol.left, fmt, "left"), round_factor(sol.right, fmt, "right"), fmt), sol
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return torch.float64 if self.precision == "float64" else torch.float32
 
     def column_scaling(self, stats: LayerStats | None) -> Scaling | None:
         """The input-side scaling T of the solve (None: identity). Override in subclasses."""
@@ -224,23 +232,23 @@ class LowRankReconstructor(ErrorReconstructor):
         if self.lowrank_first:  # iteration 0: LoftQ's order, one shot
             q_dense = quantizer.roundtrip(w, stats)
             lowrank, _ = self._solve(w - q_dense, rows, cols)
-            extra["one_shot_error"] = error(q_dense, lowrank.to_dense())
+            extra["one_shot_error"] = error(q_dense, lowrank.to_dense(self._dtype))
             best = (0, extra["one_shot_error"], w, q_dense, lowrank)
             first, _ = self._solve(w, rows, cols)
-            source = w - first.to_dense()
+            source = (w - first.to_dense(self._dtype)).to(torch.float32)
         else:
             source = w  # what the current Q was quantized from
         q_dense = quantizer.roundtrip(source, stats)
         errors: list[float] = []
         for t in range(1, self.iterations + 1):
             lowrank, _ = self._solve(w - q_dense, rows, cols)
-            lr_dense = lowrank.to_dense()
+            lr_dense = lowrank.to_dense(self._dtype)
             errors.append(error(q_dense, lr_dense))
             if best is None or errors[-1] < best[1]:
                 best = (t, errors[-1], source, q_dense, lowrank)
             if t == self.iterations or self.stop_early(errors):
                 break
-            source = w - lr_dense
+            source = (w - lr_dense).to(torch.float32)  # W − L·R rounded once, whatever computed L·R
             q_next = quantizer.roundtrip(source, stats)
             if torch.equal(q_next, q_dense):
                 break
@@ -255,12 +263,13 @@ class LowRankReconstructor(ErrorReconstructor):
         refit = self._finish(w, qweight, rows, cols, stats=stats, info=info)
         if torch.equal(q_packed, best_q):
             return attrs.evolve(refit, info={**refit.info, "final_error": best_err, "refit": False})
-        kept_err, refit_err = error(q_packed, lowrank.to_dense()), error(q_packed, refit.lowrank.to_dense())
+        kept_err = error(q_packed, lowrank.to_dense(self._dtype))
+        refit_err = error(q_packed, refit.lowrank.to_dense(self._dtype))
         if refit_err <= kept_err:
             return attrs.evolve(refit, info={**refit.info, "final_error": refit_err, "refit": True})
         kept_info = {**refit.info, "final_error": kept_err, "refit": False}
         if stats.rxx is not None:
-            kept_info["output_error"] = output_error(w - q_packed - lowrank.to_dense(), stats)
+            kept_info["output_error"] = output_error(w - q_packed - lowrank.to_dense(self._dtype), stats)
         kept_info.pop("tail_energy", None)
         return Decomposition(qweight, lowrank, kept_info)
 
@@ -296,7 +305,7 @@ class LowRankReconstructor(ErrorReconstructor):
                 out["tail_energy"] = sol.tail_energy(rank)
         if with_output:
             out["output_error_none"] = output_error(residual, stats)
-            remaining = residual if lowrank is None else residual - lowrank.to_dense()
+            remaining = residual if lowrank is None else residual - lowrank.to_dense(self._dtype)
             out["output_error"] = output_error(remaining, stats)
         return Decomposition(qweight, lowrank, out)
 

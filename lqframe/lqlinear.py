@@ -194,11 +194,11 @@ class LQLinear(nn.Module):
             self._packed = (key, self.qweight.to_qweight())
         return self._packed[1]
 
-    def dequantized_weight(self) -> torch.Tensor:
-        """Q as a dense float32 matrix (cached while ``cache_weight`` is set)."""
-        if self._cache is not None:
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Q as a dense matrix, float32 unless asked otherwise (cached while ``cache_weight`` is set)."""
+        if self._cache is not None and self._cache.dtype == dtype:
             return self._cache
-        w = self.quantized_weight().dequantize(torch.float32)
+        w = self.quantized_weight().dequantize(dtype)
         if self.cache_weight:
             self._cache = w
         return w
@@ -227,7 +227,9 @@ class LQLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cache_weight or self._cache is not None:
-            return lq_linear(x, self.dequantized_weight(), self.left, self.right, self.bias)
+            # float64 inputs (the executor's calibration precision) are computed in float64 throughout
+            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            return lq_linear(x, self.dequantized_weight(dtype), self.left, self.right, self.bias)
         return lq_linear_packed(x, self.quantized_weight(), self.left, self.right, self.bias)
 
     # ------------------------------------------------------------------ storage of L and R

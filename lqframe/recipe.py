@@ -54,12 +54,15 @@ __all__ = [
     "DEFAULT_RECIPE",
     "STAGE_ORDER",
     "SEQUENTIAL_MODES",
+    "PRECISIONS",
     "check_device",
 ]
 
 STAGE_ORDER = ("allocate", "quantize", "reconstruct", "tune", "evaluate", "save")
 #: quantize_stage.sequential: calibrate a block's linears together, or each input group in turn
 SEQUENTIAL_MODES = ("block", "layer")
+#: quantize_stage.precision: the arithmetic of calibration and propagation forwards (lqframe.executor)
+PRECISIONS = ("float64", "float32")
 
 DEFAULT_RECIPE = """\
 # lqframe's default recipe: GPTQ int4 (group 64, float16 scale + 4-bit zero point per group; the
@@ -216,6 +219,8 @@ class QuantizeStage:
     ignore: tuple[str, ...] = ()
     overrides: tuple[Override, ...] = ()
     sequential: str = "block"
+    #: calibration / propagation forwards in float64 (results independent of the BLAS path) or float32
+    precision: str = "float64"
 
 
 @attrs.frozen
@@ -599,7 +604,8 @@ def parse_recipe(doc: Any, origin: str = "<recipe>", check_components: bool = Tr
 
     if "quantize_stage" in body:
         c = root.child("quantize_stage")
-        s = _mapping(body["quantize_stage"], c, ("targets", "ignore", "quantizer", "overrides", "sequential"))
+        s = _mapping(body["quantize_stage"], c, ("targets", "ignore", "quantizer", "overrides", "sequential",
+                                                  "precision"))
         if "quantizer" not in s:
             raise c.error("quantize_stage needs a 'quantizer', e.g. {name: nf, bits: 4, group_size: 64}")
         stage = QuantizeStage(
@@ -608,9 +614,12 @@ def parse_recipe(doc: Any, origin: str = "<recipe>", check_components: bool = Tr
             ignore=_patterns(s.get("ignore", []), c.child("ignore")),
             overrides=_overrides(s.get("overrides"), c.child("overrides"), "quantizer"),
             sequential=_str(s.get("sequential", "block"), c.child("sequential")),
+            precision=_str(s.get("precision", "float64"), c.child("precision")),
         )
         if stage.sequential not in SEQUENTIAL_MODES:
             raise c.child("sequential").error(f"must be 'block' or 'layer', got {stage.sequential!r}")
+        if stage.precision not in PRECISIONS:
+            raise c.child("precision").error(f"must be 'float64' or 'float32', got {stage.precision!r}")
         if check_components:
             _check_with_overrides(stage.quantizer, stage.overrides, "quantizer", c)
         kw["quantize"] = stage

@@ -101,6 +101,8 @@ class GPTQ(Quantizer):
     act_order: bool = attrs.field(default=True, validator=v.instance_of(bool))
     static_groups: bool = attrs.field(default=True, validator=v.instance_of(bool))
     max_damp: float = attrs.field(default=1.0, validator=_positive_number)
+    #: arithmetic of the column sweep (the error feedback); grids and stored values do not depend on it
+    precision: str = attrs.field(default="float64", validator=v.in_(("float64", "float32")))
 
     def __attrs_post_init__(self) -> None:
         if self.group_size < 1 and self.group_size != -1:
@@ -137,11 +139,16 @@ class GPTQ(Quantizer):
         return int_storage_bits(shape, self.bits, group, self.symmetric, self.scale_dtype)
 
     # ------------------------------------------------------------------ one group's grid
+    @property
+    def _dtype(self) -> torch.dtype:
+        return torch.float64 if self.precision == "float64" else torch.float32
+
     def _grid(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Grid of one group from its (rows, k) float32 values, exactly as ``rtn`` / ``nf`` compute it
         (the core's :func:`~lqframe.quantization.int_grid` / :func:`~lqframe.quantization.nf_grid`):
         (stored scales, decoded float32 scales, zero points as float32 — 0 for NF)."""
         dtype = scale_dtype(self.scale_dtype)
+        values = values.to(torch.float32)  # the grid of the float32 values, exactly as rtn / nf compute it
         if self.grid == "nf":
             stored, scale = nf_grid(values.abs().amax(dim=1), dtype)
             return stored, scale, torch.zeros_like(scale)
@@ -176,7 +183,7 @@ class GPTQ(Quantizer):
             low, info = torch.linalg.cholesky_ex(damped.flip(0, 1))
             if int(info) == 0:
                 inv = torch.linalg.solve_triangular(low, eye, upper=False)
-                u = inv.flip(0, 1).to(torch.float32)
+                u = inv.flip(0, 1).to(self._dtype)
                 if bool(torch.isfinite(u).all()) and bool((torch.diagonal(u) > 0).all()):
                     return u, damp
             if damp >= self.max_damp:
@@ -226,7 +233,7 @@ class GPTQ(Quantizer):
         if n and m:
             # the damped inverse Hessian depends on the input statistics alone: once per input
             # (q/k/v and gate/up share theirs), and once per alternation of a reconstructor
-            key = ("gptq", self.act_order, self.damp, self.max_damp, str(w.device))
+            key = ("gptq", self.act_order, self.damp, self.max_damp, self.precision, str(w.device))
             dead, perm, u, used_damp = stats.cached(key, lambda: self._prepare_hessian(stats, n, m, w.device))
             meta["damp"] = used_damp
             meta["dead_columns"] = int(dead.sum())
@@ -269,12 +276,12 @@ class GPTQ(Quantizer):
         zero_code = int(torch.argmin(cb.abs())) if cb is not None else 0
         perm_list = perm.tolist()
 
-        work = w.T[perm].contiguous()  # row p: the column visited p-th
+        work = w.T[perm].to(self._dtype).contiguous()  # row p: the column visited p-th
         qcodes = torch.empty(m, n, dtype=torch.uint8, device=w.device)
         for i1 in range(0, m, self.block_size):
             i2 = min(i1 + self.block_size, m)
             w1 = work[i1:i2].clone()
-            err1 = torch.zeros(i2 - i1, n, dtype=torch.float32, device=w.device)
+            err1 = torch.zeros(i2 - i1, n, dtype=self._dtype, device=w.device)
             for k in range(i2 - i1):
                 p = i1 + k
                 g = perm_list[p] // group

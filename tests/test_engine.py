@@ -59,7 +59,8 @@ def _block_inputs(model, windows, block_index):
 
 def test_statistics_of_block_k_come_from_the_compressed_prefix(windows, monkeypatch):
     """The rxx a layer of block k is fitted to equals Σxxᵀ of its inputs in a forward pass of the model
-    whose blocks 0..k−1 are already compressed (and block k still float)."""
+    whose blocks 0..k−1 are already compressed (and block k still float), computed in float64 like the
+    engine's calibration forwards (quantize_stage.precision, by default)."""
     float_model = tiny_llama(layers=3)
     model = copy.deepcopy(float_model)
     seen: dict[str, torch.Tensor] = {}
@@ -77,14 +78,14 @@ def test_statistics_of_block_k_come_from_the_compressed_prefix(windows, monkeypa
         _, blocks = find_blocks(mixed)
         for i in range(k):
             blocks[i] = copy.deepcopy(compressed[i])
-        ref = _block_inputs(mixed, windows.calibration, k)
+        ref = _block_inputs(mixed.double(), windows.calibration, k)
         prefix = f"model.layers.{k}."
         layers = [n for n in seen if n.startswith(prefix)]
         assert len(layers) == 7
         for name in layers:
             torch.testing.assert_close(seen[name], ref[name.removeprefix(prefix)], rtol=1e-9, atol=1e-9)
         # and not the float model's statistics: propagation matters
-        float_ref = _block_inputs(float_model, windows.calibration, k)
+        float_ref = _block_inputs(copy.deepcopy(float_model).double(), windows.calibration, k)
         assert not torch.allclose(seen[prefix + "mlp.down_proj"], float_ref["mlp.down_proj"], rtol=1e-6)
 
 

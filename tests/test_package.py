@@ -101,3 +101,51 @@ def test_package_docstring_example_runs():
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
     result = runner.run(test)
     assert result.failed == 0 and result.attempted == len(test.examples)
+
+
+def test_repository_root_shadows_no_installed_package():
+    """A Python started in the repository root has the root first on sys.path. The top-level
+    ``kernels/`` and ``plugins/`` folders must not be importable as regular packages there: Hugging Face's
+    ``kernels`` distribution (which transformers imports when it is installed) must win, and transformers and
+    the CLI must work as they do anywhere else."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("kernels")
+    except PackageNotFoundError:
+        pytest.fail("Hugging Face's `kernels` distribution is not installed: transformers >= 5.25 needs it and "
+                    "constraints/cpu.txt pins it; this test proves the repository root does not shadow it")
+    assert not (ROOT / "kernels" / "__init__.py").exists() and not (ROOT / "plugins" / "__init__.py").exists()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    env["OMP_NUM_THREADS"] = "1"
+    code = ("import sys, kernels, transformers.activations\n"
+            "assert sys.path[0] in ('', sys.argv[1]), sys.path[:2]\n"
+            "print(kernels.__file__)\n"
+            "from kernels import CUDAProperties\n"
+            "import lqframe.kernels, lqframe.plugins.gptq\n"
+            "print(lqframe.kernels.__path__[0])")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT)], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hf_file, ours = proc.stdout.split()
+    assert Path(hf_file).resolve().parent != (ROOT / "kernels").resolve(), hf_file
+    assert Path(ours) == ROOT / "kernels"
+    proc = subprocess.run([sys.executable, "-m", "lqframe.cli", "plugins"], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "gptq" in proc.stdout and "qera-exact" in proc.stdout
+
+
+def test_no_script_or_folder_name_shadows_an_installed_module():
+    """``python benchmarks/X.py`` puts benchmarks/ first on sys.path, and a Python started in the repository
+    root puts the root there: no top-level folder that is a regular package, and no script in benchmarks/ or
+    examples/, may carry the import name of an installed distribution (transformers imports Hugging Face's
+    ``kernels``; benchmarks/kernels.py once shadowed it)."""
+    from importlib.metadata import packages_distributions
+
+    installed = set(packages_distributions())
+    regular = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    assert regular <= {"lqframe", "tests"}, regular
+    scripts = {p.stem for d in ("benchmarks", "examples") for p in (ROOT / d).glob("*.py")}
+    clashes = sorted((regular - {"lqframe"} | scripts | {"kernels", "plugins"} & regular) & installed)
+    assert not clashes, f"these names shadow installed modules when run from the checkout: {clashes}"

@@ -1,8 +1,8 @@
 """Speed of the packed linear ``y = x·deq(Q)ᵀ + (x·Rᵀ)·Lᵀ`` per layer shape and batch, against the
 torch reference path and a dense matmul, with the bytes-read bound (docs/kernels.md).
 
-    python benchmarks/kernels.py [--device cuda] [--bits 4 3 2] [--batches 1 16 512]
-    python benchmarks/kernels.py --device cuda --generate OUTPUT_DIR   # decode tokens/s end to end
+    python benchmarks/kernel_speed.py [--device cuda] [--bits 4 3 2] [--batches 1 16 512]
+    python benchmarks/kernel_speed.py --device cuda --generate OUTPUT_DIR   # decode tokens/s end to end
 
 Shapes (out × in): LLaMA-7B's 4096×4096 (q, k, v, o), 11008×4096 (gate, up), 4096×11008 (down)
 and LLaMA-70B's 8192×8192 (q, o), 1024×8192 (k, v), 28672×8192 (gate, up), 8192×28672 (down).
