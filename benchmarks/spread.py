@@ -6,13 +6,14 @@ model and data, run under each BLAS code path and thread count reachable on this
     python benchmarks/spread.py --table                              # the markdown table of the results
 
 Each variant is one ``lqframe run`` in its own process (so the environment applies from the start)
-with ``MKL_CBWR`` unset (MKL's best path for this CPU), ``COMPATIBLE`` (SSE2 code, the path any x86
-machine can take) or ``AVX2``, and ``OMP_NUM_THREADS`` 1 or 2 (torch's threads; the summation order of
-threaded kernels depends on it). ``MKL_CBWR`` changes what another machine would change: which SIMD
-kernels run and so the rounding of every dot product. A row records every evaluation source's
-perplexity, the fraction of the packed codes that differ from the first variant's, and the wall time.
-Rows are appended to ``--out`` (JSON lines) as they finish; ``--table`` prints the spread (max/min − 1)
-of each job and label.
+with ``MKL_CBWR`` unset (MKL's choice for this CPU), ``COMPATIBLE`` (SSE2 code, the path any x86
+machine can take), ``AVX2`` or ``AVX512``, or with torch's own kernels held to AVX2
+(``ATEN_CPU_CAPABILITY=avx2``, a CPU without AVX-512), and ``OMP_NUM_THREADS`` 1 or 2 (torch's
+threads; the summation order of threaded kernels may depend on it). These change what another
+machine would change: which SIMD kernels run and so the rounding of every dot product. A row
+records every evaluation source's perplexity, the fraction of the packed codes that differ from
+the first variant's, and the wall time. Rows are appended to ``--out`` (JSON lines) as they
+finish; ``--table`` prints the spread (max/min − 1) of each job and label.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ JOBS = {
     "gptq": [str(ROOT / "benchmarks" / "recipes" / "gptq4-alone.yaml")],
     "default": ["--set", "evaluate_stage.float_baseline=false"],
 }
-PATHS = ("default", "COMPATIBLE", "AVX2")
+#: MKL_CBWR values (default: unset), and aten-avx2: ATen's own kernels limited to AVX2 (ATEN_CPU_CAPABILITY)
+PATHS = ("default", "COMPATIBLE", "AVX2", "AVX512", "aten-avx2")
 
 
 def _codes(folder: Path) -> dict:
@@ -64,13 +66,16 @@ def _differing(a: dict, b: dict) -> float:
     return diff / max(total, 1) if total else float("nan")
 
 
-def run_variant(job: str, path: str, threads: int, work: Path, sets: list[str]) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("MKL_CBWR", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+def run_variant(job: str, label: str, path: str, threads: int, work: Path, sets: list[str]) -> dict:
+    drop = ("MKL_CBWR", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "ATEN_CPU_CAPABILITY")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env["OMP_NUM_THREADS"] = str(threads)
     env["OMP_WAIT_POLICY"] = "PASSIVE"
-    if path != "default":
+    if path == "aten-avx2":
+        env["ATEN_CPU_CAPABILITY"] = "avx2"
+    elif path != "default":
         env["MKL_CBWR"] = path
-    out = work / f"{job}-{path}-{threads}"
+    out = work / f"{job}-{label}-{path}-{threads}"
     overrides = [a for s in sets for a in ("--set", s)]
     cmd = [sys.executable, "-m", "lqframe.cli", "run", *JOBS[job], *overrides, "--output", str(out), "--overwrite",
            "--quiet", "--json", "--device", "cpu"]
@@ -87,10 +92,14 @@ def run_variant(job: str, path: str, threads: int, work: Path, sets: list[str]) 
 
 def measure(args) -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="lqframe-spread-"))
-    first = None
+    first = None  # codes are compared with the first variant of this job and label (also of an earlier call)
+    earlier = [json.loads(x) for x in args.out.read_text().splitlines() if x.strip()] if args.out.exists() else []
+    earlier = [r for r in earlier if r["job"] == args.job and r["label"] == args.label]
+    if earlier and Path(earlier[0]["folder"]).is_dir():
+        first = _codes(Path(earlier[0]["folder"]))
     for path in args.paths:
         for threads in args.threads:
-            row = run_variant(args.job, path, threads, work, args.set)
+            row = run_variant(args.job, args.label, path, threads, work, args.set)
             codes = _codes(Path(row["folder"]))
             if first is None:
                 first = codes
@@ -125,7 +134,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--job", choices=sorted(JOBS), default="gptq")
     ap.add_argument("--label", default="current", help="a name for this code state (before, after, ...)")
-    ap.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    ap.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS[:3]))
     ap.add_argument("--threads", nargs="+", type=int, default=[2, 1])
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="recipe overrides passed to lqframe run (e.g. the numerics of an earlier default)")

@@ -15,9 +15,13 @@ storage accounting cannot tell the difference:
 
 Choices, where the reference code leaves room:
 
-* **Hessian precision.** ``H`` is damped and factorised in float64 for ``m ≤ 4096`` input columns
-  (a few seconds at most on a CPU, and far fewer spurious "not positive definite" failures), in
-  float32 above that; the column sweep over the weight runs in float32. ``U`` is obtained from a
+* **Precision** (``precision: float64``, the default). ``H`` is damped and factorised, and the column
+  sweep over the weight (the error feedback) runs, in float64: the codes then do not depend on which
+  BLAS kernels or how many threads computed them (float32 sweeps moved 14 % of the default model's
+  codes between two MKL code paths; docs/design.md, "Reproducibility"). Grids are computed from the
+  float32 values, exactly as ``rtn`` / ``nf`` compute them. ``precision: float32`` (for GPUs with slow
+  float64) sweeps in float32 and factorises in float64 up to 4096 input columns, in float32 above
+  (the former behaviour, bit for bit). ``U`` is obtained from a
   single Cholesky factorisation: with ``J`` the reversal permutation and ``J H J = L Lᵀ``,
   ``U = J L⁻¹ J`` is upper triangular with ``Uᵀ U = H⁻¹``.
 * **Damping.** ``λ = damp · mean(diag H)``. If the factorisation fails, ``damp`` is multiplied by 10
@@ -173,7 +177,7 @@ class GPTQ(Quantizer):
     def _inverse_factor(self, h: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, float]:
         """Upper ``U`` with ``Uᵀ U = (H + λI)⁻¹``, raising damp on failure. Returns (U float32, damp)."""
         m = h.shape[0]
-        work = h if m <= FLOAT64_MAX_COLS else h.to(torch.float32)
+        work = h if self.precision == "float64" or m <= FLOAT64_MAX_COLS else h.to(torch.float32)
         mean_diag = float(torch.diagonal(work).mean())
         eye = torch.eye(m, dtype=work.dtype, device=work.device)
         damp = float(self.damp)

@@ -259,7 +259,8 @@ def test_plugins_lists_the_installed_reconstructor(recon_site: Path) -> None:
     assert (found["plugin"], found["distribution"], found["version"]) == ("abs-mean", RECON_DIST, "0.1.0")
     # the low-rank options come from lqframe's base class, alpha and scale_floor from the plugin
     assert found["options"] == {"rank": 32, "method": "exact", "factor_dtype": "float16", "oversample": 10,
-                                "niter": 2, "seed": 0, "iterations": 1, "alpha": 1.0, "scale_floor": 1e-6}
+                                "niter": 2, "seed": 0, "iterations": 1, "precision": "float64", "alpha": 1.0,
+                                "scale_floor": 1e-6}
     assert _find(entries, "reconstructor", "svd") is not None, entries
     assert _find(entries, "quantizer", "binary") is None, entries  # each example in its own site
     assert not [e for e in entries if e.get("kind") == "failed"], entries
