@@ -130,3 +130,30 @@ def test_same_checkpoint_on_every_floating_point_path():
     assert len({r["hash"] for r in runs}) == 1, runs
     ppls = [r["ppl"] for r in runs]
     assert max(ppls) / min(ppls) - 1 < 1e-5, ppls
+
+
+def test_float64_forwards_restore_the_block_bit_for_bit():
+    """The executor runs calibration forwards in float64 by casting the block's own parameters for the call:
+    afterwards every parameter is the very same float32 tensor (so the weights a quantizer reads, and anything
+    holding a reference to them, are untouched), and the float64 forward agrees with the float32 one."""
+    from lqframe.executor import BlockExecutor
+    from lqframe.models import find_blocks
+    from tests.tiny import tiny_llama
+
+    model = tiny_llama(layers=1, hidden=64, intermediate=128)
+    _, blocks = find_blocks(model)
+    block = blocks[0]
+    before = {n: (p, p.detach().clone()) for n, p in block.named_parameters()}
+    ex = BlockExecutor(model, "cpu", progress=False, precision=torch.float64)
+    windows = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    inputs = ex.first_inputs(windows)
+    assert all(x.dtype == torch.float64 for x in inputs) and ex.model_dtype == torch.float32
+    with ex.computing(block):
+        assert all(p.dtype == torch.float64 for p in block.parameters())
+    out64 = ex.forward(block, inputs)
+    for n, p in block.named_parameters():
+        assert p is before[n][0] and p.dtype == torch.float32 and torch.equal(p, before[n][1]), n
+    ref = BlockExecutor(model, "cpu", progress=False)
+    out32 = ref.forward(block, ref.first_inputs(windows))
+    assert out64[0].dtype == torch.float64
+    torch.testing.assert_close(out64[0].float(), out32[0], rtol=1e-4, atol=1e-5)
