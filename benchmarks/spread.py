@@ -119,7 +119,7 @@ def table(out: Path) -> None:
     groups: dict[tuple, list] = {}
     for r in rows:
         groups.setdefault((r["job"], r["label"]), []).append(r)
-    print("| job | label | MKL_CBWR × threads | " + "perplexity per source | codes differing | spread |")
+    print("| job | label | source | perplexity per path / threads | codes differing (max) | spread (max/min − 1) |")
     print("|---|---|---|---|---|---|")
     for (job, label), rs in groups.items():
         sources = list(rs[0]["perplexity"])

@@ -33,6 +33,7 @@ a streaming sink plug in through the same two small interfaces without touching 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,6 +47,34 @@ from lqframe.errors import LqframeError, ModelError
 from lqframe.lqlinear import LQLinear, set_weight_cache
 from lqframe.models import find_blocks
 from lqframe.stats import StatsStore
+
+_NARROWING = (torch.Tensor.to, torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.type)
+_SOFTMAX = (torch.Tensor.softmax, torch.Tensor.log_softmax, torch.softmax, torch.log_softmax,
+            torch.nn.functional.softmax, torch.nn.functional.log_softmax)
+
+
+class KeepFloat64(torch.overrides.TorchFunctionMode):
+    """Within float64 calibration forwards, no float64 tensor is rounded to a narrower float.
+
+    Models compute their numerically delicate parts in float32 by explicit casts (transformers' RMSNorm
+    and rotary embeddings, ``softmax(..., dtype=float32)``), meant to *raise* half-precision inputs. In a
+    float64 forward those casts would round every activation to float32 on its way through a norm, and
+    each such rounding is a chance for two floating-point paths to land one float32 step apart — which
+    the compression pipeline amplifies into different codes (docs/design.md, "Reproducibility"). Here a
+    cast of a float64 tensor to float32/16 returns it unchanged, and a softmax asked for a narrower
+    dtype computes in float64."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        first = args[0] if args else None
+        wide = isinstance(first, torch.Tensor) and first.dtype == torch.float64
+        if wide and func in _SOFTMAX and kwargs.get("dtype") not in (None, torch.float64):
+            kwargs = {**kwargs, "dtype": torch.float64}
+        out = func(*args, **kwargs)
+        if wide and func in _NARROWING and isinstance(out, torch.Tensor) and out.is_floating_point() \
+                and out.dtype != torch.float64:
+            return first if first.device == out.device else first.to(out.device)
+        return out
 
 __all__ = ["resolve_device", "BlockSource", "MemorySource", "BlockSink", "MemorySink", "BlockExecutor",
            "OUTPUT_ERROR_TOKENS", "ACTIVATION_PLACES"]
@@ -243,16 +272,18 @@ class BlockExecutor:
         return value
 
     @contextmanager
-    def computing(self, block: nn.Module) -> Iterator[None]:
+    def computing(self, block: nn.Module, exclude: Sequence[nn.Module] = ()) -> Iterator[None]:
         """``block``'s floating parameters and buffers in ``precision`` for the duration of the ``with``,
         restored afterwards to the very same tensors (so float32 weights come back bit for bit, and
-        anything holding a reference to them still does). Compressed linears are left alone: they
-        compute in their inputs' dtype from their packed buffers."""
+        anything holding a reference to them still does), and in float64 no cast narrows an activation
+        (:class:`KeepFloat64`). Compressed linears, and the modules in ``exclude``, are left alone:
+        compressed linears compute in their inputs' dtype from their packed buffers."""
         if self.precision is None:
             yield
             return
         packed = {id(t) for m in block.modules() if isinstance(m, LQLinear)
                   for t in (*m.parameters(), *m.buffers())}
+        packed |= {id(t) for m in exclude for t in (*m.parameters(), *m.buffers())}
         swapped: list[tuple[dict, str, torch.Tensor]] = []
         for module in block.modules():
             for table in (module._parameters, module._buffers):
@@ -263,8 +294,10 @@ class BlockExecutor:
                     converted = t.detach().to(self.precision)
                     table[name] = nn.Parameter(converted, requires_grad=False) if isinstance(t, nn.Parameter) \
                         else converted
+        mode = KeepFloat64() if self.precision == torch.float64 else contextlib.nullcontext()
         try:
-            yield
+            with mode:
+                yield
         finally:
             for table, name, t in swapped:
                 table[name] = t
@@ -290,8 +323,9 @@ class BlockExecutor:
             raise _Stop
 
         handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            with torch.inference_mode():
+        blocks = self.source.blocks if isinstance(self.source, MemorySource) else ()
+        try:  # embeddings and rotary tables in ``precision`` too (the blocks never run: the hook stops at block 0)
+            with torch.inference_mode(), self.computing(self.model, exclude=blocks):
                 for w in tqdm(windows, desc=desc, disable=not self.progress, leave=False):
                     try:
                         self.model(input_ids=w[None].to(self.device), use_cache=False)
