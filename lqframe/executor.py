@@ -315,13 +315,13 @@ class BlockExecutor:
 
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            self.model_dtype = hidden.dtype
             inputs.append(self._to_cache(hidden.detach()))
             if not kwargs_seen:
                 kwargs_seen.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
                 kwargs_seen["__extra_args__"] = tuple(args[1:])
             raise _Stop
 
+        self.model_dtype = next((p.dtype for p in first.parameters() if p.is_floating_point()), None)
         handle = first.register_forward_pre_hook(hook, with_kwargs=True)
         blocks = self.source.blocks if isinstance(self.source, MemorySource) else ()
         try:  # embeddings and rotary tables in ``precision`` too (the blocks never run: the hook stops at block 0)

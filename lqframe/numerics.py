@@ -282,6 +282,11 @@ def lowrank_solve(
     else:
         u, s, vh = _randomized_svd(work, r, oversample, niter, seed)
     u, sr, vh_r = u[:, :r], s[:r], vh[:r]
+    # one sign per singular pair, whichever LAPACK path computed it (their signs differ with the thread
+    # count): the largest entry of each right vector positive, so the stored factors repeat bit for bit
+    flip = torch.sign(vh_r.gather(1, vh_r.abs().argmax(dim=1, keepdim=True)))
+    flip = torch.where(flip == 0, torch.ones_like(flip), flip)
+    u, vh_r = u * flip.T, vh_r * flip
     if split == "balanced":
         root = sr.sqrt()
         left, right = u * root, root[:, None] * vh_r
