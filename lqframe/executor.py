@@ -195,7 +195,8 @@ class _Capture:
         flat = x.detach().reshape(-1, self.acc.in_features)
         self.acc.update(flat)
         if self.sample is not None and self.sampled < OUTPUT_ERROR_TOKENS:
-            take = flat[: OUTPUT_ERROR_TOKENS - self.sampled].to(torch.float32).clone()
+            part = flat[: OUTPUT_ERROR_TOKENS - self.sampled]  # a copy in float32 (copy_, not a cast that
+            take = torch.empty(part.shape, dtype=torch.float32, device=part.device).copy_(part)  # KeepFloat64 keeps)
             self.sample.append(take)
             self.sampled += take.shape[0]
 

@@ -3,6 +3,7 @@ every entry point, the statistics store, planning errors, devices and offloading
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import attrs
@@ -14,7 +15,7 @@ import lqframe
 from lqframe import engine
 from lqframe.data import make_data, make_windows
 from lqframe.engine import RunState, execute
-from lqframe.executor import resolve_device
+from lqframe.executor import KeepFloat64, resolve_device
 from lqframe.lqlinear import LQLinear
 from lqframe.models import find_blocks
 from lqframe.recipe import parse_recipe
@@ -49,7 +50,8 @@ def _block_inputs(model, windows, block_index):
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
                 sums[name] = sums.get(name, 0) + x.T @ x
             hooks.append(mod.register_forward_pre_hook(hook))
-    with torch.inference_mode():
+    wide = next(model.parameters()).dtype == torch.float64
+    with torch.inference_mode(), KeepFloat64() if wide else contextlib.nullcontext():
         for w in windows:
             model(input_ids=w[None], use_cache=False)
     for h in hooks:
