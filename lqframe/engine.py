@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from lqframe.errors import ModelError, RecipeError
 from lqframe.executor import BlockExecutor, BlockSink, MemorySink, offloaded
 from lqframe.lqlinear import set_weight_cache
+from lqframe.numerics import precision_dtype
 from lqframe.pipeline import (
     LayerPlan,
     LayerResult,
@@ -204,7 +205,7 @@ def prepare(state: RunState) -> RunState:
     precision = recipe.quantize.precision if recipe.quantize is not None else "float64"
     state.executor = BlockExecutor(state.model, state.device, offload=state.offload,
                                    activations="cpu" if state.offload else "device", progress=state.progress,
-                                   precision=getattr(torch, precision))
+                                   precision=precision_dtype(precision))
     state.executor.place_model()
     return state
 

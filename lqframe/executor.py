@@ -195,8 +195,9 @@ class _Capture:
         flat = x.detach().reshape(-1, self.acc.in_features)
         self.acc.update(flat)
         if self.sample is not None and self.sampled < OUTPUT_ERROR_TOKENS:
-            part = flat[: OUTPUT_ERROR_TOKENS - self.sampled]  # a copy in float32 (copy_, not a cast that
-            take = torch.empty(part.shape, dtype=torch.float32, device=part.device).copy_(part)  # KeepFloat64 keeps)
+            # a float32 copy by copy_: inside KeepFloat64 a cast would leave the float64 tensor as it is
+            part = flat[: OUTPUT_ERROR_TOKENS - self.sampled]
+            take = torch.empty(part.shape, dtype=torch.float32, device=part.device).copy_(part)
             self.sample.append(take)
             self.sampled += take.shape[0]
 
@@ -221,7 +222,7 @@ class BlockExecutor:
             raise LqframeError(f"precision must be a floating-point dtype, got {precision}")
         self.model = model
         self.precision = precision
-        #: the dtype block inputs had before any conversion (what the model itself computes in)
+        #: the dtype of the blocks' own parameters (what the model itself computes in), set by first_inputs
         self.model_dtype: torch.dtype | None = None
         self.device = torch.device(device)
         self.offload = offload

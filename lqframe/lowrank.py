@@ -56,7 +56,16 @@ from attrs import validators as v
 
 from lqframe.factors import FACTOR_FORMATS, factor_bits, round_factor
 from lqframe.interfaces import ErrorReconstructor
-from lqframe.numerics import LowRankSolution, Scaling, check_weight, cholesky_factor, lowrank_solve, symmetric_sqrt
+from lqframe.numerics import (
+    PRECISIONS,
+    LowRankSolution,
+    Scaling,
+    check_weight,
+    cholesky_factor,
+    lowrank_solve,
+    precision_dtype,
+    symmetric_sqrt,
+)
 from lqframe.quantization import integer
 from lqframe.types import Decomposition, LayerStats, LowRank, QuantizedWeight
 
@@ -128,7 +137,7 @@ class LowRankReconstructor(ErrorReconstructor):
     iterations: int = attrs.field(default=1, validator=integer(1))
     #: arithmetic of the solve and of the residuals the alternation hands the quantizer (float64: the
     #: factors and codes do not depend on which BLAS kernels computed them; docs/design.md)
-    precision: str = attrs.field(default="float64", validator=v.in_(("float64", "float32")))
+    precision: str = attrs.field(default="float64", validator=v.in_(PRECISIONS))
 
     @classmethod
     def test_configs(cls):
@@ -175,7 +184,7 @@ class LowRankReconstructor(ErrorReconstructor):
 
     @property
     def _dtype(self) -> torch.dtype:
-        return torch.float64 if self.precision == "float64" else torch.float32
+        return precision_dtype(self.precision)
 
     def column_scaling(self, stats: LayerStats | None) -> Scaling | None:
         """The input-side scaling T of the solve (None: identity). Override in subclasses."""

@@ -22,6 +22,8 @@ import torch
 from lqframe.errors import OptionError, WeightError
 
 __all__ = [
+    "PRECISIONS",
+    "precision_dtype",
     "check_weight",
     "Scaling",
     "SymmetricScaling",
@@ -32,6 +34,18 @@ __all__ = [
     "TriangularScaling",
     "cholesky_factor",
 ]
+
+
+#: the arithmetic a solve or a calibration forward may run in (the ``precision`` options; docs/design.md,
+#: "Reproducibility": float64 makes results independent of the BLAS path)
+PRECISIONS = ("float64", "float32")
+
+
+def precision_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a ``precision`` option's value (one of :data:`PRECISIONS`)."""
+    if name not in PRECISIONS:
+        raise OptionError(f"precision must be one of {PRECISIONS}, got {name!r}")
+    return getattr(torch, name)
 
 
 def check_weight(weight: torch.Tensor, who: str = "weight") -> torch.Tensor:

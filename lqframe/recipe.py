@@ -35,6 +35,7 @@ import attrs
 import yaml
 
 from lqframe.errors import LqframeError, RecipeError
+from lqframe.numerics import PRECISIONS  # quantize_stage.precision (lqframe.executor)
 
 __all__ = [
     "Recipe",
@@ -61,8 +62,6 @@ __all__ = [
 STAGE_ORDER = ("allocate", "quantize", "reconstruct", "tune", "evaluate", "save")
 #: quantize_stage.sequential: calibrate a block's linears together, or each input group in turn
 SEQUENTIAL_MODES = ("block", "layer")
-#: quantize_stage.precision: the arithmetic of calibration and propagation forwards (lqframe.executor)
-PRECISIONS = ("float64", "float32")
 
 DEFAULT_RECIPE = """\
 # lqframe's default recipe: GPTQ int4 (group 64, float16 scale + 4-bit zero point per group; the

@@ -59,7 +59,7 @@ import torch
 from attrs import validators as v
 
 from lqframe import DataError, LayerStats, MissingStatisticError, QuantizedWeight, Quantizer, WeightError, hookimpl
-from lqframe.numerics import check_weight
+from lqframe.numerics import PRECISIONS, check_weight, precision_dtype
 from lqframe.quantization import (
     SCALE_DTYPES,
     int_format,
@@ -106,7 +106,7 @@ class GPTQ(Quantizer):
     static_groups: bool = attrs.field(default=True, validator=v.instance_of(bool))
     max_damp: float = attrs.field(default=1.0, validator=_positive_number)
     #: arithmetic of the column sweep (the error feedback); grids and stored values do not depend on it
-    precision: str = attrs.field(default="float64", validator=v.in_(("float64", "float32")))
+    precision: str = attrs.field(default="float64", validator=v.in_(PRECISIONS))
 
     def __attrs_post_init__(self) -> None:
         if self.group_size < 1 and self.group_size != -1:
@@ -145,7 +145,7 @@ class GPTQ(Quantizer):
     # ------------------------------------------------------------------ one group's grid
     @property
     def _dtype(self) -> torch.dtype:
-        return torch.float64 if self.precision == "float64" else torch.float32
+        return precision_dtype(self.precision)
 
     def _grid(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Grid of one group from its (rows, k) float32 values, exactly as ``rtn`` / ``nf`` compute it
