@@ -13,7 +13,14 @@ next to the uniform rows of ``--uniform`` (methods.jsonl) at equal or more bits.
 counted, give several ``--ranks`` so the program chooses the rank per matrix too.
 
 Each row records the cost-table time (cold or cached), the Fisher pass time (``--metric fisher``
-or a Fisher-weighted reconstructor), the solve time and the bits / ranks chosen.
+or a Fisher-weighted reconstructor), the solve time and the bits / ranks chosen. A row already in
+``--out`` is not measured again when every option that moves its figures matches
+(``methods_table.recipe_key``): ``--model`` and the recipe the row ran (quantizer, reconstructor
+and their options, ``--bits``, ``--group-sizes``, ``--ranks``, the budget and convention, the
+allocator, ``--metric``, ``--reuse``, ``--cache`` (whose state sets the cost-table time),
+``--calibration``, ``--evaluation``, ``--seq-len``, ``--evaluation-sources``). ``--device`` (float
+rounding only), ``--out`` and ``--uniform`` are not in the key; rows without a ``model`` were
+measured on the default model.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from methods_table import _options, _read, _versions_line, compress_and_score  # noqa: E402
+from methods_table import _options, _read, _versions_line, compress_and_score, recipe_key  # noqa: E402
 
 from lqframe.costcache import CostCache, default_cache_path  # noqa: E402
 from lqframe.data import make_data  # noqa: E402
@@ -91,7 +98,7 @@ def main() -> None:
     fps = {s: perplexity(base, w, progress=False) for s, w in data.evaluation.items()}
     print("float perplexity " + ", ".join(f"{v:.4f} ({s})" for s, v in fps.items()), flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = {_key(r) for r in _read(out)}
+    done = {recipe_key(r) for r in _read(out)}
     cache_path = Path(args.cache) if args.cache else default_cache_path()
 
     jobs = []
@@ -113,7 +120,7 @@ def main() -> None:
         if args.reconstructor != "none":
             doc["reconstruct_stage"] = {"reconstructor": {"name": args.reconstructor, **ropts}}
         recipe = parse_recipe(doc, f"allocation-{convention}-{budget}")
-        row_key = _key({"recipe": doc})
+        row_key = recipe_key({"model": args.model, "recipe": doc})
         if row_key in done:
             print(f"{convention:5} {budget:.3f} {allocator}: cached", flush=True)
             continue
@@ -121,15 +128,16 @@ def main() -> None:
         try:
             state, seconds = compress_and_score(recipe, base, device, data, fps)
         except BudgetError as exc:  # recorded: the table says which budgets cannot be met
-            row = {"recipe": doc, "convention": convention, "budget": budget, "allocator": allocator,
-                   "quantizer": args.quantizer, "reconstructor": args.reconstructor, "grid": grid, "error": str(exc)}
+            row = {"model": args.model, "recipe": doc, "convention": convention, "budget": budget,
+                   "allocator": allocator, "quantizer": args.quantizer, "reconstructor": args.reconstructor,
+                   "grid": grid, "error": str(exc)}
             with out.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
             print(f"{convention:5} budget {budget:.3f} {allocator}: {exc}", flush=True)
             continue
         results = state.results
         row = {
-            "recipe": doc, "convention": convention, "budget": budget, "allocator": allocator,
+            "model": args.model, "recipe": doc, "convention": convention, "budget": budget, "allocator": allocator,
             "quantizer": args.quantizer, "reconstructor": args.reconstructor, "grid": grid,
             "ppl": state.ppl, "perplexity": perplexity_table(state), "data": data.record(),
             "compress_seconds": seconds,
@@ -163,10 +171,6 @@ def _factor_bits(model, rank: int) -> float:
             numel += n * m
             factors += 16 * rank * (n + m)
     return factors / numel
-
-
-def _key(row: dict) -> str:
-    return json.dumps(row["recipe"], sort_keys=True)
 
 
 def _ropts(row: dict) -> dict:

@@ -12,9 +12,14 @@ depend on the values), L and R rank 32, activations float16 on a GPU.
 On a CUDA device each row gives the median time per call of the fused Triton kernel
 (``LQFRAME_KERNELS=triton``), of the torch reference (dequantize, then two matmuls) and of a dense
 float16 ``x·Wᵀ``; the effective GB/s of each (bytes it must read ÷ time); and the bytes-read bound
-(packed Q + scales + zero points + float16 L, R + x + y, at ``--bandwidth`` GB/s). On a CPU the
-Triton kernels do not run (their interpreter is a correctness tool): the rows time the reference
-path and a dense float32 matmul, and GPU figures need a GPU.
+(packed Q + scales + zero points + float16 L, R + x + y, read at the card's bandwidth). That
+bandwidth is measured on the card that runs the benchmark (:func:`copy_bandwidth`: a 1 GiB
+device-to-device copy, bytes read + bytes written ÷ median time), unless ``--bandwidth GB/s``
+gives it; the output names the card and says which was used ("measured copy bandwidth 3012 GB/s
+on NVIDIA H100 80GB HBM3" or "given bandwidth 4800 GB/s on ..."), and every JSON row records
+``device``, ``bandwidth_gbs`` and ``bandwidth`` (measured or given). On a CPU the Triton kernels do
+not run (their interpreter is a correctness tool): the rows time the reference path and a dense
+float32 matmul, have no bound, and GPU figures need a GPU.
 
 ``--generate DIR`` loads an lqframe output folder (``lqframe run``) and its float original, and
 reports greedy decode tokens per second for 128 new tokens from one prompt, float16 original
@@ -79,6 +84,17 @@ def timed(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(samples)
 
 
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """GB/s of a copy of ``nbytes`` bytes from one buffer of ``device`` to another: bytes read + bytes
+    written over the median time of ``repeats`` copies after warm-up (:func:`timed`: CUDA events on
+    a GPU). What the card's memory sustains in practice, below its data-sheet figure; the bytes-read
+    bound is taken at it. Works on any device (a CPU gives its memory's figure, for tests)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    seconds = timed(functools.partial(dst.copy_, src), device, repeats)
+    return 2 * nbytes / seconds / 1e9
+
+
 def layer_rows(args, device: torch.device) -> list[dict]:
     from lqframe.kernels import dispatch
 
@@ -97,7 +113,9 @@ def layer_rows(args, device: torch.device) -> list[dict]:
                 need = bytes_read(n, k, m, bits, args.group_size, args.rank, x.element_size())
                 dense_bytes = n * k * x.element_size() + (m * k + m * n) * x.element_size()
                 row = {"shape": label, "out": n, "in": k, "bits": bits, "batch": m, "rank": args.rank,
-                       "bytes": need, "bound_ms": need / (args.bandwidth * 1e9) * 1e3 if gpu else None}
+                       "bytes": need, "bound_ms": need / (args.bandwidth * 1e9) * 1e3 if gpu else None,
+                       "device": args.device_name, "bandwidth_gbs": args.bandwidth if gpu else None,
+                       "bandwidth": args.bandwidth_source if gpu else None}
                 packed = functools.partial(dispatch.lq_linear_packed, x, qw, left, right)
                 with torch.inference_mode():
                     os.environ["LQFRAME_KERNELS"] = "reference"
@@ -173,7 +191,8 @@ def generate(args, device: torch.device) -> None:
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
         new = out.shape[1] - ids.shape[1]
-        results[label] = {"tokens_per_s": new / seconds, "new_tokens": new, "seconds": seconds}
+        results[label] = {"tokens_per_s": new / seconds, "new_tokens": new, "seconds": seconds,
+                          "device": args.device_name}
         print(json.dumps({label: results[label]}), flush=True)
         del model
     os.environ["LQFRAME_KERNELS"] = "auto"
@@ -191,7 +210,9 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--repeats", type=int, help="timed calls per row (default 50 on a GPU, 3 on a CPU)")
-    ap.add_argument("--bandwidth", type=float, default=4800.0, help="GB/s of the GPU's memory (H200: 4800)")
+    ap.add_argument("--bandwidth", type=float, metavar="GB/s",
+                    help="memory bandwidth for the bytes-read bound (default: measured on the GPU that runs this, "
+                         "a 1 GiB device-to-device copy)")
     ap.add_argument("--generate", metavar="DIR", help="decode tokens/s of this lqframe output folder instead")
     ap.add_argument("--new-tokens", type=int, default=128)
     args = ap.parse_args()
@@ -201,6 +222,7 @@ def main() -> None:
     import lqframe
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    args.device_name = name
     print(f"lqframe {lqframe.__version__}, torch {torch.__version__}, {name}", file=sys.stderr)
     if device.type != "cuda":
         print("no CUDA device: the Triton kernels are not timed (GPU figures need a GPU); the rows time "
@@ -208,7 +230,18 @@ def main() -> None:
     if args.generate:
         generate(args, device)
         return
+    bound = ""
+    if device.type == "cuda":
+        args.bandwidth_source = "given" if args.bandwidth is not None else "measured"
+        if args.bandwidth is None:
+            args.bandwidth = copy_bandwidth(device)
+        what = "copy bandwidth" if args.bandwidth_source == "measured" else "bandwidth"
+        bound = f"{args.bandwidth_source} {what} {args.bandwidth:.0f} GB/s on {name}"
+        print(json.dumps({"device": name, "bandwidth_gbs": args.bandwidth, "bandwidth": args.bandwidth_source}),
+              flush=True)
     rows = layer_rows(args, device)
+    if bound:
+        print(f"bytes-read bound at the {bound}\n")
     print(table(rows, device.type == "cuda"))
 
 

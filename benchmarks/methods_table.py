@@ -10,12 +10,25 @@ appended to a JSON-lines file as soon as it finishes, so an interrupted table re
 Variants: ``--quantizer-options act_order=true static_groups=true`` (YAML values) and
 ``--reconstructor-options factor_dtype=int8``; several quantizer variants in one invocation with
 ``--quantizer-variants "" "act_order=true static_groups=true" "symmetric=true"`` (one string each,
-"" for none). Rows record their options and are cached per combination *and* options.
+"" for none).
 
 Every row is scored on each ``--evaluation-sources`` (default ``pydoc news``: Python documentation
 and English news prose, 16 × 512 windows each); ``--calibration-sources pydoc news`` calibrates on a
 mix (windows split evenly). A cached row that lacks a requested evaluation source is measured again
 and replaced.
+
+A row is cached (not measured again) under every option that moves its figures, and records them
+all (:data:`ROW_KEY`): ``--model``, the quantizer, bits, ``--group-size`` and
+``--quantizer-options``, the reconstructor, ``--rank`` and ``--reconstructor-options``,
+``--sequential``, ``--calibration`` and ``--calibration-sources``, ``--seq-len`` and
+``--evaluation`` (the evaluation windows per source; the calibration windows are held out from
+them). A run with any of them changed measures its own rows, and the table labels a value other
+than the default. Not in the key: ``--evaluation-sources`` (each source is scored on its own
+windows; a missing one is measured, as said above), ``--device`` (moves the figures only by float
+rounding; the row's ``versions`` name the device), ``--out`` and ``--include``, nor lqframe's own
+defaults (the row's ``resolved`` options and ``versions`` record them). Rows written before
+the model, group size, sequence length and evaluation windows were recorded were measured with the
+defaults, read as such (:func:`key_options`).
 """
 
 from __future__ import annotations
@@ -39,7 +52,7 @@ from lqframe.pipeline import summarize
 from lqframe.recipe import parse_recipe
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
@@ -65,7 +78,11 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="only print the markdown table of what --out holds")
     ap.add_argument("--include", nargs="*", default=[], metavar="JSONL",
                     help="with --table: also render the rows of these files (e.g. benchmarks/results/peers.jsonl)")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.table:
         print(render([row for path in [args.out, *args.include] for row in _read(Path(path))]))
         return
@@ -92,12 +109,10 @@ def main() -> None:
           + f" ({args.evaluation}×{args.seq_len} evaluation tokens each)", flush=True)
     registered = set(lqframe.registry().names("quantizer")) | set(lqframe.registry().names("reconstructor"))
     for bits, qname, qopts, rname in itertools.product(args.bits, args.quantizers, variants, args.reconstructors):
-        rank = args.rank if rname != "none" else 0
-        r_opts = ropts if rname != "none" else {}
-        key = _key(qname, bits, rname, rank, qopts, r_opts, args.sequential, args.calibration, cal_sources)
-        label = (f"{qname:5} {bits}b {rname:12}"
-                 f"{_label(qopts, r_opts, args.sequential, args.calibration, cal_sources)}")
-        cached = done.get(key)
+        options = run_options(args, qname, bits, qopts, rname, ropts)
+        r_opts = options["reconstructor_options"]
+        label = f"{qname:5} {bits}b {rname:12}{_label(options)}"
+        cached = done.get(_row_key(options))
         if cached is not None and all(s in cached.get("perplexity", {}) for s in args.evaluation_sources):
             print(f"{label} ppl {cached['ppl']:10.4f} (cached)", flush=True)
             continue
@@ -118,10 +133,7 @@ def main() -> None:
         recipe = parse_recipe(doc, f"{qname}-{bits}-{rname}")
         state, seconds = compress_and_score(recipe, base, device, data, fps)
         ppl, results = state.ppl, state.results
-        row = {"quantizer": qname, "bits": bits, "reconstructor": rname, "rank": rank,
-               "quantizer_options": qopts, "reconstructor_options": r_opts, "sequential": args.sequential,
-               "calibration_windows": args.calibration, "group_size": args.group_size,
-               "calibration_sources": cal_sources,
+        row = {**options,
                "ppl": ppl, "fp_ppl": fp, "ratio": ppl / fp, "perplexity": perplexity_table(state),
                "data": data.record(),
                "compress_seconds": seconds, **summarize(results),
@@ -134,6 +146,17 @@ def main() -> None:
               + f"  bits {row['avg_bits']:.3f}/{row['avg_bits_with_lowrank']:.3f}  {seconds:6.1f} s",
               flush=True)
         del state
+
+
+def run_options(args, qname: str, bits: int, qopts: dict, rname: str, ropts: dict) -> dict:
+    """The :data:`ROW_KEY` fields of one combination of a run with options ``args`` (rank 0 and no
+    reconstructor options without a reconstructor): its cache key, and the first fields of its row."""
+    none = rname == "none"
+    return {"model": args.model, "quantizer": qname, "bits": bits, "group_size": args.group_size,
+            "quantizer_options": qopts, "reconstructor": rname, "rank": 0 if none else args.rank,
+            "reconstructor_options": {} if none else ropts, "sequential": args.sequential,
+            "calibration_windows": args.calibration, "calibration_sources": list(args.calibration_sources),
+            "seq_len": args.seq_len, "evaluation_windows": args.evaluation}
 
 
 def compress_and_score(recipe, base, device, data, fps: dict, tuning=None, log=lambda s: None
@@ -176,10 +199,35 @@ def _read(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-def _row_key(row: dict) -> tuple:
-    return _key(row["quantizer"], row["bits"], row["reconstructor"], row["rank"], row.get("quantizer_options", {}),
-                row.get("reconstructor_options", {}), row.get("sequential", "block"),
-                row.get("calibration_windows", 16), row.get("calibration_sources", ["pydoc"]))
+#: the fields of a row that name every option moving its figures: its cache key (:func:`_row_key`)
+ROW_KEY = ("model", "quantizer", "bits", "group_size", "quantizer_options", "reconstructor", "rank",
+           "reconstructor_options", "sequential", "calibration_windows", "calibration_sources", "seq_len",
+           "evaluation_windows")
+#: what a row that lacks one of these fields was measured with: the scripts' defaults, unchanged since
+#: the first rows (earlier rows did not record model, seq_len, evaluation_windows, some not the rest)
+ROW_DEFAULTS = {"model": "default", "group_size": 64, "quantizer_options": {}, "reconstructor_options": {},
+                "sequential": "block", "calibration_windows": 16, "calibration_sources": ["pydoc"], "seq_len": 512,
+                "evaluation_windows": 16}
+
+
+def key_options(row: dict) -> dict:
+    """The :data:`ROW_KEY` fields of ``row`` (a results row or the options of a run), a missing one
+    read as the default it was measured with (:data:`ROW_DEFAULTS`); quantizer, bits, reconstructor
+    and rank every row has."""
+    return {k: row[k] if k in row or k not in ROW_DEFAULTS else copy.deepcopy(ROW_DEFAULTS[k]) for k in ROW_KEY}
+
+
+def _row_key(row: dict) -> str:
+    """The cache key of a row: two rows share it exactly when every option that moves the figures is equal."""
+    options = key_options(row)
+    return json.dumps([options[k] for k in ROW_KEY], sort_keys=True)
+
+
+def recipe_key(row: dict) -> str:
+    """The cache key of a row that records the recipe it ran (allocation.py, rilq.py): its model and
+    that recipe, which holds every other option that moves its figures; a row without a model was
+    measured on the default one (:data:`ROW_DEFAULTS`)."""
+    return json.dumps({"model": row.get("model", ROW_DEFAULTS["model"]), "recipe": row["recipe"]}, sort_keys=True)
 
 
 def _append(path: Path, row: dict, replace: dict | None = None) -> None:
@@ -209,11 +257,7 @@ def render(rows: list[dict]) -> str:
     lines: dict[tuple, dict[int, dict]] = {}
     for r in rows:
         rank = f" [rank {r['rank']}]" if r.get("rank") not in (0, 32, None) else ""
-        label = (r["quantizer"], r["reconstructor"], (_label(r.get("quantizer_options", {}),
-                                                               r.get("reconstructor_options", {}),
-                                                               r.get("sequential", "block"),
-                                                               r.get("calibration_windows", 16),
-                                                               r.get("calibration_sources", ["pydoc"])) + rank).strip())
+        label = (r["quantizer"], r["reconstructor"], (_label(key_options(r)) + rank).strip())
         lines.setdefault(label, {})[r["bits"]] = r
     order = ["none", "svd", "lqer", "qera-approx", "qera-exact", "loftq"]
     lines = dict(sorted(lines.items(), key=lambda kv: (kv[0][0] != "rtn", kv[0][0],
@@ -260,21 +304,24 @@ def _options(pairs: list[str]) -> dict:
     return out
 
 
-def _key(qname, bits, rname, rank, qopts, ropts, sequential="block", calibration=16, cal_sources=("pydoc",)):
-    return (qname, bits, rname, rank, json.dumps(qopts, sort_keys=True), json.dumps(ropts, sort_keys=True),
-            sequential, calibration, tuple(cal_sources))
-
-
-def _label(qopts: dict, ropts: dict, sequential: str = "block", calibration: int = 16,
-           cal_sources=("pydoc",)) -> str:
+def _label(options: dict) -> str:
+    """The variant of a row: its options, and every key field (:func:`key_options`) off its default."""
+    o = key_options(options)
+    qopts, ropts = o["quantizer_options"], o["reconstructor_options"]
     opts = [f"{k}={v}" for k, v in qopts.items()]
     opts += [f"{'reconstructor ' if k in qopts else ''}{k}={v}" for k, v in ropts.items()]
-    if sequential != "block":
-        opts.append(f"sequential={sequential}")
-    if calibration != 16:
-        opts.append(f"calibration={calibration}×512")
-    if list(cal_sources) != ["pydoc"]:
-        opts.append(f"calibrated on {'+'.join(cal_sources)}")
+    if o["group_size"] != ROW_DEFAULTS["group_size"]:
+        opts.append(f"g{o['group_size']}")
+    if o["sequential"] != ROW_DEFAULTS["sequential"]:
+        opts.append(f"sequential={o['sequential']}")
+    if o["calibration_windows"] != ROW_DEFAULTS["calibration_windows"] or o["seq_len"] != ROW_DEFAULTS["seq_len"]:
+        opts.append(f"calibration={o['calibration_windows']}×{o['seq_len']}")
+    if list(o["calibration_sources"]) != ROW_DEFAULTS["calibration_sources"]:
+        opts.append(f"calibrated on {'+'.join(o['calibration_sources'])}")
+    if o["evaluation_windows"] != ROW_DEFAULTS["evaluation_windows"] or o["seq_len"] != ROW_DEFAULTS["seq_len"]:
+        opts.append(f"evaluation={o['evaluation_windows']}×{o['seq_len']}")
+    if o["model"] != ROW_DEFAULTS["model"]:
+        opts.append(f"model {o['model']}")
     return f" [{' '.join(opts)}]" if opts else ""
 
 

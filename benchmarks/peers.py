@@ -4,7 +4,12 @@ Runs PEFT's LoftQ initialisation and llm-compressor's GPTQ on CPU, on the very m
 perplexity function that ``benchmarks/methods_table.py`` uses (SmolLM2-135M-Instruct; pydoc
 calibration, 16 × 512; pydoc and news evaluation, 16 × 512 each; ``lqframe.evaluate.perplexity``),
 and appends one JSON line per peer row to ``--out`` in methods_table's row schema, so the table
-renders with ``methods_table.render``. Install the peers with ``pip install -e '.[peers]'`` (see
+renders with ``methods_table.render``. A row already in ``--out`` is kept (not measured again, unless
+``--force``) when every option that moves its figures matches (methods_table's key): ``--model``
+(``--tiny``), ``--rank`` and ``--iterations`` (LoftQ), ``--group-size`` (GPTQ; LoftQ's NF4 blocks are
+64), ``--calibration``, ``--calibration-sources``, ``--seq-len`` and ``--evaluation``; a row lacking
+a requested ``--evaluation-sources`` source is measured again. ``--out``, ``--verbose`` and
+``--table`` move no figure. Install the peers with ``pip install -e '.[peers]'`` (see
 docs/peers.md); a peer whose package is not importable is skipped with a message.
 
     python benchmarks/peers.py                      # every peer; rows already in --out are kept
@@ -72,7 +77,7 @@ PEERS: dict[str, dict[str, Any]] = {
 }
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--peers", nargs="+", choices=list(PEERS), default=list(PEERS))
     ap.add_argument("--model", default="default")
@@ -92,7 +97,11 @@ def main() -> None:
                     help="a random 2-layer Llama (hidden 64) and random token windows instead of the model "
                          "and its data: checks the plumbing in seconds; rows go to a temporary file")
     ap.add_argument("--verbose", action="store_true", help="keep the peers' own logging and progress bars")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     out = Path(args.out or (Path(tempfile.gettempdir()) / "lqframe-peers-tiny.jsonl" if args.tiny
                             else Path(__file__).resolve().parent / "results" / "peers.jsonl"))
     if args.table:
@@ -144,7 +153,6 @@ def main() -> None:
             "avg_bits_with_lowrank": (acct["q_bits"] + acct["lr_bits"]) / acct["params"],
             "bits_accounting": acct["how"],
             "peer_settings": settings,
-            "model": "tiny-random-llama" if args.tiny else args.model,
             "versions": _versions(PEERS[name]["distributions"]),
         })
         if data_record is not None:
@@ -188,9 +196,11 @@ def _load(args, cal_sources):
 
 
 def _row_stub(name: str, args, cal_sources: list[str]) -> dict[str, Any]:
-    """The keys that identify a row (methods_table._row_key) plus the descriptive ones."""
-    common = {"sequential": "block", "calibration_windows": args.calibration, "calibration_sources": cal_sources,
-              "group_size": args.group_size if name != "loftq" else 64}
+    """Every field of a row's cache key (methods_table.ROW_KEY: the options that move its figures)."""
+    common = {"model": "tiny-random-llama" if args.tiny else args.model, "sequential": "block",
+              "calibration_windows": args.calibration, "calibration_sources": cal_sources,
+              "group_size": args.group_size if name != "loftq" else 64, "seq_len": args.seq_len,
+              "evaluation_windows": args.evaluation}
     if name == "loftq":
         return {"quantizer": "peft nf4", "bits": 4, "reconstructor": "peft loftq", "rank": args.rank,
                 "quantizer_options": {}, "reconstructor_options": {"iterations": args.iterations}, **common}

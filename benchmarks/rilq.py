@@ -8,8 +8,12 @@ pydoc, never among the evaluation windows.
 
 Each row records the perplexities, the bits, the tune stage's wall time, the process's peak
 resident memory while it tuned (sampled), the validation history and why training stopped. Rows
-go to ``--out`` (JSON lines) as they finish; a row already there is not measured again.
-``--table`` prints the markdown table of what ``--out`` holds.
+go to ``--out`` (JSON lines) as they finish; a row already there is not measured again when every
+option that moves its figures matches (``methods_table.recipe_key``): ``--model`` and the recipe
+the row ran (bits, ``--group-size``, rank, ``--quantizer``/``--reconstructor`` and their options,
+``--tune``, ``--calibration``, ``--evaluation``, ``--seq-len``, ``--evaluation-sources``).
+``--device`` (float rounding only) and ``--out`` are not in the key; rows without a ``model`` were
+measured on the default model. ``--table`` prints the markdown table of what ``--out`` holds.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from methods_table import _options, _read, _versions_line, compress_and_score  # noqa: E402
+from methods_table import _options, _read, _versions_line, compress_and_score, recipe_key  # noqa: E402
 
 from lqframe.data import make_data, make_tuning_windows  # noqa: E402
 from lqframe.engine import perplexity_table, versions  # noqa: E402
@@ -105,7 +109,7 @@ def main() -> None:
     fps = {s: perplexity(base, w, progress=False) for s, w in data.evaluation.items()}
     print("float perplexity " + ", ".join(f"{v:.4f} ({s})" for s, v in fps.items()), flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = {_key(r["recipe"]) for r in _read(out)}
+    done = {recipe_key(r) for r in _read(out)}
 
     jobs = []
     for bits in args.bits:
@@ -126,7 +130,7 @@ def main() -> None:
         if kind == "tuned":
             doc["tune_stage"] = tune
         label = f"{args.quantizer} {bits}b r{rank} {kind}"
-        if _key(doc) in done:
+        if recipe_key({"model": args.model, "recipe": doc}) in done:
             print(f"{label}: cached", flush=True)
             continue
         recipe = parse_recipe(doc, label)
@@ -135,7 +139,8 @@ def main() -> None:
                                                 tuning=tuning if kind == "tuned" else None,
                                                 log=lambda s: print("   ", s, flush=True))
         tuned = state.tuned
-        row = {"recipe": doc, "quantizer": args.quantizer, "bits": bits, "rank": rank, "kind": kind,
+        row = {"model": args.model, "recipe": doc, "quantizer": args.quantizer, "bits": bits, "rank": rank,
+               "kind": kind,
                "reconstructor": args.reconstructor if kind != "none" else "none",
                "ppl": state.ppl, "perplexity": perplexity_table(state), "data": data.record(),
                "tuning_data": tuning.record() if kind == "tuned" else None,
@@ -161,10 +166,6 @@ def _objectives_label(objectives) -> str:
     if isinstance(objectives, dict):
         return " + ".join(f"{w:g} {name}" for name, w in objectives.items())
     return objectives if isinstance(objectives, str) else " + ".join(objectives)
-
-
-def _key(recipe: dict) -> str:
-    return json.dumps(recipe, sort_keys=True)
 
 
 def render(rows: list[dict]) -> str:

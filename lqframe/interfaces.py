@@ -85,6 +85,12 @@ class ErrorReconstructor(Component, abc.ABC):
         """Exact storage bits of the low-rank term for a matrix of this shape (0 if none)."""
         return 0
 
+    def weighted_error(self, diff: torch.Tensor, stats: LayerStats | None = None) -> float:
+        """The norm this reconstructor's ``L·R`` minimises, of a difference ``diff`` (out × in, e.g.
+        ``W − Q`` or ``W − Q − L·R``), in float64: Frobenius unless overridden. ``lqframe.testing``
+        holds every reconstructor to ``weighted_error(W − Q − L·R) ≤ weighted_error(W − Q)``."""
+        return float(torch.linalg.vector_norm(diff.to(torch.float64)))
+
     def all_needs(self, quantizer: Quantizer) -> frozenset[str]:
         return frozenset(self.needs) | frozenset(quantizer.needs)
 

@@ -194,6 +194,11 @@ class LowRankReconstructor(ErrorReconstructor):
         """The output-side scaling S of the solve (None: identity). Override in subclasses."""
         return None
 
+    def weighted_error(self, diff: torch.Tensor, stats: LayerStats | None = None) -> float:
+        """``‖S · diff · T‖_F`` with this reconstructor's scalings (the norm its solve minimises)."""
+        stats = stats if stats is not None else LayerStats()
+        return self._weighted_error(diff, self.row_scaling(stats), self.column_scaling(stats))
+
     def decompose(self, weight, quantizer, stats=None) -> Decomposition:
         """Fit ``L·R`` to ``W − Q`` under the method's scalings: once, or alternating with the
         quantizer for ``iterations > 1`` (see the module doc)."""

@@ -467,8 +467,9 @@ def check_quantizer(
 
     * :func:`check_qweight`: real-bit packing and pack/unpack identity, ``storage_bits()`` = bits
       of the serialised tensors = ``quantizer.storage_bits(shape)``, serialisation round trip;
-    * with ``rounds_to_nearest``, every element's error within ``QuantizedWeight.error_bound``
-      (relative slack 1e-6);
+    * with ``rounds_to_nearest``, every element decoded to the nearest value its block can represent
+      (its error at most ``QuantizedWeight.error_bound``, the distance to that value, relative slack
+      1e-6): a code one step off anywhere, even where a codebook's gaps are narrowest, fails;
     * ``roundtrip`` (the fast path) equal to ``quantize(...).dequantize()`` (``rtol`` 1e-6);
     * the same bytes again when quantizing the input's float32 value: determinism for float32
       inputs, and float16/bfloat16 inputs quantized exactly as their float32 values.
@@ -490,7 +491,8 @@ def check_quantizer(
             bound = qw.error_bound(w32)
             slack = 1e-6 * (w32.abs() + bound) + 1e-30
             excess = float(((w32 - deq).abs() - bound - slack).max())
-            assert excess <= 0, f"rounding error exceeds the format step by {excess:.3g}"
+            assert excess <= 0, f"an element is not rounded to the nearest representable value (error {excess:.3g} " \
+                                f"above the nearest value's)"
         torch.testing.assert_close(quantizer.roundtrip(w, stats), deq, rtol=1e-6, atol=0)
         # float32 input: determinism; float16/bfloat16 input: quantized as its exact float32 value
         _assert_same_bytes(quantizer.quantize(w32, stats), qw, f"{w.dtype} input quantized again as float32")
@@ -573,6 +575,21 @@ def _check_eckart_young_once(
     assert err <= other + 1e-6 * scale + slack, f"a random rank-{k} term does better: {other} < {err}"
 
 
+def _check_lowrank_helps(rec: ErrorReconstructor, w: torch.Tensor, dec: Decomposition, stats: LayerStats) -> None:
+    """``weighted_error(W − Q − L·R) ≤ weighted_error(W − Q)`` for the returned Q, up to float32
+    rounding of the stored factors (relative 2⁻²⁰ of the error of Q, or of the size of ``L·R``)."""
+    if dec.lowrank is None:
+        return
+    residual = w.double() - dec.qweight.dequantize().double()
+    lowrank = dec.lowrank.left.double() @ dec.lowrank.right.double()
+    without = rec.weighted_error(residual, stats)
+    with_lr = rec.weighted_error(residual - lowrank, stats)
+    slack = 2.0**-20 * (without + rec.weighted_error(lowrank, stats)) + 1e-30
+    assert with_lr <= without + slack, (
+        f"{rec!r}: Q + L·R is further from W than Q alone in the reconstructor's own norm "
+        f"({with_lr:.6g} > {without:.6g})")
+
+
 def check_eckart_young(
     reconstructor: Any = "svd",
     config: Mapping[str, Any] | None = None,
@@ -643,6 +660,10 @@ def check_reconstructor(
     * its ``qweight`` passes :func:`check_qweight` (packing, exact storage, serialisation);
     * ``reconstructor.lowrank_bits(shape)`` equals the low-rank term's ``storage_bits()``, and the
       decomposition's ``storage_bits()`` is the sum of both parts;
+    * ``L·R`` never makes ``Q`` worse: ``reconstructor.weighted_error(W − Q − L·R)`` is at most
+      ``weighted_error(W − Q)`` (the norm the reconstructor minimises; Frobenius by default, the
+      scaled norm ``‖S·Δ·T‖`` for a ``LowRankReconstructor``), for every reconstructor, whatever
+      its method;
     * decomposing again gives the same bytes and the same dense matrix;
     * where it applies (a ``LowRankReconstructor`` with ``method: exact``, ``iterations: 1``) the
       Eckart–Young properties of :func:`check_eckart_young`, on float32 factors.
@@ -675,6 +696,10 @@ def check_reconstructor(
         assert rec.lowrank_bits((n, m)) == lr_bits, f"lowrank_bits({(n, m)}) = {rec.lowrank_bits((n, m))}, " \
                                                    f"actual {lr_bits}"
         assert dec.storage_bits() == qw.storage_bits() + lr_bits
+
+        # L·R never makes Q worse, in the norm the reconstructor minimises (any method: alternating,
+        # randomized, with rounded factors); a random or mis-signed L·R fails here
+        _check_lowrank_helps(rec, w.float(), dec, stats)
 
         # deterministic: the same input gives the same bytes
         dec2 = rec.decompose(w, quantizer, stats)

@@ -149,31 +149,33 @@ class QuantizedWeight:
         return values.reshape(self.shape).to(dtype)
 
     def error_bound(self, reference: torch.Tensor) -> torch.Tensor:
-        """Largest error nearest-value rounding of ``reference`` onto this grid can make, per element.
+        """Per element, the distance from ``reference`` to the nearest value its block represents.
 
-        Per block the representable values are ``lut * scale + offset``; an element inside their
-        range is at most half the widest gap away from one, an element outside is clipped to the
-        nearest end.
+        Per block the representable values are ``lut * scale + offset``; this is exactly the error
+        of rounding to the nearest of them (an element outside their range: the distance to the
+        nearer end), so a quantizer that rounds to nearest never errs by more, and one that picks the
+        second-nearest value anywhere does. Computed per element against the two grid values around
+        it (and their neighbours, against rounding of the division), in float32 as the decoder does.
         """
-        scale = self.block_scales()
+        x = reference.to(torch.float32).reshape(self.rows, self.cols)
+        if x.numel() == 0:
+            return x.reshape(self.shape)
+        scale = expand_blocks(self.block_scales(), self.block_size, self.cols)
+        offset = self.offset.to(torch.float32) if self.offset is not None else 0.0  # broadcast as decoded
         if self.codebook is not None:
             lut = torch.sort(self.codebook.to(torch.float32)).values
-            lo_l, hi_l = lut[0], lut[-1]
-            gap = (lut[1:] - lut[:-1]).max() if lut.numel() > 1 else torch.zeros((), device=lut.device)
-            lo = torch.minimum(lo_l * scale, hi_l * scale)
-            hi = torch.maximum(lo_l * scale, hi_l * scale)
-            half = gap * scale.abs() / 2
+            shift = torch.zeros((), device=x.device)
         else:
-            z = self.block_zeros()
-            top = float((1 << self.bits) - 1)
-            a, b = (0.0 - z) * scale, (top - z) * scale
-            lo, hi = torch.minimum(a, b), torch.maximum(a, b)
-            half = scale.abs() / 2
-        lo, hi, half = self._expand(lo), self._expand(hi), self._expand(half)
-        if self.offset is not None:
-            lo, hi = lo + self.offset.float(), hi + self.offset.float()
-        x = reference.to(torch.float32).reshape(self.shape)
-        return half + torch.relu(lo - x) + torch.relu(x - hi)
+            lut = torch.arange(1 << self.bits, dtype=torch.float32, device=x.device)
+            shift = expand_blocks(self.block_zeros(), self.block_size, self.cols)  # lut(q) = q − zero
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        position = torch.where(scale == 0, torch.zeros_like(x), (x - offset) / safe + shift)
+        index = torch.searchsorted(lut, position.contiguous())
+        best = torch.full_like(x, float("inf"))
+        for step in (-2, -1, 0, 1):
+            candidate = lut[(index + step).clamp(0, lut.numel() - 1)]
+            best = torch.minimum(best, (x - ((candidate - shift) * scale + offset)).abs())
+        return best.reshape(self.shape)
 
     # ----------------------------------------------------------------- storage
     def storage_bits(self) -> int:

@@ -67,7 +67,11 @@ def test_peft_adapter_on_the_dense_base_gives_the_models_logits(checkpoint, tmp_
 
 
 def test_mixed_ranks_go_to_the_rank_pattern(checkpoint, tmp_path):
+    """One layer cut to rank 4 among rank-8 layers: transformers loads the dense base, PEFT the adapter
+    (its rank-4 layer from ``rank_pattern``, scaling 1 from ``alpha_pattern``), and the pair gives the
+    cut model's logits; a pattern left out fails to load (shape) or changes the logits (scaling 2)."""
     from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
     model = lqframe.load(checkpoint)
     name = next(n for n, m in model.named_modules() if isinstance(m, LQLinear))
@@ -82,7 +86,14 @@ def test_mixed_ranks_go_to_the_rank_pattern(checkpoint, tmp_path):
     check = check_export(model, "peft", tmp_path / "a")
     assert check["peft_logits_rel_error"] <= 1e-4
     export_dense(model, tmp_path / "b")
-    assert PeftModel is not None
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "b", dtype=torch.float32)
+    tuned = PeftModel.from_pretrained(base, str(tmp_path / "a")).eval()
+    lora = tuned.get_submodule(f"base_model.model.{name}")
+    assert lora.lora_A["default"].weight.shape == (4, layer.in_features) and lora.scaling["default"] == 1.0
+    mine, theirs = _logits(model, IDS), _logits(tuned, IDS)
+    assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-5 * float(mine.abs().max()))
+    # the cut matters: the same pair with the layer's rank-8 factors gives other logits
+    assert not torch.allclose(_logits(lqframe.load(checkpoint), IDS), theirs, atol=1e-4 * float(mine.abs().max()))
 
 
 def _bits_lsb_first(words: np.ndarray) -> np.ndarray:

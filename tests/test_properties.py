@@ -208,6 +208,21 @@ class _ClaimsScaling(LowRankReconstructor):
 
 
 @attrs.frozen
+class _RandomTerm(LowRankReconstructor):
+    """A seeded random rank-r term of the optimal one's size, exactly accounted and deterministic, in
+    an alternating reconstructor (where the Eckart–Young check does not apply)."""
+
+    def _solve(self, residual, row_scaling=None, col_scaling=None):
+        lowrank, sol = super()._solve(residual, row_scaling, col_scaling)
+        g = torch.Generator().manual_seed(residual.numel())
+        left = torch.randn(lowrank.left.shape, generator=g)
+        right = torch.randn(lowrank.right.shape, generator=g)
+        size = float(torch.linalg.matrix_norm(lowrank.to_dense())) / max(float(torch.linalg.matrix_norm(left @ right)),
+                                                                          1e-30)
+        return lqframe.LowRank(left * size, right, lowrank.format), sol
+
+
+@attrs.frozen
 class _OverBudget(lqframe.BudgetAllocator):
     def allocate(self, table, budget_bits):
         return {name: table.choice(i, int(np.argmax(table.bits[i]))) for i, name in enumerate(table.layers)}
@@ -227,6 +242,8 @@ def test_checks_catch_broken_components():
     _fails(testing.check_reconstructor, _HalfCorrection(), match="lowrank_bits")
     _fails(testing.check_reconstructor, _HalfSVD(rank=2), match="Eckart-Young")
     _fails(testing.check_eckart_young, _HalfSVD(rank=2), match="Eckart-Young")
+    _fails(testing.check_reconstructor, _RandomTerm(rank=2, iterations=2, factor_dtype="float32"),
+           match="further from W than Q alone")
     _fails(testing.check_eckart_young, _ClaimsScaling(rank=2), match="Eckart-Young")
     _fails(testing.check_allocator, _OverBudget())
     _fails(testing.check_objective, _Detached(), match="differentiable")
