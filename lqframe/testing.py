@@ -79,6 +79,8 @@ __all__ = [
     "check_objective",
     "check_qweight",
     "check_device_placement",
+    "check_linear_output",
+    "UNIT_ROUNDOFF",
     # pytest helpers
     "ComponentCase",
     "component_id",
@@ -447,6 +449,57 @@ def _expect_weight_error(call: Callable[[], Any], what: str) -> None:
         assert "[3, 7]" in message, f"{what}: WeightError does not give the position [3, 7]: {message}"
     else:
         raise AssertionError(f"{what}: a non-finite weight did not raise lqframe.WeightError")
+
+
+#: unit roundoff (half the machine epsilon) of each floating dtype
+UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def check_linear_output(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    left: torch.Tensor | None = None,
+    right: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> float:
+    """Check an output of the packed linear ``y = x·Wᵀ + (x·Rᵀ)·Lᵀ + b`` computed in ``x.dtype``
+    (a kernel, a backend, :class:`~lqframe.LQLinear`) against exact arithmetic.
+
+    ``weight`` is ``Q`` dequantized (out × in). The reference is float64 arithmetic on the operands
+    rounded to ``x.dtype`` (``W``, ``L``, ``R``, ``b``), and the allowed error per output element is
+    ``(4u + 2k·u₃₂) · (|x|·|W|ᵀ + (|x·Rᵀ| + |x|·|R|ᵀ)·|L|ᵀ + |b|)``: four roundings to the
+    activation dtype (unit roundoff ``u``: the intermediate ``x·Rᵀ``, two sums, the result) and a
+    float32 accumulation over ``k = in + rank`` terms. A dropped or mis-scaled ``L·R`` exceeds it
+    wherever that term is larger than the rounding of the rest. Raises ``AssertionError`` naming the
+    worst element; returns the largest error as a fraction of its bound."""
+    dt = x.dtype
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.float64)
+    w = weight.to(x.device, dt).to(torch.float64)
+    exact, bound = x2 @ w.T, x2.abs() @ w.abs().T
+    rank = 0
+    if left is not None and right is not None and left.shape[1]:
+        rank = left.shape[1]
+        r, lf = right.to(x.device, dt).to(torch.float64), left.to(x.device, dt).to(torch.float64)
+        t = x2 @ r.T
+        exact = exact + t @ lf.T
+        bound = bound + (t.abs() + x2.abs() @ r.abs().T) @ lf.abs().T
+    if bias is not None:
+        b = bias.to(x.device, dt).to(torch.float64)
+        exact, bound = exact + b, bound + b.abs()
+    assert y.dtype == dt, f"output dtype {y.dtype}, activations {dt}"
+    assert y.shape == (*x.shape[:-1], weight.shape[0]), f"output shape {tuple(y.shape)}"
+    k = x.shape[-1] + rank
+    tol = (4 * UNIT_ROUNDOFF[dt] + 2 * k * UNIT_ROUNDOFF[torch.float32]) * bound + 1e-30
+    err = (y.reshape(exact.shape).to(torch.float64) - exact).abs()
+    if not err.numel():
+        return 0.0
+    ratio = err / tol
+    worst = float(ratio.max())
+    where = tuple(int(i) for i in torch.unravel_index(ratio.argmax(), ratio.shape))
+    assert worst <= 1.0, f"output {where} is off by {worst:.2f}× the {dt} rounding bound " \
+                         f"(error {float(err[where]):.3g}, bound {float(tol[where]):.3g})"
+    return worst
 
 
 # =========================================================================== quantizers

@@ -1,14 +1,17 @@
-"""Test configuration: Triton runs in its CPU interpreter (set before any kernel module is
-imported), hypothesis is deterministic on CI (its built-in 'ci' profile loads when CI is set)."""
+"""Test configuration: without a CUDA GPU, Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``,
+set before any kernel module is imported; with a GPU the kernels run compiled, and an explicit
+``TRITON_INTERPRET`` in the environment wins either way); hypothesis is deterministic on CI (its
+built-in 'ci' profile loads when CI is set)."""
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -74,6 +74,7 @@ COVERAGE: dict[tuple[str, str], str] = {
     ("docs/formats.md", "value = lut(q) · scale[block] + offset"): NOT_CODE + "the decoding rule (a formula)",
     ("docs/kernels.md", "bytes = out·in·k/8"): NOT_CODE + "the bytes-read bound (a formula)",
     ("docs/kernels.md", "python benchmarks/kernel_speed.py --device cuda "): "test_kernel_benchmark_commands",
+    ("docs/kernels.md", "python -m pytest tests/test_triton_kernels.py "): "test_shell_block",
     ("docs/peers.md", "python3 -m venv ~/.venvs/lqframe-peers"): "test_peers_commands",
     ("docs/plugins.md", "min over rank-r C of ‖S (Δ − C) T‖_F"): NOT_CODE + "the weighted low-rank problem (math)",
     ("docs/plugins.md", "@attrs.frozen\nclass QERAApproxReconstructor"): "test_lowrank_class_quotes",
@@ -373,6 +374,17 @@ def _collect(shell: Shell, cmd: Command) -> None:
         assert all(keyword in i for i in ids), [i for i in ids if keyword not in i]
 
 
+def _kernel_tests(shell: Shell, cmd: Command) -> None:
+    """The kernel tests, collected (see :func:`_collect`; compiled or interpreted, the same tests are
+    collected); with ``-k cuda``, as many cases of the GPU-only test as docs/kernels.md states."""
+    _collect(shell, cmd)
+    if "-k" in cmd.argv:
+        ids = [line for line in shell.results[cmd.text].stdout.splitlines() if "::" in line]
+        stated = re.search(r"`(test_cuda_\w+)`, (\d+) cases", (ROOT / "docs" / "kernels.md").read_text())
+        assert stated, "docs/kernels.md no longer states the GPU-only test's case count"
+        assert sum(f"::{stated[1]}[" in i for i in ids) == int(stated[2]), ids
+
+
 def _help(shell: Shell, cmd: Command) -> None:
     """A benchmark the tests cannot afford (or install): ``--help`` only; the test checks its flags."""
     shell.run(cmd, [*shell.program(cmd.argv[0]), *cmd.argv[1:], "--help"])
@@ -405,6 +417,9 @@ COMMANDS = {
     "LQFRAME_BLOCK_PLUGINS=lqframe-example-plugin,rtn lqframe plugins": _plugins,
     "python -m pytest": _collect,
     "python -m pytest tests/test_properties.py -k binary": _collect,
+    "python -m pytest tests/test_triton_kernels.py": _kernel_tests,
+    "TRITON_INTERPRET=1 python -m pytest tests/test_triton_kernels.py": _kernel_tests,
+    "python -m pytest tests/test_triton_kernels.py -k cuda": _kernel_tests,
     "OMP_NUM_THREADS=1 ~/.venvs/lqframe-peers/bin/python benchmarks/peers.py": _help,
     "python benchmarks/kernel_speed.py --device cuda": _kernel_layers,
     "python benchmarks/kernel_speed.py --device cuda --generate DIR": _kernel_generate,

@@ -226,9 +226,9 @@ def _own_tests(site: Path) -> dict[str, int]:
     """Run an example's own tests (``tests/`` of its source copy, run from that folder as its author
     would) with only lqframe and the installed plugin importable; the counts of the outcomes."""
     source = site.parent / "src"
-    # -P: the source folder is not put on sys.path, so the plugin comes from the installed copy
-    proc = _run([sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider"],
-                _env(site, TRITON_INTERPRET="1"), source)
+    # -P: the source folder is not put on sys.path, so the plugin comes from the installed copy;
+    # TRITON_INTERPRET as conftest.py left it (the interpreter without a GPU, compiled kernels with one)
+    proc = _run([sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider"], _env(site), source)
     counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|skipped|failed|errors?)", proc.stdout)}
     assert not counts.get("failed") and not counts.get("error") and not counts.get("errors"), proc.stdout
     return counts

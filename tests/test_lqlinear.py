@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import lqframe
+from lqframe import testing
 from lqframe.lqlinear import LQLinear, set_weight_cache
 
 REG = lqframe.registry()
@@ -86,13 +87,22 @@ def test_packed_weight_is_built_once_and_rebuilt_after_a_move():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_forward_computes_in_the_activations_dtype(device, dtype):
+    """Each output within the rounding bound of its dtype (testing.check_linear_output); the L·R term
+    is made as large as Q's, so a dropped or mis-rounded low-rank term is far outside that bound."""
     lin, dec, mod = _module()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        mod.left.copy_(torch.randn(mod.left.shape, generator=g) * 0.3)
+        mod.right.copy_(torch.randn(mod.right.shape, generator=g) * 0.3)
     mod = mod.to(device)
-    x = torch.randn(4, 96, device=device)
-    ref = x @ dec.dense().to(device).T + lin.bias.to(device)
-    y = mod(x.to(dtype))
+    x = torch.randn(4, 96, device=device).to(dtype)
+    y = mod(x)
     assert y.dtype == dtype and y.device.type == device
-    tol = 1e-5 if dtype == torch.float32 else 5e-2
-    torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol)
+    worst = testing.check_linear_output(y, x, dec.qweight.dequantize(), mod.left, mod.right, mod.bias)
+    assert worst <= 1.0
+    # the check is sharp enough to see the low-rank term at this size
+    without = x.float() @ dec.qweight.dequantize().to(device).T + mod.bias.float()
+    with pytest.raises(AssertionError, match="rounding bound"):
+        testing.check_linear_output(without.to(dtype), x, dec.qweight.dequantize(), mod.left, mod.right, mod.bias)

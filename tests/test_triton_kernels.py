@@ -1,11 +1,12 @@
 """The Triton kernels (``lqframe.kernels.triton_lq``) against the torch reference.
 
-On CPU they run in Triton's interpreter (``TRITON_INTERPRET=1``, set in conftest.py before any
-kernel module is imported); the tests marked ``cuda`` run the compiled kernels where a CUDA GPU
-exists. The oracle is exact arithmetic (float64) on the operands rounded as the reference rounds
-them: Q decoded in float32 then rounded to the activations' dtype, likewise L, R and the bias. The
-kernel must be within the activations' rounding of it, and the compute layout must decode to
-exactly the reference's Q.
+Without a CUDA GPU they run in Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``, set in
+conftest.py before any kernel module is imported); with one they run compiled on CUDA tensors
+(:data:`DEVICE`), and the tests marked ``cuda`` add every format × both paths × float16/bfloat16 at
+shapes sized from the GPU tiles. The oracle is exact arithmetic (float64) on the operands rounded
+as the reference rounds them: Q decoded in float32 then rounded to the activations' dtype,
+likewise L, R and the bias. The kernel must be within the activations' rounding of it, and the
+compute layout must decode to exactly the reference's Q.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from lqframe.kernels import triton_lq  # noqa: E402
 
 REG = lqframe.registry()
 CUDA = torch.cuda.is_available()
+#: where the kernels run: CPU tensors in the interpreter, CUDA tensors when compiled
+DEVICE = "cpu" if triton_lq.INTERPRETER else "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-UNIT = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
 pytestmark = pytest.mark.skipif(not (triton_lq.INTERPRETER or CUDA),
                                 reason="Triton needs TRITON_INTERPRET=1 or a CUDA GPU")
@@ -55,41 +57,36 @@ def _formats(bits: int) -> list[tuple[str, dict]]:
 ALL_FORMATS = [(name, dict(opts)) for bits in range(1, 9) for name, opts in _formats(bits)]
 
 
-def _qweight(name: str, opts: dict, rows: int, cols: int, group: int, seed: int):
+def _qweight(name: str, opts: dict, rows: int, cols: int, group: int, seed: int, device: str = "cpu"):
     w = testing.make_matrix(rows, cols, "heavy" if seed % 3 == 0 else "gaussian", "float32", seed)
-    return REG.create("quantizer", name, group_size=group, **opts).quantize(w)
+    return _on(REG.create("quantizer", name, group_size=group, **opts).quantize(w), device)
 
 
-def _exact(x, qw, left, right, bias):
-    """float64 result of the reference's rounded operands (Q, L, R, bias, and t = x·Rᵀ rounded)."""
-    dt = x.dtype
-    xd = x.to(torch.float64)
-    y = xd @ qw.dequantize(torch.float32).to(dt).to(torch.float64).T
-    bound = xd.abs() @ qw.dequantize(torch.float32).to(dt).to(torch.float64).abs().T
-    if left is not None and left.shape[1]:
-        rd, ld = right.to(dt).to(torch.float64), left.to(dt).to(torch.float64)
-        t = xd @ rd.T
-        y = y + t @ ld.T
-        bound = bound + (t.abs() + xd.abs() @ rd.abs().T) @ ld.abs().T
-    if bias is not None:
-        b = bias.to(dt).to(torch.float64)
-        y, bound = y + b, bound + b.abs()
-    return y, bound
+def _on(qw, device: str):
+    """``qw`` with every stored tensor on ``device``."""
+    tensors, header = qw.to_state()
+    return lqframe.QuantizedWeight.from_state({k: v.to(device) for k, v in tensors.items()}, header)
 
 
 def _check(x, qw, left, right, bias, path=None):
+    """The kernel's output, and the reference's, within the rounding bound of float64 arithmetic on
+    the operands rounded to the activations' dtype (testing.check_linear_output)."""
     y = triton_lq.lq_linear_triton(x, qw, left, right, bias, path=path)
-    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], qw.shape[0])
-    exact, bound = _exact(x.reshape(-1, x.shape[-1]), qw, left, right, bias)
-    k = x.shape[-1] + (0 if left is None else left.shape[1])
-    tol = (4 * UNIT[x.dtype] + 2 * k * UNIT[torch.float32]) * bound + 1e-30
-    err = (y.reshape(exact.shape).to(torch.float64) - exact).abs()
-    worst = float((err / tol).max()) if err.numel() else 0.0
-    assert worst <= 1.0, f"error {worst:.2f}× the {x.dtype} rounding bound"
-    ref = dispatch._reference(x, qw, left, right, bias)  # and the reference is within the same bound
-    ref_err = (ref.reshape(exact.shape).to(torch.float64) - exact).abs()
-    assert not ref_err.numel() or float((ref_err / tol).max()) <= 1.0
+    q = qw.dequantize(torch.float32)
+    testing.check_linear_output(y, x, q, left, right, bias)
+    testing.check_linear_output(dispatch._reference(x, qw, left, right, bias), x, q, left, right, bias)
     return y
+
+
+def _operands(m, rows, cols, rank, bias, dtype, seed, device):
+    """Activations ``m × cols`` in ``dtype``, float32 factors of ``rank`` (None at rank 0) and a
+    bias (or None), drawn on the CPU from ``seed`` and moved to ``device``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, cols, generator=g).to(dtype).to(device)
+    left = (torch.randn(rows, rank, generator=g) * 0.3).to(device) if rank else None
+    right = (torch.randn(rank, cols, generator=g) * 0.3).to(device) if rank else None
+    b = torch.randn(rows, generator=g).to(device) if bias else None
+    return x, left, right, b
 
 
 # --------------------------------------------------------------------------- compute layout
@@ -120,25 +117,23 @@ def test_every_registered_quantizer_is_readable():
     for case in testing.component_cases("quantizer"):
         quantizer = case.create()
         stats = testing.synthetic_stats(12, 40, quantizer.needs, seed=0) if quantizer.needs else None
-        qw = quantizer.quantize(w, stats)
-        x = torch.randn(3, 40)
+        qw = _on(quantizer.quantize(w, stats), DEVICE)
+        x = torch.randn(3, 40, device=DEVICE)
         _check(x, qw, None, None, None)
 
 
 # --------------------------------------------------------------------------- kernels vs oracle
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# compiled, most examples compile new kernel variants: fewer of them (the cuda tests cover every format)
+@settings(max_examples=150 if triton_lq.INTERPRETER else 60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(fmt=st.sampled_from(ALL_FORMATS), rows=st.integers(1, 40), cols=st.integers(1, 72),
        group=st.sampled_from([4, 16, 32, 64, 7]), m=st.integers(1, 20), rank=st.integers(0, 9),
        bias=st.booleans(), dtype=st.sampled_from(DTYPES), path=st.sampled_from([None, "decode", "prefill"]),
        seed=st.integers(0, 1000))
 def test_fused_kernel_matches_exact_arithmetic(fmt, rows, cols, group, m, rank, bias, dtype, path, seed):
     name, opts = fmt
-    qw = _qweight(name, opts, rows, cols, group, seed)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, cols, generator=g).to(dtype)
-    left = torch.randn(rows, rank, generator=g) * 0.3 if rank else None
-    right = torch.randn(rank, cols, generator=g) * 0.3 if rank else None
-    b = torch.randn(rows, generator=g) if bias else None
+    qw = _qweight(name, opts, rows, cols, group, seed, DEVICE)
+    x, left, right, b = _operands(m, rows, cols, rank, bias, dtype, seed, DEVICE)
     _check(x, qw, left, right, b, path=path)
 
 
@@ -147,19 +142,19 @@ def test_fused_kernel_matches_exact_arithmetic(fmt, rows, cols, group, m, rank, 
 def test_both_paths_at_block_multiples_and_batched_inputs(bits, dtype):
     """Shapes that are exact multiples of the interpreter's tiles, a 3-d activation tensor, and a
     rank above the decode path's rank tile."""
-    qw = _qweight("rtn", {"bits": bits}, 32, 64, 32, bits)
-    left, right = torch.randn(32, 40) * 0.2, torch.randn(40, 64) * 0.2
-    x = torch.randn(2, 3, 64).to(dtype)
-    decode = _check(x, qw, left, right, torch.randn(32), path="decode")
-    prefill = _check(x, qw, left, right, torch.randn(32), path="prefill")
+    qw = _qweight("rtn", {"bits": bits}, 32, 64, 32, bits, DEVICE)
+    left, right = torch.randn(32, 40, device=DEVICE) * 0.2, torch.randn(40, 64, device=DEVICE) * 0.2
+    x = torch.randn(2, 3, 64, device=DEVICE).to(dtype)
+    decode = _check(x, qw, left, right, torch.randn(32, device=DEVICE), path="decode")
+    prefill = _check(x, qw, left, right, torch.randn(32, device=DEVICE), path="prefill")
     assert decode.shape == prefill.shape == (2, 3, 32)
-    _check(torch.randn(32, 64).to(dtype), qw, left, right, None)
+    _check(torch.randn(32, 64, device=DEVICE).to(dtype), qw, left, right, None)
 
 
 def test_factor_casts_are_reused_until_modified():
-    qw = _qweight("rtn", {"bits": 4}, 8, 32, 16, 0)
-    left, right = torch.randn(8, 3), torch.randn(3, 32)
-    x = torch.randn(2, 32, dtype=torch.float16)
+    qw = _qweight("rtn", {"bits": 4}, 8, 32, 16, 0, DEVICE)
+    left, right = torch.randn(8, 3, device=DEVICE), torch.randn(3, 32, device=DEVICE)
+    x = torch.randn(2, 32, dtype=torch.float16, device=DEVICE)
     first = triton_lq.lq_linear_triton(x, qw, left, right)
     cached = triton_lq._CASTS[id(left)][1]
     assert triton_lq._as(left, torch.float16) is cached
@@ -173,9 +168,10 @@ def test_factor_casts_are_reused_until_modified():
 
 
 def test_empty_batch_and_deterministic():
-    qw = _qweight("nf", {"bits": 4}, 8, 32, 16, 0)
-    assert triton_lq.lq_linear_triton(torch.zeros(0, 32), qw, None, None).shape == (0, 8)
-    x, left, right = torch.randn(5, 32), torch.randn(8, 3), torch.randn(3, 32)
+    qw = _qweight("nf", {"bits": 4}, 8, 32, 16, 0, DEVICE)
+    assert triton_lq.lq_linear_triton(torch.zeros(0, 32, device=DEVICE), qw, None, None).shape == (0, 8)
+    x, left, right = (torch.randn(5, 32, device=DEVICE), torch.randn(8, 3, device=DEVICE),
+                      torch.randn(3, 32, device=DEVICE))
     first = triton_lq.lq_linear_triton(x, qw, left, right)
     assert torch.equal(first, triton_lq.lq_linear_triton(x, qw, left, right))  # bit for bit, call to call
 
@@ -197,7 +193,15 @@ def test_dispatch_modes(monkeypatch):
     x = torch.randn(2, 32)
     assert _backend(monkeypatch, "auto", x, qw) == "torch-reference"  # CPU tensors: the reference
     assert _backend(monkeypatch, "reference", x, qw) == "torch-reference"
-    assert _backend(monkeypatch, "triton", x, qw) == "triton"
+    if triton_lq.INTERPRETER:
+        assert _backend(monkeypatch, "triton", x, qw) == "triton"
+    else:  # compiled kernels take no CPU tensors; CUDA tensors take them by default
+        with pytest.raises(RuntimeError, match="needs TRITON_INTERPRET=1"):
+            _backend(monkeypatch, "triton", x, qw)
+        qw, x = _on(qw, DEVICE), x.to(DEVICE)
+        assert _backend(monkeypatch, "auto", x, qw) == "triton"
+        assert _backend(monkeypatch, "triton", x, qw) == "triton"
+        assert _backend(monkeypatch, "reference", x, qw) == "torch-reference"
     monkeypatch.setenv("LQFRAME_KERNELS", "cuda-please")
     with pytest.raises(ValueError, match="LQFRAME_KERNELS='cuda-please'"):
         dispatch.select_backend(x, qw)
@@ -207,10 +211,10 @@ def test_gradients_take_the_reference(monkeypatch):
     """The kernels are forward-only: a call that needs gradients to L and R goes to the reference,
     and the gradients are those of the reference."""
     monkeypatch.setenv("LQFRAME_KERNELS", "triton")
-    qw = _qweight("rtn", {"bits": 3}, 8, 32, 16, 0)
-    left = torch.randn(8, 4, requires_grad=True)
-    right = torch.randn(4, 32, requires_grad=True)
-    x = torch.randn(3, 32)
+    qw = _qweight("rtn", {"bits": 3}, 8, 32, 16, 0, DEVICE)
+    left = torch.randn(8, 4, device=DEVICE, requires_grad=True)
+    right = torch.randn(4, 32, device=DEVICE, requires_grad=True)
+    x = torch.randn(3, 32, device=DEVICE)
     dispatch.lq_linear_packed(x, qw, left, right).square().sum().backward()
     grads = left.grad.clone(), right.grad.clone()
     left.grad = right.grad = None
@@ -223,7 +227,8 @@ def test_gradients_take_the_reference(monkeypatch):
 
 def test_tiny_model_perplexity_through_the_kernels(monkeypatch):
     """A compressed tiny LLaMA (int3 g16 + rank-4 SVD factors) scored through the Triton
-    path (interpreter) and through the reference: the same perplexity within float32 rounding."""
+    path (interpreter, or compiled on the GPU) and through the reference: the same perplexity
+    within float32 rounding."""
     from lqframe.evaluate import perplexity
     from lqframe.lqlinear import LQLinear
     from lqframe.recipe import parse_recipe
@@ -235,6 +240,7 @@ def test_tiny_model_perplexity_through_the_kernels(monkeypatch):
                            "evaluate_stage": {"float_baseline": False}}, "tiny")
     lqframe.compress(model, recipe, None, progress=False)
     assert sum(isinstance(m, LQLinear) for m in model.modules()) == 7
+    model.to(DEVICE)
     windows = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
     calls = []
     original = triton_lq.lq_linear_triton
@@ -262,23 +268,77 @@ def test_every_kernel_variant_compiles_for_an_h100_class_gpu():
     assert any(line.startswith("ok    decode fp16 int3") for line in lines)
 
 
+# --------------------------------------------------------------------------- every format at the tiles in use
+PATHS = ["decode", "prefill"]
+
+
+def _tile_cases(path: str) -> list[tuple[int, int, int, int, int, bool]]:
+    """``(rows, cols, group, m, rank, bias)`` for ``path``, sized from the launch configurations in
+    use (the GPU tiles when compiled, the interpreter's otherwise): rows and columns that are
+    multiples of every tile and that are not; a group that divides the K tiles and one (48) that
+    does not; for decode M = 1, a few rows and more than ``DECODE_MAX_ROWS`` (forced), for prefill
+    an M in each prefill tile's range and M = 2 (forced); rank 0 and ranks below and above the
+    decode rank tile; with and without bias."""
+    cfg = triton_lq._configs()
+    tiles = cfg["prefill"]
+    bn = max(cfg["decode"]["BN"], *(t["BN"] for _, t in tiles))
+    bk = max(cfg["decode"]["BK"], cfg["down"]["BK"], *(t["BK"] for _, t in tiles))
+    even, odd = (2 * bn, 2 * bk), (2 * bn + bn // 2 + 3, 2 * bk + bk // 2 + 5)
+    kinds = [(*even, 64, 40, True), (*odd, 48, 0, False), (odd[0], even[1], 64, 5, True)]
+    if path == "decode":
+        ms = [1, triton_lq.DECODE_MAX_ROWS + 3, triton_lq.DECODE_MAX_ROWS - 1]
+    else:
+        lows = [triton_lq.DECODE_MAX_ROWS] + [bound for bound, _ in tiles[:-1]]
+        ms = [min(low + t["BM"] + 3, bound or math.inf) for low, (bound, t) in zip(lows, tiles, strict=True)] + [2]
+        ms += [2 * tiles[0][1]["BM"]] * (len(kinds) - len(ms))
+    return [(*kinds[i % len(kinds)][:3], m, *kinds[i % len(kinds)][3:]) for i, m in enumerate(ms)]
+
+
+def _check_tile_cases(name: str, opts: dict, path: str, dtype: torch.dtype, device: str) -> int:
+    """Every case of :func:`_tile_cases` for one format, path and dtype on ``device`` against the
+    oracle; an M inside the path's range goes through the automatic choice, one outside is forced.
+    The number of cases."""
+    cases = _tile_cases(path)
+    for rows, cols, group, m, rank, bias in cases:
+        seed = rows + cols + m
+        qw = _qweight(name, opts, rows, cols, group, seed, device)
+        x, left, right, b = _operands(m, rows, cols, rank, bias, dtype, seed, device)
+        natural = (m <= triton_lq.DECODE_MAX_ROWS) == (path == "decode")
+        _check(x, qw, left, right, b, path=None if natural else path)
+    return len(cases)
+
+
+FORMAT_IDS = [f"{n}-{o}" for n, o in ALL_FORMATS]
+
+
+@pytest.mark.skipif(not triton_lq.INTERPRETER, reason="the interpreter's run of the cuda test's body")
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name,opts,dtype", [
+    ("nf", {"bits": 3, "double_quant": "lqlora", "dq_bits": 3, "dq_group_size": 4, "dq_scale_dtype": "bfloat16"},
+     torch.bfloat16),
+    ("rtn", {"bits": 5, "symmetric": False, "scale_dtype": "float16"}, torch.float16),
+    ("rtn", {"bits": 2, "symmetric": True, "scale_dtype": "bfloat16"}, torch.bfloat16),
+], ids=["nf3-lqlora-dq-bf16", "int5-fp16", "int2-symmetric-bf16"])
+def test_tile_cases_in_the_interpreter(name, opts, dtype, path):
+    """The body of :func:`test_cuda_kernels_every_format_both_paths` on CPU tensors, at the
+    interpreter's tiles (a GPU runs it at the GPU tiles)."""
+    assert _check_tile_cases(name, opts, path, dtype, "cpu") == 3
+
+
 # --------------------------------------------------------------------------- on a CUDA GPU
-cuda = pytest.mark.skipif(not CUDA or triton_lq.INTERPRETER, reason="needs a CUDA GPU (compiled kernels)")
+cuda = pytest.mark.skipif(not CUDA or triton_lq.INTERPRETER,
+                          reason="needs a CUDA GPU and the compiled kernels (TRITON_INTERPRET unset or 0)")
 
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("m", [1, 3, 16, 100])
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_cuda_kernels_match_the_reference(bits, m, dtype):
-    qw = _qweight("rtn", {"bits": bits}, 384, 512, 64, bits)
-    qw = lqframe.QuantizedWeight.from_state(*_to_cuda(qw.to_state()))
-    left, right = (torch.randn(384, 32, device="cuda") * 0.05, torch.randn(32, 512, device="cuda") * 0.05)
-    x = torch.randn(m, 512, device="cuda").to(dtype)
-    _check(x, qw, left, right, torch.randn(384, device="cuda"))
-    assert dispatch.select_backend(x, qw).name == "triton"  # auto: CUDA tensors take the kernels
-
-
-def _to_cuda(state):
-    tensors, header = state
-    return {k: v.cuda() for k, v in tensors.items()}, header
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name,opts", ALL_FORMATS, ids=FORMAT_IDS)
+def test_cuda_kernels_every_format_both_paths(name, opts, path, dtype, monkeypatch):
+    """The compiled kernels for every format (integer and NormalFloat, every width, plain and
+    double-quantized scales), each path and float16/bfloat16 at the GPU tiles (rows and columns that
+    are and are not tile multiples, every prefill tile, rank 0 and above the rank tile, bias or not)."""
+    assert _check_tile_cases(name, opts, path, dtype, "cuda") >= 3
+    monkeypatch.setenv("LQFRAME_KERNELS", "auto")
+    qw = _qweight(name, opts, 8, 64, 16, 0, "cuda")
+    assert dispatch.select_backend(torch.zeros(1, 64, device="cuda"), qw).name == "triton"  # auto: CUDA → kernels
