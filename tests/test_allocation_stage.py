@@ -29,10 +29,10 @@ def _doc(reconstructor="qera-exact"):
 
 
 def _recipe(budget, include_lowrank=False, cache=False, metric="auto", reconstructor="qera-exact", grid=None,
-            reuse=False):
+            reuse=False, allocator="ilp"):
     grid = grid or {"quantizer": {"bits": [2, 3, 4], "group_size": [32, 64]}, "reconstructor": {"rank": [2, 8]}}
     doc = {**_doc(reconstructor),
-           "allocate_stage": {"allocator": "ilp", "budget_bits": budget, "include_lowrank": include_lowrank,
+           "allocate_stage": {"allocator": allocator, "budget_bits": budget, "include_lowrank": include_lowrank,
                               "grid": grid, "cache": cache, "metric": metric, "reuse": reuse}}
     return parse_recipe(doc, "<alloc>")
 
@@ -150,14 +150,53 @@ def test_the_chosen_configurations_are_compressed_as_a_run_without_allocation(wi
     assert differ and all(k.startswith("model.layers.1.") for k in differ), differ
 
 
-def test_fisher_metric_runs_the_gradient_pass(windows):
-    """``metric: fisher`` prices candidates by Σ F ⊙ (W − Ŵ)² even with a data-free
-    reconstructor: the engine produces the Fisher for it."""
-    grid = {"quantizer": {"bits": [2, 4]}}
-    model = tiny_llama(layers=1)
-    results = compress(model, _recipe(3.0, metric="fisher", reconstructor="lqlora", grid=grid), windows.calibration,
-                       device="cpu", progress=False)
+_TABLES: list = []
+
+
+class _RecordingILP(lqframe.BudgetAllocator):
+    """The ilp allocator, keeping each cost table it is given."""
+
+    def allocate(self, table, budget_bits):
+        _TABLES.append(table)
+        return lqframe.registry().create("allocator", "ilp").allocate(table, budget_bits)
+
+
+class _RecordingPlugin:
+    @lqframe.hookimpl
+    def lqframe_register(self, registry):
+        registry.add_allocator("test-recording-ilp", _RecordingILP)
+
+
+def test_fisher_metric_prices_candidates_by_the_fisher(windows):
+    """``metric: fisher`` prices every candidate by Σ F ⊙ (W − Ŵ)², with F the empirical Fisher of the
+    float model (the engine runs the gradient pass even for a data-free reconstructor): each entry of
+    the cost table the allocator receives equals that sum computed here from per-window autograd
+    gradients and the candidate decomposed on its own, and differs from the weight metric's."""
+    from tests.test_fisher import _reference
+
+    reg = lqframe.registry()
+    reg.register_plugin(_RecordingPlugin(), "test-recording-allocator")
+    try:
+        _TABLES.clear()
+        grid = {"quantizer": {"bits": [2, 4]}}
+        model = tiny_llama(layers=1)
+        float_model = copy.deepcopy(model)
+        recipe = _recipe(3.0, metric="fisher", reconstructor="lqlora", grid=grid, allocator="test-recording-ilp")
+        results = compress(model, recipe, windows.calibration, device="cpu", progress=False)
+    finally:
+        reg.unregister_plugin("test-recording-allocator")
     assert _avg_bits(results, False) <= 3.0 and {r.bits for r in results} == {2, 4}
+    (table,) = _TABLES
+    fisher = dict(zip(table.layers, _reference(float_model, windows.calibration, table.layers), strict=True))
+    recon = reg.create("reconstructor", "lqlora", rank=4)
+    for i, name in enumerate(table.layers):
+        w = float_model.get_submodule(name).weight.detach()
+        for j, bits in enumerate((2, 4)):
+            dense = recon.decompose(w, reg.create("quantizer", "rtn", bits=bits, group_size=32)).dense().double()
+            err = (w.double() - dense) ** 2
+            expected = float((fisher[name] * err).sum())
+            assert table.cost[i, j] == pytest.approx(expected, rel=1e-4), (name, bits)
+            assert table.cost[i, j] != pytest.approx(float(err.sum() / w.double().pow(2).sum()), rel=0.5)
 
 
 def test_inspect_plot_draws_bits_and_rank_per_matrix(tmp_path, monkeypatch, capsys):

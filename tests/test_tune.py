@@ -53,8 +53,21 @@ def _compress(stage_options=None, seed=0, **kw):
     tuning = _windows()
     state = lqframe.engine.RunState(rec, model, calibration=tuning.train[:4], progress=False, log=lambda s: None,
                                     tuning=tuning)
-    lqframe.engine.execute(state, only=lqframe.engine.COMPRESSION_STAGES)
+    stages = lqframe.engine.COMPRESSION_STAGES
+    lqframe.engine.execute(state, only=[s for s in stages if s != "tune"])
+    _PRE_TUNE.clear()
+    _PRE_TUNE.update(_lq_state(model))  # what the decomposition stored, before tuning
+    lqframe.engine.execute(state, only=["tune"])
     return model, state, before
+
+
+_PRE_TUNE: dict[str, torch.Tensor] = {}
+
+
+def _lq_state(model) -> dict[str, torch.Tensor]:
+    """Every LQLinear's state (packed codes, scales, zero points, bias, factors), cloned."""
+    return {f"{name}.{k}": v.detach().clone() for name, m in model.named_modules() if isinstance(m, LQLinear)
+            for k, v in m.state_dict().items()}
 
 
 def test_only_the_factors_learn_and_the_objective_decreases():
@@ -71,11 +84,17 @@ def test_only_the_factors_learn_and_the_objective_decreases():
     assert len(kept) > 5
     for key in kept:
         assert torch.equal(after[key], before[key]), f"{key} changed"
-    # ... and each LQLinear's packed Q and bias are what the decomposition stored
-    for name, module in model.named_modules():
-        if isinstance(module, LQLinear):
-            dec = state.results[[r.name for r in state.results].index(name)]
-            assert dec.rank == module.rank == 4
+    # ... and each LQLinear's packed Q and bias are, bit for bit, what the decomposition stored; only
+    # L and R moved (all of them)
+    tuned = _lq_state(model)
+    layers = sum(isinstance(m, LQLinear) for m in model.modules())
+    assert tuned.keys() == _PRE_TUNE.keys() and layers == 14 and len(tuned) >= 4 * layers
+    factors = [k for k in tuned if k.endswith((".left", ".right"))]
+    assert len(factors) == 2 * layers and all(not torch.equal(tuned[k], _PRE_TUNE[k]) for k in factors)
+    for key in tuned.keys() - set(factors):
+        assert tuned[key].dtype == _PRE_TUNE[key].dtype and torch.equal(tuned[key], _PRE_TUNE[key]), f"{key} changed"
+    assert any(k.endswith(".bias") for k in tuned) or all(m.bias is None for m in model.modules()
+                                                          if isinstance(m, LQLinear))
     assert all(p.requires_grad for n, p in model.named_parameters() if n.endswith((".left", ".right")))
 
 
