@@ -8,6 +8,8 @@ bits, so the budget in bits is ``budget_bits × total_params``.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from lqframe.errors import BudgetError
@@ -17,10 +19,20 @@ __all__ = ["budget_total", "check_allocatable", "efficient_configs", "choices_fr
 
 
 def budget_total(table: CostTable, budget_bits: float | None) -> float:
-    """The budget in bits for the whole table (``inf`` for no budget)."""
-    if budget_bits is None:
+    """The most storage bits the whole table may use (``inf`` for no budget): the largest whole
+    number ``B`` with ``B / total_params ≤ budget_bits`` as floating point computes it — the very
+    comparison :func:`~lqframe.types.average_bits` and the report make, so an allocation within
+    ``B`` is never reported over budget by a rounding of ``budget_bits × total_params`` (table bits
+    are whole numbers of stored bits)."""
+    if budget_bits is None or math.isinf(budget_bits):
         return float("inf")
-    return float(budget_bits) * table.total_params
+    params = max(table.total_params, 1)
+    total = math.floor(float(budget_bits) * params)
+    while total / params > budget_bits:
+        total -= 1
+    while (total + 1) / params <= budget_bits:
+        total += 1
+    return float(total)
 
 
 def check_allocatable(table: CostTable, budget_bits: float | None, who: str) -> None:
@@ -37,7 +49,7 @@ def check_allocatable(table: CostTable, budget_bits: float | None, who: str) -> 
                           + (f" and {len(stuck) - 3} more" if len(stuck) > 3 else ""))
     if budget_bits is not None and table.layers:
         smallest = float(np.where(possible, table.bits, np.inf).min(axis=1).sum())
-        if smallest > budget_total(table, budget_bits) * (1 + 1e-12):
+        if smallest > budget_total(table, budget_bits):
             raise BudgetError(f"{who}: a budget of {budget_bits:g} bits/parameter is infeasible; the smallest "
                               f"feasible budget is {smallest / table.total_params:.6f} bits/parameter "
                               "(every matrix at its smallest candidate)")

@@ -12,7 +12,8 @@ needed for an optimum). Costs are scaled to at most 1 and bits are measured abov
 smallest candidate, so the solver works on numbers near 1; the budget is then checked in exact
 bits, and the program re-solved with a tighter bound in the rare case that the solver's
 feasibility tolerance let it through by a few bits. With the default ``mip_rel_gap = 0`` the
-result is optimal (it equals brute force on small tables; tests/test_allocators.py).
+result is optimal to within ``TOLERANCE`` (1e-10) of the largest cost difference among one matrix's
+candidates (it equals brute force on small tables; tests/test_allocators.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ import numpy as np
 from lqframe import BudgetAllocator, BudgetError, hookimpl
 from lqframe.allocation import budget_total, check_allocatable, choices_from_indices, efficient_configs
 from lqframe.lowrank import real
+
+#: HiGHS's feasibility tolerances (its smallest allowed): the allocation is optimal to within this
+#: fraction of the largest cost difference between candidates of one matrix
+TOLERANCE = 1e-10
 
 
 @attrs.frozen
@@ -63,7 +68,10 @@ class ILPAllocator(BudgetAllocator):
     def _solve(self, table, fronts, limit: float) -> np.ndarray:
         base = np.array([table.bits[i, f[0]] for i, f in enumerate(fronts)])
         cols = [(i, int(c)) for i, f in enumerate(fronts) for c in f]
-        cost = np.array([table.cost[i, c] for i, c in cols])
+        # cost above each matrix's cheapest candidate (the last of its front): the same optimum, on
+        # numbers that do not carry every matrix's unavoidable cost
+        floor = np.array([table.cost[i, f[-1]] for i, f in enumerate(fronts)])
+        cost = np.array([table.cost[i, c] - floor[i] for i, c in cols])
         extra = np.array([table.bits[i, c] - base[i] for i, c in cols])
         cost_scale = cost.max() if cost.max() > 0 else 1.0
         room = limit - base.sum()
@@ -74,6 +82,10 @@ class ILPAllocator(BudgetAllocator):
         h.setOptionValue("time_limit", float(self.time_limit))
         h.setOptionValue("mip_rel_gap", float(self.mip_rel_gap))
         h.setOptionValue("mip_abs_gap", 0.0)
+        # HiGHS's tightest tolerances: with its defaults (1e-7) two allocations whose costs differ by
+        # less than 1e-7 of the largest cost count as equally good, and the worse may be returned
+        for tolerance in ("mip_feasibility_tolerance", "primal_feasibility_tolerance", "dual_feasibility_tolerance"):
+            h.setOptionValue(tolerance, TOLERANCE)
         h.setOptionValue("random_seed", 0)
         h.setOptionValue("threads", 1)
         n = len(cols)

@@ -7,6 +7,7 @@ import attrs
 import numpy as np
 
 from lqframe import BudgetAllocator, BudgetError, hookimpl
+from lqframe.allocation import budget_total
 
 
 @attrs.frozen
@@ -22,7 +23,7 @@ class UniformAllocator(BudgetAllocator):
         total_cost = table.cost.sum(axis=0)
         feasible = np.isfinite(total_cost)
         if budget_bits is not None:
-            feasible &= avg_bits <= budget_bits + 1e-12
+            feasible &= table.bits.sum(axis=0) <= budget_total(table, budget_bits)
         if not feasible.any():
             cheapest = float(avg_bits[np.isfinite(total_cost)].min()) if np.isfinite(total_cost).any() else None
             raise BudgetError(
