@@ -36,7 +36,12 @@ def test_only_left_and_right_are_trainable_and_q_is_packed():
     assert not any(b.requires_grad for b in mod.buffers())
     x = torch.randn(8, 96)
     mod(x).pow(2).sum().backward()
-    assert mod.left.grad is not None and mod.right.grad is not None
+    # the gradients of the dense formula x·(Q + L·R)ᵀ + b, with Q a constant
+    left, right = mod.left.detach().clone().requires_grad_(), mod.right.detach().clone().requires_grad_()
+    y = x @ (mod.dequantized_weight() + left @ right).T + mod.bias.detach()
+    y.pow(2).sum().backward()
+    torch.testing.assert_close(mod.left.grad, left.grad, rtol=1e-5, atol=1e-6 * float(left.grad.abs().max()))
+    torch.testing.assert_close(mod.right.grad, right.grad, rtol=1e-5, atol=1e-6 * float(right.grad.abs().max()))
 
 
 def test_layer_config_roundtrip():
