@@ -235,33 +235,67 @@ def test_gradient_statistic_without_a_producer_is_refused_at_planning(plugin_reg
         lqframe.compress(model, _needs_recipe(["nonesuch"]), windows.calibration, device="cpu", progress=False)
 
 
-def test_plugin_statistics_forward_and_gradient(plugin_registry, windows):
+def _block_abs_max(model, windows, block_index):
+    """Per-channel max |x| (float64) of every linear's input in block ``block_index`` over every token
+    of ``windows``, in a plain float64 forward pass (as the engine's calibration forwards compute)."""
+    _, blocks = find_blocks(model)
+    out: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, mod in blocks[block_index].named_modules():
+        if isinstance(mod, torch.nn.Linear | LQLinear):
+            def hook(m, args, name=name):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(0)
+                out[name] = torch.maximum(out[name], x) if name in out else x
+            hooks.append(mod.register_forward_pre_hook(hook))
+    with torch.inference_mode(), KeepFloat64():
+        for w in windows:
+            model(input_ids=w[None], use_cache=False)
+    for h in hooks:
+        h.remove()
+    return out
+
+
+def test_plugin_statistics_forward_and_gradient(plugin_registry, windows, monkeypatch):
     """A plugin can add a forward statistic (merged by max) and a gradient statistic with a producer;
-    components that list them in ``needs`` receive them."""
+    components that list them in ``needs`` receive them: each layer its own values."""
     produced = {}
 
-    def produce(ctx):
-        out = {}
-        for name in ctx.layers:
-            w = ctx.model.get_submodule(name).weight
-            out[name] = torch.full_like(w, 2.0, dtype=torch.float64)
+    def produce(ctx):  # a per-layer value (W², of the float weights) so that a mix-up of layers shows
         produced["layers"] = list(ctx.layers)
-        return out
+        return {name: ctx.model.get_submodule(name).weight.detach().double().square() for name in ctx.layers}
 
     kinds = (StatisticKind("abs_max", "max", lambda x: x.abs().max(0).values),
              StatisticKind("toy_grad", "sum", source="gradient", produce=produce))
     plugin_registry.register_plugin(_Plugin(kinds), "test-engine-kinds")
+    names = []
+    original = engine.decompose_layer
+
+    def record(name, *args):  # the layer whose component _SEEN's next entry comes from
+        names.append(name)
+        return original(name, *args)
+
+    monkeypatch.setattr(engine, "decompose_layer", record)
     _SEEN.clear()
     model = tiny_llama(layers=1)
-    ref = _block_inputs(copy.deepcopy(model), windows.calibration, 0)
+    float_model = copy.deepcopy(model)
+    # one block: every layer's inputs come from the float model, computed in float64 like the engine's
+    want = _block_abs_max(copy.deepcopy(model).double(), windows.calibration, 0)
     lqframe.compress(model, _needs_recipe(["abs_max", "toy_grad"]), windows.calibration, device="cpu",
                      progress=False)
-    assert len(_SEEN) == 7 and len(produced["layers"]) == 7
-    for got in _SEEN:
-        assert got["toy_grad"] is not None and float(got["toy_grad"].min()) == 2.0
-        assert got["abs_max"] is not None and got["abs_max"].dtype == torch.float64
-    # q_proj's input: the largest |x| per channel over every calibration token
-    assert float(_SEEN[0]["abs_max"].max()) ** 2 <= float(ref["self_attn.q_proj"].diagonal().max()) + 1e-9
+    prefix = "model.layers.0."
+    assert len(_SEEN) == 7 and sorted(names) == sorted(produced["layers"]) == sorted(prefix + n for n in want)
+    for name, got in zip(names, _SEEN, strict=True):
+        short = name.removeprefix(prefix)
+        # the largest |x| per channel over every calibration token: max is exact, and both sides run the
+        # same float64 operations on the same windows, so the values agree bit for bit (a "sum" merge,
+        # a missed window or another layer's input cannot)
+        assert got["abs_max"].dtype == torch.float64
+        torch.testing.assert_close(got["abs_max"], want[short], rtol=0, atol=0,
+                                   msg=lambda m, name=name: f"abs_max of {name}: {m}")
+        # the producer's value for this very layer, added once
+        weight = float_model.get_submodule(name).weight.detach().double()
+        torch.testing.assert_close(got["toy_grad"], weight.square(), rtol=0, atol=0,
+                                   msg=lambda m, name=name: f"toy_grad of {name}: {m}")
 
 
 # --------------------------------------------------------------------------- devices
