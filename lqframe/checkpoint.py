@@ -126,6 +126,9 @@ def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
     for name, t in state.items():
+        if t.is_meta:  # a streamed model's block tensors, on disk (never tied)
+            out[name] = t
+            continue
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if t.numel() and key in seen and t.is_floating_point():
             continue  # tied parameter (e.g. lm_head ↔ embed_tokens); the config re-ties it
@@ -163,13 +166,18 @@ def save_checkpoint(
     report: Mapping[str, Any] | None = None,
     tokenizer: Any = None,
     max_shard_size_mb: float = 2000,
+    fetch: Callable[[str], torch.Tensor] | None = None,
 ) -> list[Path]:
-    """Write a loadable checkpoint (see module doc). Returns the files written."""
+    """Write a loadable checkpoint (see module doc). Returns the files written.
+
+    ``fetch(name)`` gives the tensors the model holds only as meta tensors (a streamed model's
+    blocks, read from disk): the shards are planned from the shapes, and each is read, written and
+    dropped in turn, so the model never has to be in memory as a whole."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     try:
-        _write_checkpoint(model, out, written, recipe_yaml, report, tokenizer, max_shard_size_mb)
+        _write_checkpoint(model, out, written, recipe_yaml, report, tokenizer, max_shard_size_mb, fetch)
     except BaseException:
         for f in written:  # nothing half-written: a failed save leaves no checkpoint files behind
             f.unlink(missing_ok=True)
@@ -177,11 +185,27 @@ def save_checkpoint(
     return written
 
 
-def _write_checkpoint(model, out: Path, written: list[Path], recipe_yaml, report, tokenizer, max_shard_size_mb):
+def _materialized(shard: Mapping[str, torch.Tensor], fetch) -> dict[str, torch.Tensor]:
+    if not any(t.is_meta for t in shard.values()):
+        return dict(shard)
+    if fetch is None:
+        raise CheckpointError("the model holds tensors on the meta device, and nothing says where to read them")
+    out = {}
+    for name, t in shard.items():
+        value = fetch(name) if t.is_meta else t
+        if tuple(value.shape) != tuple(t.shape) or value.dtype != t.dtype:
+            raise CheckpointError(f"{name}: read {tuple(value.shape)} {value.dtype}, the model has {tuple(t.shape)} "
+                                  f"{t.dtype}")
+        out[name] = value
+    return out
+
+
+def _write_checkpoint(model, out: Path, written: list[Path], recipe_yaml, report, tokenizer, max_shard_size_mb,
+                      fetch=None):
     state = checkpoint_state(model)
     shards = _shards(state, int(max_shard_size_mb * 1024 * 1024))
     if len(shards) == 1:
-        save_tensors(out / "model.safetensors", shards[0])
+        save_tensors(out / "model.safetensors", _materialized(shards[0], fetch))
         written.append(out / "model.safetensors")
         stale = out / "model.safetensors.index.json"
         if stale.exists():
@@ -190,7 +214,7 @@ def _write_checkpoint(model, out: Path, written: list[Path], recipe_yaml, report
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_tensors(out / fname, shard)
+            save_tensors(out / fname, _materialized(shard, fetch))
             written.append(out / fname)
             weight_map.update(dict.fromkeys(shard, fname))
         total = sum(t.numel() * t.element_size() for t in state.values())

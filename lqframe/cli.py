@@ -51,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.set or ())
     report = run(recipe, args.model, args.output, overwrite=args.overwrite, device=args.device,
-                 offload=True if args.offload else None, progress=not args.quiet)
+                 offload=True if args.offload else None, stream=args.stream, progress=not args.quiet)
     if args.json:
         print(json.dumps({k: v for k, v in report.items()}, indent=2, default=str))
     else:
@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(default: the recipe's device, auto)")
     p.add_argument("--offload", action="store_true",
                    help="keep the blocks and activations in CPU memory, one block on the device at a time")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="read the blocks from the model folder one at a time, never the whole model in memory "
+                        "(default: the recipe's stream, auto: when the model would not fit)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     p.set_defaults(func=cmd_run)

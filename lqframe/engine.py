@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lqframe.errors import ModelError, RecipeError
-from lqframe.executor import BlockExecutor, BlockSink, MemorySink, offloaded
+from lqframe.executor import BlockExecutor, BlockSink, BlockSource, MemorySink, offloaded
 from lqframe.lqlinear import set_weight_cache
 from lqframe.numerics import precision_dtype
 from lqframe.pipeline import (
@@ -88,6 +88,8 @@ class RunState:
     #: blocks whose float outputs (on the float model's own inputs) a later stage needs as targets
     teacher_blocks: frozenset[int] = frozenset()
     sink: BlockSink = attrs.field(factory=MemorySink)
+    #: where the blocks come from (None: the model in memory); a streaming source holds them on disk
+    source: BlockSource | None = None
     progress: bool = True
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
     # -- filled by prepare() and the stages
@@ -114,6 +116,11 @@ class RunState:
     teacher_store: Any = None
     #: what the tune stage did (report.json ``tuning``)
     tuned: dict[str, Any] | None = None
+
+    @property
+    def streaming(self) -> bool:
+        """The blocks are streamed from disk (the model as a whole is never in memory)."""
+        return self.source is not None and self.source.streams
 
     @property
     def uses_data(self) -> bool:
@@ -202,12 +209,33 @@ def prepare(state: RunState) -> RunState:
     if recipe.evaluate is not None and state.evaluation is not None and state.task != "causal-lm":
         raise RecipeError(f"{recipe.origin}: evaluate_stage: token perplexity needs a causal LM, and this is a "
                           f"{state.task} model; remove evaluate_stage to compress it")
+    if state.streaming:
+        _check_streamable(state)
     precision = recipe.quantize.precision if recipe.quantize is not None else "float64"
     state.executor = BlockExecutor(state.model, state.device, offload=state.offload,
                                    activations="cpu" if state.offload else "device", progress=state.progress,
-                                   precision=precision_dtype(precision))
+                                   precision=precision_dtype(precision), source=state.source)
     state.executor.place_model()
     return state
+
+
+def _check_streamable(state: RunState) -> None:
+    """What needs the whole model at once cannot run on a streamed one: say which stage, and how."""
+    recipe = state.recipe
+    why = None
+    if recipe.tune is not None:
+        why = "tune_stage trains every block's L and R together (a backward pass through the whole model)"
+    elif recipe.allocate is not None:
+        why = "allocate_stage builds its cost table from every layer of the resident model"
+    else:
+        kinds = registry().statistics()
+        gradient = sorted({n for p in state.plans for n in _all_needs(state, p.name) if kinds[n].source == "gradient"})
+        if gradient:
+            why = f"the statistic(s) {gradient} come from a gradient pass through the whole model"
+    if why:
+        raise RecipeError(f"{recipe.origin}: a streamed model (stream: true, or auto with a model larger than "
+                          f"memory) is never in memory as a whole, and {why}; run it resident (stream: false) on a "
+                          "machine with the memory, or leave that stage out")
 
 
 # --------------------------------------------------------------------------- stages
@@ -229,6 +257,13 @@ def _perplexities(state: RunState, desc: str, sources: Sequence[str] | None = No
     if not every:  # (a model that is no causal LM was refused by prepare)
         raise RecipeError(f"{state.recipe.origin}: evaluate_stage: no evaluation windows were given")
     sets = every if sources is None else {s: every[s] for s in sources}
+    if state.streaming:  # block by block over all windows (lqframe.streaming)
+        from lqframe.evaluate import perplexity_from
+        from lqframe.streaming import streamed_nll
+
+        return {source: perplexity_from(*streamed_nll(state.executor, windows, progress=state.progress,
+                                                       desc=f"{desc} ({source})" if len(every) > 1 else desc))
+                for source, windows in sets.items()}
     set_weight_cache(state.model, True)  # each Q dequantized once for all windows
     out = {}
     try:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from lqframe.errors import DataError
 
-__all__ = ["perplexity", "nll_sum", "next_token_nll"]
+__all__ = ["perplexity", "perplexity_from", "nll_sum", "next_token_nll"]
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -119,6 +119,11 @@ def perplexity(
     rather than an exception, so that a broken compression shows up in the report.
     """
     total, count = nll_sum(model, windows, batch_size=batch_size, progress=progress, desc=desc)
+    return perplexity_from(total, count)
+
+
+def perplexity_from(total: float, count: int) -> float:
+    """``exp(total / count)``: ``nan`` for a NaN mean, ``inf`` when it overflows."""
     mean = total / count
     if math.isnan(mean):
         return float("nan")

@@ -27,8 +27,9 @@ kernels, SIMD width or thread count computed them (those change float32 results 
 a compression pipeline turns last-bit differences into different codes: docs/design.md,
 "Reproducibility"); ``None`` computes in the model's own dtype.
 
-Sources and sinks are in memory now; a sharded-safetensors source (models larger than memory) and
-a streaming sink plug in through the same two small interfaces without touching the stages.
+Sources: the model in memory (:class:`MemorySource`), or its blocks streamed from the safetensors
+shards (:class:`lqframe.streaming.ShardSource`, models larger than memory); the run's sink writes each
+finished block to disk (``lqframe.run.CheckpointSink``).
 """
 
 from __future__ import annotations
@@ -111,9 +112,12 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
 
 class BlockSource:
     """Where blocks come from. ``load(b, device)`` returns block ``b`` on ``device``; ``release``
-    is called when the executor is done with it."""
+    is called when the executor is done with it. ``blocks`` are the model's block modules (empty
+    between loads where the source ``streams``: :class:`lqframe.streaming.ShardSource`)."""
 
     path: str
+    blocks: nn.ModuleList
+    streams: bool = False
     def __len__(self) -> int: ...  # noqa: E704
     def load(self, index: int, device: torch.device) -> nn.Module: ...  # noqa: E704
     def release(self, index: int, block: nn.Module, offload: bool) -> None: ...  # noqa: E704
@@ -237,11 +241,10 @@ class BlockExecutor:
     # ------------------------------------------------------------------ placement
     def place_model(self) -> None:
         """Put the model on the device: all of it, or with ``offload`` all but the blocks."""
-        if not self.offload:
+        if not self.offload and not self.source.streams:
             self.model.to(self.device)
             return
-        in_blocks = {id(m) for i in range(len(self.source)) for m in self.source.blocks[i].modules()} \
-            if isinstance(self.source, MemorySource) else set()
+        in_blocks = {id(m) for block in self.source.blocks for m in block.modules()}
         for module in self.model.modules():
             if id(module) not in in_blocks:
                 module._apply(lambda t: t.to(self.device), recurse=False)
@@ -311,9 +314,7 @@ class BlockExecutor:
         passes to its blocks (attention mask, position embeddings …)."""
         inputs: list[torch.Tensor] = []
         kwargs_seen: dict[str, Any] = {}
-        first = self.source.blocks[0] if isinstance(self.source, MemorySource) else None
-        if first is None:
-            raise ModelError("capturing block inputs needs the model's blocks in memory")
+        first = self.source.blocks[0]
 
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
@@ -325,7 +326,7 @@ class BlockExecutor:
 
         self.model_dtype = next((p.dtype for p in first.parameters() if p.is_floating_point()), None)
         handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-        blocks = self.source.blocks if isinstance(self.source, MemorySource) else ()
+        blocks = self.source.blocks
         try:  # embeddings and rotary tables in ``precision`` too (the blocks never run: the hook stops at block 0)
             with torch.inference_mode(), self.computing(self.model, exclude=blocks):
                 for w in tqdm(windows, desc=desc, disable=not self.progress, leave=False):
@@ -345,10 +346,14 @@ class BlockExecutor:
         self.first_inputs(windows[:1], desc="capture block arguments")
 
     # ------------------------------------------------------------------ running a block
-    def run_block(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    def call_block(self, block: nn.Module, hidden: torch.Tensor) -> Any:
+        """The block's own output (a tensor, or the tuple some models' blocks return)."""
         extra = self.kwargs.get("__extra_args__", ())
         kw = {k: v for k, v in self.kwargs.items() if k != "__extra_args__"}
-        out = block(hidden.to(self.device), *extra, **kw)
+        return block(hidden.to(self.device), *extra, **kw)
+
+    def run_block(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.call_block(block, hidden)
         return out[0] if isinstance(out, tuple | list) else out
 
     def forward(self, block: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -307,6 +307,9 @@ class Recipe:
     device: str = "auto"
     #: keep the blocks (and the activations between them) in CPU memory, one block on the device
     offload: bool = False
+    #: stream the blocks from disk, never the whole model in memory: auto (when the float weights would
+    #: not fit in the memory available), true, false (lqframe.streaming)
+    stream: str = "auto"
     quantize: QuantizeStage | None = None
     reconstruct: ReconstructStage | None = None
     allocate: AllocateStage | None = None
@@ -354,7 +357,7 @@ def _resolve(base: ComponentSpec, overrides: Sequence[Override], layer: str) -> 
 
 # --------------------------------------------------------------------------- parsing
 
-_TOP_KEYS = ("model", "device", "offload", "data") + tuple(f"{s}_stage" for s in STAGE_ORDER)
+_TOP_KEYS = ("model", "device", "offload", "stream", "data") + tuple(f"{s}_stage" for s in STAGE_ORDER)
 
 
 def _component(value: Any, ctx: _Ctx, kind: str) -> ComponentSpec:
@@ -586,6 +589,12 @@ def parse_recipe(doc: Any, origin: str = "<recipe>", check_components: bool = Tr
         kw["device"] = check_device(_str(str(body["device"]), root.child("device")), root.child("device"))
     if "offload" in body:
         kw["offload"] = _bool(body["offload"], root.child("offload"))
+    if "stream" in body:
+        value = body["stream"]
+        value = ("true" if value else "false") if isinstance(value, bool) else value
+        if value not in ("auto", "true", "false"):
+            raise root.child("stream").error(f"expected auto, true or false, got {body['stream']!r}")
+        kw["stream"] = value
 
     c = root.child("data")
     d = _mapping(body.get("data"), c, [f.name for f in attrs.fields(DataSpec)])

@@ -67,6 +67,10 @@ class CheckpointSink(BlockSink):
         self.finish: Callable[[RunState], dict[str, Any]] | None = None  # builds the report
         self.tokenizer: Any = None  # saved with the checkpoint
         self.progress: dict[str, Any] = self._fresh()
+        #: a streamed model's weights (lqframe.streaming.ShardReader): finished blocks stay on disk
+        self.reader: Any = None
+        self.dtype: torch.dtype = torch.float32
+        self._partial: dict[str, Path] | None = None
 
     def _fresh(self) -> dict[str, Any]:
         return {"identity": self.identity, "finished_block": -1, "layers": [], "layer_configs": {}, "fp_ppl": {}}
@@ -133,26 +137,45 @@ class CheckpointSink(BlockSink):
     def work_dir(self) -> Path:
         return self.dir
 
+    def _restore_layers(self, model, block: int, device: torch.device | None = None) -> bool:
+        """Put block ``block``'s compressed layers back into ``model`` from its file (on ``device``,
+        else where the layer it replaces is); False when the block has no file."""
+        path = self.dir / f"block-{block:05d}.safetensors"
+        if not path.is_file():
+            return False  # not finished, or a block without compressed layers
+        with safe_open(path, framework="pt") as fh:
+            state = {k: fh.get_tensor(k) for k in fh.keys()}
+        for name, cfg in self.progress["layer_configs"].items():
+            prefix = name + "."
+            own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if not own:
+                continue
+            where = device if device is not None else model.get_submodule(name).weight.device
+            module = LQLinear.from_layer_config(cfg)
+            module.load_state_dict(own)
+            set_module(model, name, module.to(where))
+        return True
+
+    def restore_block(self, index: int, block, device: torch.device) -> bool:
+        """A streamed model's finished block ``index``: its compressed layers from disk (the source's
+        ``restore``)."""
+        if index > int(self.progress["finished_block"]):
+            return False
+        return self._restore_layers(self.state.model, index, device)
+
     def restore(self, model) -> tuple[int, list[torch.Tensor] | None, list[LayerResult]]:
-        """Swap the finished layers back in; return (next block, its inputs, finished results)."""
+        """Swap the finished layers back in (a streamed model: as empty skeletons, read again when their
+        block is loaded); return (next block, its inputs, finished results)."""
         done = int(self.progress["finished_block"])
         if done < 0:
             return 0, None, []
-        for b in range(done + 1):
-            path = self.dir / f"block-{b:05d}.safetensors"
-            if not path.is_file():
-                continue  # a block without compressed layers
-            with safe_open(path, framework="pt") as fh:
-                state = {k: fh.get_tensor(k) for k in fh.keys()}
+        if self.reader is not None:
             for name, cfg in self.progress["layer_configs"].items():
-                prefix = name + "."
-                own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-                if not own:
-                    continue
-                device = model.get_submodule(name).weight.device
-                module = LQLinear.from_layer_config(cfg)
-                module.load_state_dict(own)
-                set_module(model, name, module.to(device))
+                with torch.device("meta"):
+                    set_module(model, name, LQLinear.from_layer_config(cfg))
+        else:
+            for b in range(done + 1):
+                self._restore_layers(model, b)
         inputs = None
         path = self.dir / f"inputs-{done + 1:05d}.safetensors"
         if path.is_file():
@@ -161,12 +184,27 @@ class CheckpointSink(BlockSink):
         results = [LayerResult(**r) for r in self.progress["layers"]]
         return done + 1, inputs, results
 
+    def fetch(self, name: str) -> torch.Tensor:
+        """A streamed model's tensor ``name`` from disk: a compressed layer's from its block file, any
+        other from the model's own weights in the run's dtype (what a resident model holds)."""
+        if self._partial is None:
+            self._partial = {}
+            for path in sorted(self.dir.glob("block-*.safetensors")):
+                with safe_open(path, framework="pt") as fh:
+                    self._partial.update(dict.fromkeys(fh.keys(), path))
+        path = self._partial.get(name)
+        if path is None:
+            return self.reader.get(name, self.dtype)
+        with safe_open(path, framework="pt") as fh:
+            return fh.get_tensor(name)
+
     def save(self, state: RunState) -> None:
         recipe = state.recipe
         report = self.finish(state)
         save_checkpoint(state.model, self.out, recipe_yaml=recipe.to_yaml(), report=report,
                         tokenizer=self.tokenizer if recipe.save.tokenizer else None,
-                        max_shard_size_mb=recipe.save.max_shard_size_mb)
+                        max_shard_size_mb=recipe.save.max_shard_size_mb,
+                        fetch=self.fetch if self.reader is not None else None)
         self.remove()
 
     def remove(self) -> None:
@@ -298,11 +336,13 @@ def run(
     overwrite: bool = False,
     device: str | None = None,
     offload: bool | None = None,
+    stream: str | bool | None = None,
     progress: bool = True,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> dict[str, Any]:
     """Run a recipe end to end and return the report (also written to ``OUTPUT/report.json``).
-    ``device`` / ``offload`` override the recipe's (``auto``: CUDA when present)."""
+    ``device`` / ``offload`` / ``stream`` (auto, true, false: :mod:`lqframe.streaming`) override the
+    recipe's (``auto``: CUDA when present; streamed when the model would not fit in memory)."""
     from lqframe import __version__
 
     t_start = time.perf_counter()
@@ -310,22 +350,33 @@ def run(
     out = Path(output) if output is not None else default_output(spec)
     dev = resolve_device(device if device is not None else recipe.device)
     offload = recipe.offload if offload is None else offload
+    if isinstance(stream, bool):
+        stream = "true" if stream else "false"
     if recipe.save is None:
-        return _run(recipe, spec, out, None, dev, offload, progress, log, t_start)
+        return _run(recipe, spec, out, None, dev, offload, progress, log, t_start, stream)
     identity = {"recipe": recipe.fingerprint(), "model": spec, "lqframe": __version__}
     sink = _prepare_output(out, identity, overwrite, log)  # takes the folder's lock
     try:
-        return _run(recipe, spec, out, sink, dev, offload, progress, log, t_start)
+        return _run(recipe, spec, out, sink, dev, offload, progress, log, t_start, stream)
     finally:
         (out / ".lqframe-lock").unlink(missing_ok=True)
 
 
 def _run(recipe: Recipe, spec: str, out: Path, sink: CheckpointSink | None, device: torch.device, offload: bool,
-         progress: bool, log, t_start: float) -> dict[str, Any]:
-    from lqframe.models import load_model
+         progress: bool, log, t_start: float, stream: str | None = None) -> dict[str, Any]:
+    from lqframe.models import load_model, resolve_model
+    from lqframe.streaming import ShardSource, float_bytes, load_streaming, should_stream
 
-    log(f"loading model {spec} …")
-    loaded = load_model(spec)
+    source = reader = None
+    info = resolve_model(spec)
+    if should_stream(stream if stream is not None else recipe.stream, info):
+        log(f"loading model {spec} (streamed: {float_bytes(info['path']) / 2**30:.1f} GiB of float32 weights stay "
+            "on disk, one block in memory at a time) …")
+        loaded, reader = load_streaming(spec)
+        source = ShardSource(loaded.model, reader, torch.float32)
+    else:
+        log(f"loading model {spec} …")
+        loaded = load_model(spec)
     windows = _windows(recipe, loaded.tokenizer)
     tuning = _tuning_windows(recipe, loaded.tokenizer)
     log(f"{_describe(windows)}; device {device}" + (" (blocks offloaded to CPU memory)" if offload else ""))
@@ -334,7 +385,7 @@ def _run(recipe: Recipe, spec: str, out: Path, sink: CheckpointSink | None, devi
             + " + ".join(f"{len(idx)} × {s}" for s, idx in tuning.sources))
     state = RunState(recipe, loaded.model, device=device, offload=offload, calibration=windows.calibration,
                      evaluation=windows.evaluation or None, task=loaded.task, progress=progress, log=log,
-                     tuning=tuning)
+                     tuning=tuning, source=source)
 
     def finish(st: RunState) -> dict[str, Any]:
         return {
@@ -360,6 +411,9 @@ def _run(recipe: Recipe, spec: str, out: Path, sink: CheckpointSink | None, devi
         sink.check_data(windows, tuning)
         sink.state, sink.finish, sink.tokenizer = state, finish, loaded.tokenizer
         state.sink = sink
+        if source is not None:
+            sink.reader = reader
+            source.restore = sink.restore_block
         fp = sink.progress.get("fp_ppl")
         state.fp_ppls = dict(fp) if isinstance(fp, dict) else {}
     execute(state)
