@@ -364,15 +364,16 @@ def run(
 
 def _run(recipe: Recipe, spec: str, out: Path, sink: CheckpointSink | None, device: torch.device, offload: bool,
          progress: bool, log, t_start: float, stream: str | None = None) -> dict[str, Any]:
-    from lqframe.models import load_model, resolve_model
+    from lqframe.models import find_blocks, load_model, resolve_model
     from lqframe.streaming import ShardSource, float_bytes, load_streaming, should_stream
 
     source = reader = None
     info = resolve_model(spec)
     if should_stream(stream if stream is not None else recipe.stream, info):
-        log(f"loading model {spec} (streamed: {float_bytes(info['path']) / 2**30:.1f} GiB of float32 weights stay "
-            "on disk, one block in memory at a time) …")
+        log(f"loading model {spec} (streamed: its blocks stay on disk, one in memory at a time) …")
         loaded, reader = load_streaming(spec)
+        log(f"streaming {len(find_blocks(loaded.model)[1])} blocks from {reader.folder} "
+            f"({float_bytes(reader.folder) / 2**30:.2f} GiB as float32)")
         source = ShardSource(loaded.model, reader, torch.float32)
     else:
         log(f"loading model {spec} …")

@@ -60,7 +60,6 @@ class ShardReader:
         else:
             raise ModelError(f"{self.folder}: streaming reads safetensors weights (model.safetensors or "
                              f"{_INDEX}), and there are none")
-        self._handles: dict[Path, Any] = {}
 
     @staticmethod
     def _open(path: Path):
@@ -74,17 +73,30 @@ class ShardReader:
 
     def get(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
         """Tensor ``name`` (a copy, in ``dtype`` when given, on ``device``)."""
-        path = self.files.get(name)
-        if path is None:
-            raise ModelError(f"{self.folder}: the weights hold no tensor {name!r}, which the model has (streaming "
-                             "reads checkpoints whose tensor names are the model's own parameter names)")
-        handle = self._handles.get(path)
-        if handle is None:
-            handle = self._handles[path] = self._open(path)
-        t = handle.get_tensor(name)
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        return t.to(device)
+        return self.get_many([name], dtype, device)[name]
+
+    def get_many(self, names, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+                 ) -> dict[str, torch.Tensor]:
+        """Tensors ``names`` (copies, floating ones in ``dtype`` when given, on ``device``), each file
+        opened once and closed again: its memory-mapped pages do not stay in the process's memory."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            path = self.files.get(name)
+            if path is None:
+                raise ModelError(f"{self.folder}: the weights hold no tensor {name!r}, which the model has "
+                                 "(streaming reads checkpoints whose tensor names are the model's own parameter "
+                                 "names)")
+            by_file.setdefault(path, []).append(name)
+        out = {}
+        for path, keys in by_file.items():
+            with self._open(path) as fh:
+                for name in keys:
+                    stored = fh.get_tensor(name)
+                    t = stored.to(dtype) if dtype is not None and stored.is_floating_point() else stored
+                    t = t.to(device)
+                    # never a view of the mapping, which closing the file unmaps
+                    out[name] = t.clone() if t.data_ptr() == stored.data_ptr() else t
+        return out
 
     def nbytes(self) -> int:
         """Bytes of every tensor as stored."""
@@ -153,6 +165,23 @@ def should_stream(mode: str, info: dict[str, Any], dtype: torch.dtype = torch.fl
     return available is not None and float_bytes(info["path"], dtype) > fraction * available
 
 
+def _return_freed_memory() -> None:
+    """glibc raises its mmap threshold each time a large block is freed, so that later large tensors
+    (a block's weights, loaded and freed once per block) come from the heap and stay in the process
+    after they are freed: resident memory grew by about a block per block. A fixed threshold (128 KiB)
+    keeps every large tensor in its own mapping, given back when freed. A no-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "mallopt"):
+            libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except OSError:
+        pass
+
+
 def load_streaming(spec: str, dtype: torch.dtype = torch.float32) -> tuple[LoadedModel, ShardReader]:
     """The model of folder ``spec`` with its parameters outside the block stack loaded and every
     block empty (meta), the tokenizer, and the reader its blocks come from."""
@@ -167,6 +196,7 @@ def load_streaming(spec: str, dtype: torch.dtype = torch.float32) -> tuple[Loade
                          "model (load it resident: stream: false)")
     folder = info["path"]
     reader = ShardReader(folder)
+    _return_freed_memory()
     try:
         config = AutoConfig.from_pretrained(folder)
     except Exception as exc:
@@ -226,9 +256,11 @@ class ShardSource:
     def load(self, index: int, device: torch.device) -> nn.Module:
         block = self.blocks[index]
         self.restore(index, block, device)  # compressed layers of a finished block, from the sink
-        for name, t in [*block.named_parameters(), *block.named_buffers()]:
-            if t.is_meta:
-                _set_tensor(block, name, self.reader.get(f"{self.path}.{index}.{name}", self.dtype, device))
+        empty = [name for name, t in [*block.named_parameters(), *block.named_buffers()] if t.is_meta]
+        prefix = f"{self.path}.{index}."
+        values = self.reader.get_many([prefix + name for name in empty], self.dtype, device)
+        for name in empty:
+            _set_tensor(block, name, values.pop(prefix + name))
         return block.to(device)
 
     def release(self, index: int, block: nn.Module, offload: bool) -> None:
