@@ -84,6 +84,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     target = Path(args.target)
     recipe_path = None
+    if args.stream is not False:
+        from lqframe.models import resolve_model
+        from lqframe.streaming import should_stream
+
+        info = resolve_model(args.target) if not (target.is_dir() and _is_lqframe_dir(target)) else \
+            {"kind": "dir", "path": str(target)}
+        if should_stream("true" if args.stream else "auto", info):
+            return _eval_streamed(args, target)
     if target.is_dir() and (target / "config.json").is_file() and _is_lqframe_dir(target):
         from lqframe.checkpoint import load_checkpoint, load_tokenizer
         from lqframe.hf import register_with_transformers
@@ -104,6 +112,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     set_weight_cache(model, True)
     ppls = {source: perplexity(model, windows, progress=not args.json, desc=f"perplexity ({source})")
             for source, windows in data.evaluation.items()}
+    return _print_eval(args, data, ppls)
+
+
+def _eval_streamed(args: argparse.Namespace, target) -> int:
+    """``lqframe eval`` of a model folder or checkpoint larger than memory: blocks streamed from its
+    shards (lqframe.streaming), every window through one block at a time."""
+    import torch
+
+    from lqframe.evaluate import perplexity_from
+    from lqframe.executor import BlockExecutor, resolve_device
+    from lqframe.streaming import ShardSource, load_streaming, streamed_nll
+
+    loaded, reader = load_streaming(str(target))
+    recipe_path = target / "recipe.yaml" if _is_lqframe_dir(target) else None
+    data = _eval_windows(args.data, recipe_path, loaded.tokenizer, args.windows, args.seq_len)
+    source = ShardSource(loaded.model, reader, torch.float32)
+    executor = BlockExecutor(loaded.model, resolve_device(args.device), source=source, progress=not args.json)
+    executor.place_model()
+    ppls = {s: perplexity_from(*streamed_nll(executor, windows, progress=not args.json, desc=f"perplexity ({s})"))
+            for s, windows in data.evaluation.items()}
+    return _print_eval(args, data, ppls)
+
+
+def _print_eval(args: argparse.Namespace, data, ppls: dict[str, float]) -> int:
     first = next(iter(ppls))
     n = len(data.evaluation[first])
     result = {"model": args.target, "data": first, "seq_len": data.seq_len, "windows": n, "ppl": ppls[first],
@@ -241,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, help="evaluation windows (default: the recipe's)")
     p.add_argument("--seq-len", type=int, help="tokens per window (default: the recipe's)")
     p.add_argument("--device", type=_device, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="read the blocks one at a time from the folder's shards (default: when the model would "
+                        "not fit in memory)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 

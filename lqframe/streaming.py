@@ -201,12 +201,24 @@ def load_streaming(spec: str, dtype: torch.dtype = torch.float32) -> tuple[Loade
         config = AutoConfig.from_pretrained(folder)
     except Exception as exc:
         raise ModelError(f"cannot load the config of {folder}: {exc}") from exc
+    layers = None
+    qc = getattr(config, "quantization_config", None)
+    if isinstance(qc, dict) and qc.get("quant_method") == "lqframe":  # an lqframe checkpoint
+        from lqframe.checkpoint import read_quantization_config
+
+        layers = read_quantization_config(folder)["layers"]
+        del config.quantization_config
     declared = _declared_class(config) or AutoModelForCausalLM
     with init_empty_weights(include_buffers=False):
         if declared is AutoModelForCausalLM:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         else:
             model = declared._from_config(config, dtype=dtype)
+    if layers is not None:  # its compressed layers as empty skeletons, filled block by block
+        from lqframe.checkpoint import swap_in_skeletons
+
+        with torch.device("meta"):
+            swap_in_skeletons(model, layers)
     path, blocks = find_blocks(model)
     prefix = path + "."
     tied = getattr(config, "tie_word_embeddings", False)
@@ -256,12 +268,31 @@ class ShardSource:
     def load(self, index: int, device: torch.device) -> nn.Module:
         block = self.blocks[index]
         self.restore(index, block, device)  # compressed layers of a finished block, from the sink
-        empty = [name for name, t in [*block.named_parameters(), *block.named_buffers()] if t.is_meta]
         prefix = f"{self.path}.{index}."
+        self._load_compressed(block, prefix, device)  # those of a compressed checkpoint, from its shards
+        empty = [name for name, t in [*block.named_parameters(), *block.named_buffers()] if t.is_meta]
         values = self.reader.get_many([prefix + name for name in empty], self.dtype, device)
         for name in empty:
             _set_tensor(block, name, values.pop(prefix + name))
         return block.to(device)
+
+    def _load_compressed(self, block: nn.Module, prefix: str, device: torch.device) -> None:
+        """Empty compressed layers whose tensors the shards hold (a compressed checkpoint streamed):
+        rebuilt from their layer configuration and loaded as :func:`lqframe.load` loads them."""
+        from lqframe.lqlinear import LQLinear
+        from lqframe.pipeline import set_module
+
+        for name, module in list(block.named_modules()):
+            if not isinstance(module, LQLinear) or not any(t.is_meta for t in [*module.parameters(),
+                                                                                 *module.buffers()]):
+                continue
+            own = prefix + name + "."
+            keys = [k for k in self.reader.files if k.startswith(own)]
+            if not keys:
+                continue
+            fresh = LQLinear.from_layer_config(module.layer_config())
+            fresh.load_state_dict({k[len(own):]: v for k, v in self.reader.get_many(keys).items()})
+            set_module(block, name, fresh.to(device))
 
     def release(self, index: int, block: nn.Module, offload: bool) -> None:
         empty_block(block)

@@ -191,3 +191,20 @@ def test_streamed_peak_memory_does_not_grow_with_depth(tmp_path):
         peaks[layers] = json.loads(res.stdout.strip().splitlines()[-1])["peak_mb"]
     block_mb = (4 * 768 * 768 + 3 * 768 * 2048) * 4 / 2**20
     assert peaks[16] - peaks[4] < 0.25 * 12 * block_mb, peaks
+
+
+def test_lqframe_eval_streams_a_float_model_and_a_checkpoint(model_dir, tmp_path, capsys):
+    """``lqframe eval --stream`` of the float folder and of a compressed checkpoint: the perplexities
+    ``lqframe eval`` computes resident, exactly."""
+    from lqframe.cli import main
+
+    out = tmp_path / "o"
+    run(_recipe(), str(model_dir), out, progress=False, log=lambda s: None)
+    for target in (model_dir, out):
+        got = {}
+        for flag in ("--stream", "--no-stream"):
+            capsys.readouterr()
+            assert main(["eval", str(target), "--windows", "3", "--seq-len", "64", "--data", "pydoc", "--json",
+                         flag]) == 0
+            got[flag] = json.loads(capsys.readouterr().out)["ppl"]
+        assert got["--stream"] == got["--no-stream"], (target, got)
