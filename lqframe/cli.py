@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -52,6 +53,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.set or ())
     report = run(recipe, args.model, args.output, overwrite=args.overwrite, device=args.device,
                  offload=True if args.offload else None, stream=args.stream, progress=not args.quiet)
+    _leave_group()
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: the first process reports
+        return 0
     if args.json:
         print(json.dumps({k: v for k, v in report.items()}, indent=2, default=str))
     else:
@@ -147,6 +151,15 @@ def _print_eval(args: argparse.Namespace, data, ppls: dict[str, float]) -> int:
             print(f"{args.target}: perplexity {ppl:.4f} on {len(data.evaluation[source])} × {data.seq_len} tokens "
                   f"of {source}")
     return 0
+
+
+def _leave_group() -> None:
+    """End the torch.distributed process group a torchrun run joined (all processes together)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _is_lqframe_dir(path) -> bool:
@@ -317,11 +330,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except LqframeError as exc:
-        print(f"lqframe: error: {exc}", file=sys.stderr)
+        rank = f" (rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']})" if "RANK" in os.environ else ""
+        print(f"lqframe: error{rank}: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into e.g. `head`
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as exc:  # disk full, permissions, … : one line naming the file

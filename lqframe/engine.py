@@ -90,6 +90,8 @@ class RunState:
     sink: BlockSink = attrs.field(factory=MemorySink)
     #: where the blocks come from (None: the model in memory); a streaming source holds them on disk
     source: BlockSource | None = None
+    #: the processes of the run (lqframe.distributed; one unless started by torchrun)
+    group: Any = None
     progress: bool = True
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
     # -- filled by prepare() and the stages
@@ -209,12 +211,18 @@ def prepare(state: RunState) -> RunState:
     if recipe.evaluate is not None and state.evaluation is not None and state.task != "causal-lm":
         raise RecipeError(f"{recipe.origin}: evaluate_stage: token perplexity needs a causal LM, and this is a "
                           f"{state.task} model; remove evaluate_stage to compress it")
+    if state.group is None:
+        from lqframe.distributed import SINGLE
+
+        state.group = SINGLE
     if state.streaming:
         _check_streamable(state)
+    if state.group.active:
+        _check_distributable(state)
     precision = recipe.quantize.precision if recipe.quantize is not None else "float64"
     state.executor = BlockExecutor(state.model, state.device, offload=state.offload,
                                    activations="cpu" if state.offload else "device", progress=state.progress,
-                                   precision=precision_dtype(precision), source=state.source)
+                                   precision=precision_dtype(precision), source=state.source, group=state.group)
     state.executor.place_model()
     return state
 
@@ -236,6 +244,34 @@ def _check_streamable(state: RunState) -> None:
         raise RecipeError(f"{recipe.origin}: a streamed model (stream: true, or auto with a model larger than "
                           f"memory) is never in memory as a whole, and {why}; run it resident (stream: false) on a "
                           "machine with the memory, or leave that stage out")
+
+
+def _check_distributable(state: RunState) -> None:
+    """What several processes do not share yet: say which stage, and how to run it."""
+    recipe = state.recipe
+    why = None
+    if recipe.tune is not None:
+        why = "tune_stage"
+    elif recipe.allocate is not None:
+        why = "allocate_stage"
+    elif state.streaming:
+        why = "a streamed model (stream: true, or auto for a model larger than memory)"
+    else:
+        kinds = registry().statistics()
+        if any(kinds[n].source == "gradient" for p in state.plans for n in _all_needs(state, p.name)):
+            why = "a gradient statistic (Fisher)"
+    if why:
+        raise RecipeError(f"{recipe.origin}: {why} runs in one process for now; start the run without torchrun")
+    n = len(state.calibration) if state.uses_data else None
+    if n is not None and n < state.group.world:
+        raise RecipeError(f"{recipe.origin}: {n} calibration windows cannot be shared by {state.group.world} "
+                          "processes: use at least one window per process")
+
+
+def _own(state: RunState, windows: torch.Tensor) -> torch.Tensor:
+    """This process's contiguous share of ``windows``."""
+    lo, hi = state.group.bounds(len(windows))
+    return windows[lo:hi]
 
 
 # --------------------------------------------------------------------------- stages
@@ -271,7 +307,16 @@ def _perplexities(state: RunState, desc: str, sources: Sequence[str] | None = No
         with offloaded(state.model, state.device) if state.offload else contextlib.nullcontext():
             for source, windows in sets.items():
                 label = f"{desc} ({source})" if len(every) > 1 else desc
-                out[source] = perplexity(state.model, windows, progress=state.progress, desc=label)
+                if state.group.active:  # each process its share; the sum in window order, as one process adds
+                    from lqframe.evaluate import perplexity_from, window_nlls
+
+                    parts = state.group.gather(window_nlls(state.model, _own(state, windows), state.progress, label))
+                    total = torch.zeros((), dtype=torch.float64)
+                    for value in (v for part in parts for v in part):
+                        total += value
+                    out[source] = perplexity_from(float(total), windows.shape[0] * (windows.shape[1] - 1))
+                else:
+                    out[source] = perplexity(state.model, windows, progress=state.progress, desc=label)
     finally:
         set_weight_cache(state.model, False)
     return out
@@ -326,7 +371,7 @@ def _calibrate(state: RunState) -> None:
     if resuming:  # the inputs of the next block come back from the sink when decompose starts
         ex.set_kwargs(state.calibration)
     else:
-        state.inputs = ex.first_inputs(state.calibration)
+        state.inputs = ex.first_inputs(_own(state, state.calibration))
     _gradient_statistics(state)
     if not data_aware:
         return
@@ -438,12 +483,21 @@ def _decompose(state: RunState) -> None:
                 capture = [g for g in phase if any(n in todo for n in g)] if state.uses_data else []
                 samples = ex.capture(block, capture, state.needs, state.inputs, state.stats,
                                      stop=sequential == "layer") if capture else {}
-                for name in (n for group in phase for n in group):
+                names = [n for group in phase for n in group]
+                for name in names:
                     lin = state.model.get_submodule(name)
                     if not isinstance(lin, nn.Linear):
                         raise ModelError(f"layer {name} is a {type(lin).__name__}, not an nn.Linear")
-                    module, result = decompose_layer(name, lin, plans[name], state.stats.layer_stats(name),
-                                                     samples.get(name), state.prepared.pop(name, None))
+                owners = state.group.assign([state.model.get_submodule(n).weight.numel() for n in names])
+                done = {}
+                for name, owner in zip(names, owners, strict=True):  # this process's share of the matrices
+                    if owner == state.group.rank:
+                        done[name] = decompose_layer(name, state.model.get_submodule(name), plans[name],
+                                                     state.stats.layer_stats(name), samples.get(name),
+                                                     state.prepared.pop(name, None))
+                for name, owner in zip(names, owners, strict=True):
+                    module, result = done[name] if not state.group.active else _shared_layer(state, done.get(name),
+                                                                                              owner)
                     set_module(state.model, name, module)
                     block_results.append(result)
                 state.stats.drop(n for group in phase for n in group)
@@ -456,6 +510,21 @@ def _decompose(state: RunState) -> None:
             elif state.uses_data:
                 state.inputs = None  # every later layer is already decomposed: nothing needs them
             state.sink.write(b, block, block_results, state.inputs)
+
+
+def _shared_layer(state: RunState, mine, owner: int):
+    """A compressed layer as its owner process made it, on every process (each rebuilds it from the
+    owner's stored tensors, the owner too, so that all propagate the very same module)."""
+    from lqframe.lqlinear import LQLinear
+
+    payload = None
+    if mine is not None:
+        module, result = mine
+        payload = (module.layer_config(), {k: v.detach().cpu() for k, v in module.state_dict().items()}, result)
+    config, tensors, result = state.group.broadcast(payload, owner)
+    module = LQLinear.from_layer_config(config)
+    module.load_state_dict(tensors)
+    return module.to(state.device), result
 
 
 def _tune_identity(state: RunState) -> dict[str, Any]:

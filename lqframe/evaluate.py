@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from lqframe.errors import DataError
 
-__all__ = ["perplexity", "perplexity_from", "nll_sum", "next_token_nll"]
+__all__ = ["perplexity", "perplexity_from", "nll_sum", "window_nlls", "next_token_nll"]
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -104,6 +104,24 @@ def nll_sum(
     finally:
         model.train(was_training)
     return float(total), n * (seq_len - 1)
+
+
+def window_nlls(model: torch.nn.Module, windows: torch.Tensor, progress: bool = False,
+                desc: str = "perplexity") -> list[torch.Tensor]:
+    """Each window's next-token NLL sum (float64, 0-dim, on the CPU), one window at a time as
+    :func:`nll_sum` computes them: added in window order they give its total bit for bit."""
+    device = _model_device(model)
+    extra = _forward_kwargs(model)
+    was_training = model.training
+    out = []
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for window in tqdm(windows, desc=desc, unit="win", disable=not progress, file=sys.stderr, leave=False):
+                out.append(_batch_nll(model, window[None].to(device=device, dtype=torch.long), extra).cpu())
+    finally:
+        model.train(was_training)
+    return out
 
 
 def perplexity(

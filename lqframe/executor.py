@@ -184,19 +184,51 @@ class _Stop(Exception):
 
 
 class _Capture:
-    """Statistics of one input shared by one or more linears, plus an optional token sample."""
+    """Statistics of one input shared by one or more linears, plus an optional token sample. With
+    ``defer`` (several processes) the inputs are kept and added by :meth:`flush`, in window order
+    across the processes."""
 
-    def __init__(self, acc, sample: bool):
+    def __init__(self, acc, sample: bool, defer: bool = False):
         self.acc = acc
         self.sample: list[torch.Tensor] | None = [] if sample else None
         self.sampled = 0
         self.last: torch.Tensor | None = None
+        self.pending: list[torch.Tensor] | None = [] if defer else None
 
     def update(self, x: torch.Tensor) -> None:
         if x is self.last:  # another member of the group sees the same tensor in the same call
             return
         self.last = x
         flat = x.detach().reshape(-1, self.acc.in_features)
+        if self.pending is not None:
+            self.pending.append(flat)
+            return
+        self._add(flat)
+
+    def flush(self, group) -> None:
+        """Add the kept inputs rank after rank (lqframe.distributed.Group.chain): the very additions,
+        in the very order, of one process seeing every window."""
+        device = self.pending[0].device if self.pending else None
+
+        def step(state):
+            if state is not None:
+                self._load(state, device)
+            for flat in self.pending:
+                self._add(flat)
+            self.pending.clear()
+            return {"acc": {k: v.cpu() for k, v in self.acc.state().items()}, "sampled": self.sampled,
+                    "sample": None if self.sample is None else [t.cpu() for t in self.sample]}
+
+        self._load(group.chain(None, step), device)
+
+    def _load(self, state, device) -> None:
+        to = (lambda t: t.to(device)) if device is not None else (lambda t: t)
+        self.acc.load_state({k: to(v) for k, v in state["acc"].items()})
+        self.sampled = state["sampled"]
+        if state["sample"] is not None:
+            self.sample = [to(t) for t in state["sample"]]
+
+    def _add(self, flat: torch.Tensor) -> None:
         self.acc.update(flat)
         if self.sample is not None and self.sampled < OUTPUT_ERROR_TOKENS:
             # a float32 copy by copy_: inside KeepFloat64 a cast would leave the float64 tensor as it is
@@ -219,7 +251,7 @@ class BlockExecutor:
 
     def __init__(self, model: nn.Module, device: torch.device | str = "cpu", *, offload: bool = False,
                  activations: str = "device", source: BlockSource | None = None, progress: bool = True,
-                 precision: torch.dtype | None = None):
+                 precision: torch.dtype | None = None, group: Any = None):
         if activations not in ACTIVATION_PLACES:
             raise LqframeError(f"activations must be one of {ACTIVATION_PLACES}, got {activations!r}")
         if precision is not None and not precision.is_floating_point:
@@ -234,6 +266,10 @@ class BlockExecutor:
         self.source = source if source is not None else MemorySource(model)
         self.progress = progress
         self.kwargs: dict[str, Any] = {}
+        from lqframe.distributed import SINGLE
+
+        #: the processes of the run (lqframe.distributed): each holds its share of the windows
+        self.group = group if group is not None else SINGLE
 
     def __len__(self) -> int:
         return len(self.source)
@@ -406,7 +442,7 @@ class BlockExecutor:
             want = frozenset().union(*(needs[n] for n in group))
             in_features = self.model.get_submodule(group[0]).in_features
             acc = store.accumulator(group[0], group, in_features, want)
-            shared = _Capture(acc, sample="rxx" not in want)
+            shared = _Capture(acc, sample="rxx" not in want, defer=self.group.active)
             captures.update(dict.fromkeys(group, shared))
 
         def hook(module, args, c):
@@ -430,6 +466,9 @@ class BlockExecutor:
             for cap in captures.values():
                 cap.last = None
             set_weight_cache(block, False)
+        if self.group.active:  # every process's windows, added in window order
+            for cap in dict.fromkeys(captures.values()):
+                cap.flush(self.group)
         return {name: cap.sample_tensor() for name, cap in captures.items()}
 
 

@@ -71,6 +71,11 @@ class CheckpointSink(BlockSink):
         self.reader: Any = None
         self.dtype: torch.dtype = torch.float32
         self._partial: dict[str, Path] | None = None
+        from lqframe.distributed import SINGLE
+
+        #: the processes of the run: the first writes the progress and the checkpoint, each the next
+        #: block's inputs of its own windows
+        self.group = SINGLE
 
     def _fresh(self) -> dict[str, Any]:
         return {"identity": self.identity, "finished_block": -1, "layers": [], "layer_configs": {}, "fp_ppl": {}}
@@ -89,7 +94,8 @@ class CheckpointSink(BlockSink):
         return True
 
     def save_progress(self) -> None:
-        atomic_write_json(self.dir / "progress.json", self.progress)
+        if self.group.leader:
+            atomic_write_json(self.dir / "progress.json", self.progress)
 
     def check_data(self, data_sets, tuning=None) -> None:
         """A resumed run must see the very same token windows (text, tokenizer and lqframe alike)."""
@@ -99,17 +105,25 @@ class CheckpointSink(BlockSink):
         if self.progress.get("data") is None:
             self.progress["data"] = data
             self.save_progress()
+            self.group.barrier()
         elif self.progress["data"] != data:
             raise LqframeError(f"the unfinished run in {self.out} used other data windows than this one (the text, "
                                "tokenizer or lqframe version changed); pass --overwrite to start afresh")
 
     def reset(self) -> None:
         data = self.progress.get("data")
-        for f in self.dir.glob("*.safetensors"):
-            f.unlink(missing_ok=True)
-        (self.dir / TUNE_STATE).unlink(missing_ok=True)  # it tuned the layers being discarded
+        self.group.barrier()
+        if self.group.leader:
+            for f in self.dir.glob("*.safetensors"):
+                f.unlink(missing_ok=True)
+            (self.dir / TUNE_STATE).unlink(missing_ok=True)  # it tuned the layers being discarded
         self.progress = {**self._fresh(), "data": data}
         self.save_progress()
+        self.group.barrier()
+
+    def _inputs_name(self, block: int) -> str:
+        g = self.group
+        return f"inputs-{block:05d}.safetensors" if not g.active else f"inputs-{block:05d}-{g.rank}.safetensors"
 
     def write(self, block: int, module, results: list[LayerResult], inputs) -> None:
         model = self.state.model
@@ -119,16 +133,21 @@ class CheckpointSink(BlockSink):
             for key, t in layer.state_dict().items():
                 tensors[f"{r.name}.{key}"] = t
             self.progress["layer_configs"][r.name] = layer.layer_config()
-        save_tensors(self.dir / f"block-{block:05d}.safetensors", tensors)
-        if inputs is not None:
-            save_tensors(self.dir / f"inputs-{block + 1:05d}.safetensors",
-                         {f"x.{i}": x for i, x in enumerate(inputs)})
+        if self.group.leader:
+            save_tensors(self.dir / f"block-{block:05d}.safetensors", tensors)
+        if inputs is not None:  # each process its own windows', keyed by window
+            first = self.group.bounds(len(self.state.calibration))[0]
+            save_tensors(self.dir / self._inputs_name(block + 1), {f"x.{first + i}": x for i, x in enumerate(inputs)})
+        self.group.barrier()  # every process's inputs are on disk before the commit
         self.progress["finished_block"] = block
         self.progress["fp_ppl"] = dict(self.state.fp_ppls)
         self.progress["layers"] += [r.as_dict() for r in results]
         self.save_progress()  # the commit point
-        for old in self.dir.glob("inputs-*.safetensors"):
-            if old.name != f"inputs-{block + 1:05d}.safetensors":
+        self.group.barrier()
+        keep = self._inputs_name(block + 1)
+        mine = "inputs-*.safetensors" if not self.group.active else f"inputs-*-{self.group.rank}.safetensors"
+        for old in self.dir.glob(mine):
+            if old.name != keep:
                 old.unlink(missing_ok=True)
 
     def next_block(self) -> int:
@@ -177,10 +196,19 @@ class CheckpointSink(BlockSink):
             for b in range(done + 1):
                 self._restore_layers(model, b)
         inputs = None
-        path = self.dir / f"inputs-{done + 1:05d}.safetensors"
-        if path.is_file():
+        found: dict[int, Path] = {}  # window → file, whatever number of processes wrote them
+        for path in self.dir.glob(f"inputs-{done + 1:05d}*.safetensors"):
             with safe_open(path, framework="pt") as fh:
-                inputs = [fh.get_tensor(f"x.{i}") for i in range(len(list(fh.keys())))]
+                found.update({int(k.split(".")[1]): path for k in fh.keys()})
+        if found:
+            n = len(self.state.calibration) if self.state is not None and self.state.calibration is not None \
+                else len(found)
+            lo, hi = self.group.bounds(n)
+            if set(range(n)) <= found.keys():
+                inputs = []
+                for w in range(lo, hi):
+                    with safe_open(found[w], framework="pt") as fh:
+                        inputs.append(fh.get_tensor(f"x.{w}"))
         results = [LayerResult(**r) for r in self.progress["layers"]]
         return done + 1, inputs, results
 
@@ -201,11 +229,14 @@ class CheckpointSink(BlockSink):
     def save(self, state: RunState) -> None:
         recipe = state.recipe
         report = self.finish(state)
-        save_checkpoint(state.model, self.out, recipe_yaml=recipe.to_yaml(), report=report,
-                        tokenizer=self.tokenizer if recipe.save.tokenizer else None,
-                        max_shard_size_mb=recipe.save.max_shard_size_mb,
-                        fetch=self.fetch if self.reader is not None else None)
-        self.remove()
+        self.group.barrier()
+        if self.group.leader:
+            save_checkpoint(state.model, self.out, recipe_yaml=recipe.to_yaml(), report=report,
+                            tokenizer=self.tokenizer if recipe.save.tokenizer else None,
+                            max_shard_size_mb=recipe.save.max_shard_size_mb,
+                            fetch=self.fetch if self.reader is not None else None)
+            self.remove()
+        self.group.barrier()
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -352,18 +383,31 @@ def run(
     offload = recipe.offload if offload is None else offload
     if isinstance(stream, bool):
         stream = "true" if stream else "false"
+    from lqframe.distributed import group_from_env
+
+    group = group_from_env(dev)
+    if not group.leader:  # one process speaks and draws progress bars
+        log, progress = (lambda s: None), False
     if recipe.save is None:
-        return _run(recipe, spec, out, None, dev, offload, progress, log, t_start, stream)
+        return _run(recipe, spec, out, None, dev, offload, progress, log, t_start, stream, group)
     identity = {"recipe": recipe.fingerprint(), "model": spec, "lqframe": __version__}
-    sink = _prepare_output(out, identity, overwrite, log)  # takes the folder's lock
+    sink = None
     try:
-        return _run(recipe, spec, out, sink, dev, offload, progress, log, t_start, stream)
+        if group.leader:
+            sink = _prepare_output(out, identity, overwrite, log)  # takes the folder's lock
+        group.barrier()
+        if sink is None:  # the other processes follow the folder the first one prepared
+            sink = CheckpointSink(out, identity)
+            sink.load()
+        sink.group = group
+        return _run(recipe, spec, out, sink, dev, offload, progress, log, t_start, stream, group)
     finally:
-        (out / ".lqframe-lock").unlink(missing_ok=True)
+        if group.leader:
+            (out / ".lqframe-lock").unlink(missing_ok=True)
 
 
 def _run(recipe: Recipe, spec: str, out: Path, sink: CheckpointSink | None, device: torch.device, offload: bool,
-         progress: bool, log, t_start: float, stream: str | None = None) -> dict[str, Any]:
+         progress: bool, log, t_start: float, stream: str | None = None, group: Any = None) -> dict[str, Any]:
     from lqframe.models import find_blocks, load_model, resolve_model
     from lqframe.streaming import ShardSource, float_bytes, load_streaming, should_stream
 
@@ -386,7 +430,7 @@ def _run(recipe: Recipe, spec: str, out: Path, sink: CheckpointSink | None, devi
             + " + ".join(f"{len(idx)} × {s}" for s, idx in tuning.sources))
     state = RunState(recipe, loaded.model, device=device, offload=offload, calibration=windows.calibration,
                      evaluation=windows.evaluation or None, task=loaded.task, progress=progress, log=log,
-                     tuning=tuning, source=source)
+                     tuning=tuning, source=source, group=group)
 
     def finish(st: RunState) -> dict[str, Any]:
         return {
@@ -400,6 +444,7 @@ def _run(recipe: Recipe, spec: str, out: Path, sink: CheckpointSink | None, devi
             "peak_rss_mb": peak_rss_mb(),
             "peak_device_mb": (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None),
             "versions": versions(st),
+            "processes": st.group.world if st.group is not None else 1,
             "data": windows.record(),
             "stages": recipe.stages(),
             "stage_seconds": dict(st.timings),

@@ -124,6 +124,11 @@ class StatsAccumulator:
         """The partial values (plus ``n_tokens``) as tensors: what an all-reduce would combine."""
         return {"n_tokens": torch.tensor(self.n_tokens, dtype=torch.int64), **self._acc}
 
+    def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Continue from ``state`` (another accumulator's :meth:`state`), replacing what this one holds."""
+        self.n_tokens = int(state["n_tokens"])
+        self._acc = {k: v for k, v in state.items() if k != "n_tokens"}
+
     def finalize(self) -> LayerStats:
         builtin = {k: v for k, v in self._acc.items() if k in STAT_NAMES}
         extra = {k: v for k, v in self._acc.items() if k not in STAT_NAMES}
