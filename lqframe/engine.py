@@ -227,44 +227,40 @@ def prepare(state: RunState) -> RunState:
     return state
 
 
+def _whole_model_work(state: RunState) -> tuple[str, str] | None:
+    """The first stage of the plan that works on every layer at once — ``(name, why)`` — or None:
+    tuning, allocation, a gradient statistic."""
+    if state.recipe.tune is not None:
+        return "tune_stage", "trains every block's L and R together (a backward pass through the whole model)"
+    if state.recipe.allocate is not None:
+        return "allocate_stage", "builds its cost table from every layer of the resident model"
+    kinds = registry().statistics()
+    gradient = sorted({n for p in state.plans for n in _all_needs(state, p.name) if kinds[n].source == "gradient"})
+    if gradient:
+        return f"the statistic(s) {gradient}", "come from a gradient pass through the whole model"
+    return None
+
+
 def _check_streamable(state: RunState) -> None:
     """What needs the whole model at once cannot run on a streamed one: say which stage, and how."""
-    recipe = state.recipe
-    why = None
-    if recipe.tune is not None:
-        why = "tune_stage trains every block's L and R together (a backward pass through the whole model)"
-    elif recipe.allocate is not None:
-        why = "allocate_stage builds its cost table from every layer of the resident model"
-    else:
-        kinds = registry().statistics()
-        gradient = sorted({n for p in state.plans for n in _all_needs(state, p.name) if kinds[n].source == "gradient"})
-        if gradient:
-            why = f"the statistic(s) {gradient} come from a gradient pass through the whole model"
-    if why:
-        raise RecipeError(f"{recipe.origin}: a streamed model (stream: true, or auto with a model larger than "
-                          f"memory) is never in memory as a whole, and {why}; run it resident (stream: false) on a "
-                          "machine with the memory, or leave that stage out")
+    work = _whole_model_work(state)
+    if work:
+        raise RecipeError(f"{state.recipe.origin}: a streamed model (stream: true, or auto with a model larger than "
+                          f"memory) is never in memory as a whole, and {work[0]} {work[1]}; run it resident "
+                          "(stream: false) on a machine with the memory, or leave that stage out")
 
 
 def _check_distributable(state: RunState) -> None:
     """What several processes do not share yet: say which stage, and how to run it."""
-    recipe = state.recipe
-    why = None
-    if recipe.tune is not None:
-        why = "tune_stage"
-    elif recipe.allocate is not None:
-        why = "allocate_stage"
-    elif state.streaming:
-        why = "a streamed model (stream: true, or auto for a model larger than memory)"
-    else:
-        kinds = registry().statistics()
-        if any(kinds[n].source == "gradient" for p in state.plans for n in _all_needs(state, p.name)):
-            why = "a gradient statistic (Fisher)"
-    if why:
-        raise RecipeError(f"{recipe.origin}: {why} runs in one process for now; start the run without torchrun")
+    work = _whole_model_work(state)
+    what = work[0] if work else "a streamed model (stream: true, or auto for a model larger than memory)" \
+        if state.streaming else None
+    if what:
+        raise RecipeError(f"{state.recipe.origin}: {what} runs in one process for now; start the run without "
+                          "torchrun")
     n = len(state.calibration) if state.uses_data else None
     if n is not None and n < state.group.world:
-        raise RecipeError(f"{recipe.origin}: {n} calibration windows cannot be shared by {state.group.world} "
+        raise RecipeError(f"{state.recipe.origin}: {n} calibration windows cannot be shared by {state.group.world} "
                           "processes: use at least one window per process")
 
 

@@ -32,3 +32,28 @@ def _cost_cache(tmp_path_factory):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def interrupt_after(monkeypatch):
+    """``interrupt_after(n)``: the run's sink raises KeyboardInterrupt right after committing its n-th
+    block (a killed run); ``interrupt_after(None)`` puts the sink back."""
+    from lqframe import run as run_mod
+
+    original = run_mod.CheckpointSink.write
+
+    def arm(n):
+        if n is None:
+            monkeypatch.setattr(run_mod.CheckpointSink, "write", original)
+            return
+        calls = {"n": 0}
+
+        def write(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(run_mod.CheckpointSink, "write", write)
+
+    return arm

@@ -269,26 +269,15 @@ def test_overwrite_refuses_foreign_files(model_dir, tmp_path):
     assert (out / "notes.txt").read_text() == "mine"
 
 
-def test_resume_after_interruption_gives_the_same_checkpoint(model_dir, tmp_path, finished, monkeypatch):
-    from lqframe import run as run_mod
-
+def test_resume_after_interruption_gives_the_same_checkpoint(model_dir, tmp_path, finished, interrupt_after):
     out = tmp_path / "out"
-    original = run_mod.CheckpointSink.write
-    calls = {"n": 0}
-
-    def crash_after_first(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise KeyboardInterrupt  # killed right after block 0 was committed
-
-    monkeypatch.setattr(run_mod.CheckpointSink, "write", crash_after_first)
+    interrupt_after(1)  # killed right after block 0 was committed
     with pytest.raises(KeyboardInterrupt):
         run(small_recipe(), str(model_dir), out, progress=False)
     assert not (out / "report.json").exists() and not (out / "model.safetensors").exists()
     progress = json.loads((out / ".lqframe-partial" / "progress.json").read_text())
     assert progress["finished_block"] == 0
-    monkeypatch.setattr(run_mod.CheckpointSink, "write", original)
+    interrupt_after(None)
 
     messages = []
     report = run(small_recipe(), str(model_dir), out, progress=False, log=messages.append)

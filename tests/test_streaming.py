@@ -86,26 +86,15 @@ def test_streamed_run_writes_the_resident_runs_checkpoint(model_dir, tmp_path, r
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in reports[True]["layers"]] == strip
 
 
-def test_a_killed_streamed_run_resumes_to_the_same_checkpoint(model_dir, tmp_path, monkeypatch):
-    from lqframe import run as run_mod
-
+def test_a_killed_streamed_run_resumes_to_the_same_checkpoint(model_dir, tmp_path, interrupt_after):
     reference = tmp_path / "ref"
     ref = run(_recipe(), str(model_dir), reference, stream=True, progress=False, log=lambda s: None)
     out = tmp_path / "out"
-    original = run_mod.CheckpointSink.write
-    calls = {"n": 0}
-
-    def crash_after_second(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # killed right after block 1 was committed
-
-    monkeypatch.setattr(run_mod.CheckpointSink, "write", crash_after_second)
+    interrupt_after(2)  # killed right after block 1 was committed
     with pytest.raises(KeyboardInterrupt):
         run(_recipe(), str(model_dir), out, stream=True, progress=False, log=lambda s: None)
     assert json.loads((out / ".lqframe-partial" / "progress.json").read_text())["finished_block"] == 1
-    monkeypatch.setattr(run_mod.CheckpointSink, "write", original)
+    interrupt_after(None)
     messages: list[str] = []
     report = run(_recipe(), str(model_dir), out, stream=True, progress=False, log=messages.append)
     assert any("resuming" in m for m in messages) and any("streamed" in m for m in messages)
