@@ -117,6 +117,52 @@ def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata
     _atomic(Path(path), lambda tmp: save_file(clean, tmp, metadata={"format": "pt", **(metadata or {})}))
 
 
+#: safetensors' names of the dtypes a checkpoint holds
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def write_shard(path: str | Path, tensors: Mapping[str, torch.Tensor],
+                fetch: Callable[[str], torch.Tensor] | None = None, metadata: Mapping[str, str] | None = None) -> None:
+    """Write a safetensors file one tensor at a time (atomically): the header from the tensors' shapes
+    and dtypes (meta tensors are fine), then each tensor's bytes in order, a meta one read by
+    ``fetch(name)`` just before it is written — so a shard never has to be in memory as a whole, and
+    a streamed and a resident run write the same bytes."""
+    import struct
+
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in _ST_DTYPES:
+            raise CheckpointError(f"{name}: dtype {t.dtype} cannot be stored in a safetensors checkpoint")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+
+    def write(tmp):
+        with open(tmp, "wb") as fh:
+            fh.write(struct.pack("<Q", len(head)))
+            fh.write(head)
+            for name, t in tensors.items():
+                value = t
+                if t.is_meta:
+                    if fetch is None:
+                        raise CheckpointError(f"{name}: the model holds it on the meta device, and nothing says "
+                                              "where to read it")
+                    value = fetch(name)
+                    if tuple(value.shape) != tuple(t.shape) or value.dtype != t.dtype:
+                        raise CheckpointError(f"{name}: read {tuple(value.shape)} {value.dtype}, the model has "
+                                              f"{tuple(t.shape)} {t.dtype}")
+                flat = value.detach().to("cpu").contiguous().reshape(-1)
+                if flat.numel():
+                    fh.write(flat.view(torch.uint8).numpy().tobytes())
+
+    _atomic(Path(path), write)
+
+
 # --------------------------------------------------------------------------- state
 
 
@@ -185,27 +231,12 @@ def save_checkpoint(
     return written
 
 
-def _materialized(shard: Mapping[str, torch.Tensor], fetch) -> dict[str, torch.Tensor]:
-    if not any(t.is_meta for t in shard.values()):
-        return dict(shard)
-    if fetch is None:
-        raise CheckpointError("the model holds tensors on the meta device, and nothing says where to read them")
-    out = {}
-    for name, t in shard.items():
-        value = fetch(name) if t.is_meta else t
-        if tuple(value.shape) != tuple(t.shape) or value.dtype != t.dtype:
-            raise CheckpointError(f"{name}: read {tuple(value.shape)} {value.dtype}, the model has {tuple(t.shape)} "
-                                  f"{t.dtype}")
-        out[name] = value
-    return out
-
-
 def _write_checkpoint(model, out: Path, written: list[Path], recipe_yaml, report, tokenizer, max_shard_size_mb,
                       fetch=None):
     state = checkpoint_state(model)
     shards = _shards(state, int(max_shard_size_mb * 1024 * 1024))
     if len(shards) == 1:
-        save_tensors(out / "model.safetensors", _materialized(shards[0], fetch))
+        write_shard(out / "model.safetensors", shards[0], fetch)
         written.append(out / "model.safetensors")
         stale = out / "model.safetensors.index.json"
         if stale.exists():
@@ -214,7 +245,7 @@ def _write_checkpoint(model, out: Path, written: list[Path], recipe_yaml, report
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_tensors(out / fname, _materialized(shard, fetch))
+            write_shard(out / fname, shard, fetch)
             written.append(out / fname)
             weight_map.update(dict.fromkeys(shard, fname))
         total = sum(t.numel() * t.element_size() for t in state.values())

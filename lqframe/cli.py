@@ -92,8 +92,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from lqframe.models import resolve_model
         from lqframe.streaming import should_stream
 
-        info = resolve_model(args.target) if not (target.is_dir() and _is_lqframe_dir(target)) else \
-            {"kind": "dir", "path": str(target)}
+        checkpoint = target.is_dir() and _is_lqframe_dir(target)
+        if checkpoint:  # a damaged copy is a one-line error before anything reads it
+            from lqframe.checkpoint import check_file_sizes
+
+            check_file_sizes(target)
+        info = {"kind": "dir", "path": str(target)} if checkpoint else resolve_model(args.target)
         if should_stream("true" if args.stream else "auto", info):
             return _eval_streamed(args, target)
     if target.is_dir() and (target / "config.json").is_file() and _is_lqframe_dir(target):
