@@ -102,10 +102,12 @@ def measure(model: Path, out: Path, recipe: dict, stream: bool, threads: int, ti
     recipe_file = out.parent / f"{out.name}.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe))
     cmd = [sys.executable, "-m", "lqframe.cli", "run", str(recipe_file), "--model", str(model), "--output", str(out),
-           "--overwrite", "--json", "--quiet", "--device", "cpu", "--stream" if stream else "--no-stream"]
+           "--overwrite", "--quiet", "--device", "cpu", "--stream" if stream else "--no-stream"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    log = out.parent / f"{out.name}.log"
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    with log.open("w") as sink:  # a file, not a pipe: nobody reads a pipe while the run goes on
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
     peak, stopped = 0.0, False
     while proc.poll() is None:
         peak = max(peak, _peak_rss_mb(proc.pid) or 0.0)
@@ -115,10 +117,10 @@ def measure(model: Path, out: Path, recipe: dict, stream: bool, threads: int, ti
             proc.wait(timeout=120)
             break
         time.sleep(0.5)
-    stdout, stderr = proc.communicate()
+    proc.wait()
     wall = time.perf_counter() - t0
     if not stopped and proc.returncode != 0:
-        raise SystemExit(f"lqframe run failed ({proc.returncode}):\n{stderr[-3000:]}")
+        raise SystemExit(f"lqframe run failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
     if stopped:
         progress = json.loads((out / ".lqframe-partial" / "progress.json").read_text())
         layers = progress["layers"]
@@ -126,7 +128,7 @@ def measure(model: Path, out: Path, recipe: dict, stream: bool, threads: int, ti
         return {"stopped_after_s": round(wall, 1), "blocks_done": blocks, "peak_rss_mb": round(peak, 1),
                 "seconds_per_block": round(sum(r["seconds"] for r in layers) / max(blocks, 1), 2),
                 "layer_seconds": round(sum(r["seconds"] for r in layers), 2)}
-    report = json.loads(stdout)
+    report = json.loads((out / "report.json").read_text())
     blocks = len({r["name"].rsplit(".", 2)[0] for r in report["layers"]})
     return {"wall_s": round(wall, 1), "peak_rss_mb": round(report["peak_rss_mb"], 1), "ppl": report["ppl"],
             "avg_bits": report["avg_bits"],
