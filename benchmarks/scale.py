@@ -149,7 +149,7 @@ def _rows(path: Path) -> list[dict]:
 def table(rows: list[dict]) -> str:
     lines = ["| shape (hidden / intermediate × blocks) | mode | recipe | params | peak RSS | wall | s / block | ppl |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r["shape"]["hidden"], r["recipe"], r["mode"], r["shape"]["layers"])):
         s = r["shape"]
         res = r["result"]
         wall = f"{res['wall_s']:.0f} s" if "wall_s" in res else f"stopped at {res['stopped_after_s']:.0f} s " \
