@@ -125,6 +125,9 @@ def measure(model: Path, out: Path, recipe: dict, stream: bool, threads: int, ti
         progress = json.loads((out / ".lqframe-partial" / "progress.json").read_text())
         layers = progress["layers"]
         blocks = progress["finished_block"] + 1
+        if blocks == 0:
+            raise SystemExit(f"stopped at {wall:.0f} s before the first block finished (peak RSS {peak:.0f} MB): "
+                             "no figure per block; give it a longer --time-limit")
         return {"stopped_after_s": round(wall, 1), "blocks_done": blocks, "peak_rss_mb": round(peak, 1),
                 "seconds_per_block": round(sum(r["seconds"] for r in layers) / max(blocks, 1), 2),
                 "layer_seconds": round(sum(r["seconds"] for r in layers), 2)}
@@ -217,8 +220,9 @@ def main() -> None:
                 print(f"{shape} {mode}: measured already (--force measures again)", file=sys.stderr)
                 continue
             print(f"{shape} {mode} {args.recipe} …", file=sys.stderr, flush=True)
-            row["result"] = measure(model, args.work / "out" / f"{model.name}-{mode}", _recipe(args.recipe, args),
-                                    mode == "stream", args.threads, args.time_limit)
+            out = args.work / "out" / f"{model.name}-{mode}-{args.recipe}"
+            row["result"] = measure(model, out, _recipe(args.recipe, args), mode == "stream", args.threads,
+                                    args.time_limit)
             print(json.dumps(row), flush=True)
             with args.out.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
