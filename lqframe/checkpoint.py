@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from lqframe.errors import CheckpointError
@@ -104,17 +103,9 @@ def _json_default(obj: Any) -> Any:
 
 
 def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None):
-    """Atomic safetensors write; tensors that share memory are copied apart."""
-    seen: set[tuple[int, int]] = set()
-    clean: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        t = t.detach().contiguous()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if t.numel() and key in seen:
-            t = t.clone()
-        seen.add(key)
-        clean[name] = t
-    _atomic(Path(path), lambda tmp: save_file(clean, tmp, metadata={"format": "pt", **(metadata or {})}))
+    """Atomic safetensors write (:func:`write_shard`: each tensor's bytes written in turn, so tensors
+    that share memory are stored apart)."""
+    write_shard(path, tensors, metadata=metadata)
 
 
 #: safetensors' names of the dtypes a checkpoint holds

@@ -88,19 +88,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     target = Path(args.target)
     recipe_path = None
+    checkpoint = target.is_dir() and (target / "config.json").is_file() and _is_lqframe_dir(target)
     if args.stream is not False:
         from lqframe.models import resolve_model
         from lqframe.streaming import should_stream
 
-        checkpoint = target.is_dir() and _is_lqframe_dir(target)
         if checkpoint:  # a damaged copy is a one-line error before anything reads it
             from lqframe.checkpoint import check_file_sizes
 
             check_file_sizes(target)
         info = {"kind": "dir", "path": str(target)} if checkpoint else resolve_model(args.target)
         if should_stream("true" if args.stream else "auto", info):
-            return _eval_streamed(args, target)
-    if target.is_dir() and (target / "config.json").is_file() and _is_lqframe_dir(target):
+            return _eval_streamed(args, target, checkpoint)
+    if checkpoint:
         from lqframe.checkpoint import load_checkpoint, load_tokenizer
         from lqframe.hf import register_with_transformers
 
@@ -123,7 +123,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return _print_eval(args, data, ppls)
 
 
-def _eval_streamed(args: argparse.Namespace, target) -> int:
+def _eval_streamed(args: argparse.Namespace, target, checkpoint: bool) -> int:
     """``lqframe eval`` of a model folder or checkpoint larger than memory: blocks streamed from its
     shards (lqframe.streaming), every window through one block at a time."""
     import torch
@@ -133,7 +133,7 @@ def _eval_streamed(args: argparse.Namespace, target) -> int:
     from lqframe.streaming import ShardSource, load_streaming, streamed_nll
 
     loaded, reader = load_streaming(str(target))
-    recipe_path = target / "recipe.yaml" if _is_lqframe_dir(target) else None
+    recipe_path = target / "recipe.yaml" if checkpoint else None
     data = _eval_windows(args.data, recipe_path, loaded.tokenizer, args.windows, args.seq_len)
     source = ShardSource(loaded.model, reader, torch.float32)
     executor = BlockExecutor(loaded.model, resolve_device(args.device), source=source, progress=not args.json)

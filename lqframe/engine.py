@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lqframe.distributed import SINGLE, Group
 from lqframe.errors import ModelError, RecipeError
 from lqframe.executor import BlockExecutor, BlockSink, BlockSource, MemorySink, offloaded
 from lqframe.lqlinear import set_weight_cache
@@ -91,7 +92,7 @@ class RunState:
     #: where the blocks come from (None: the model in memory); a streaming source holds them on disk
     source: BlockSource | None = None
     #: the processes of the run (lqframe.distributed; one unless started by torchrun)
-    group: Any = None
+    group: Group = SINGLE
     progress: bool = True
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
     # -- filled by prepare() and the stages
@@ -211,10 +212,6 @@ def prepare(state: RunState) -> RunState:
     if recipe.evaluate is not None and state.evaluation is not None and state.task != "causal-lm":
         raise RecipeError(f"{recipe.origin}: evaluate_stage: token perplexity needs a causal LM, and this is a "
                           f"{state.task} model; remove evaluate_stage to compress it")
-    if state.group is None:
-        from lqframe.distributed import SINGLE
-
-        state.group = SINGLE
     if state.streaming:
         _check_streamable(state)
     if state.group.active:

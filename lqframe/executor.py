@@ -44,6 +44,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lqframe.distributed import SINGLE
 from lqframe.errors import LqframeError, ModelError
 from lqframe.lqlinear import LQLinear, set_weight_cache
 from lqframe.models import find_blocks
@@ -266,8 +267,6 @@ class BlockExecutor:
         self.source = source if source is not None else MemorySource(model)
         self.progress = progress
         self.kwargs: dict[str, Any] = {}
-        from lqframe.distributed import SINGLE
-
         #: the processes of the run (lqframe.distributed): each holds its share of the windows
         self.group = group if group is not None else SINGLE
 

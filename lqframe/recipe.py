@@ -299,6 +299,11 @@ class SaveStage:
     tokenizer: bool = True
 
 
+#: values of the recipe's ``stream`` (lqframe.streaming): auto (when the float weights would not fit in
+#: the memory available), true, false
+STREAM_MODES = ("auto", "true", "false")
+
+
 @attrs.frozen
 class Recipe:
     data: DataSpec = attrs.field(factory=DataSpec)
@@ -592,7 +597,7 @@ def parse_recipe(doc: Any, origin: str = "<recipe>", check_components: bool = Tr
     if "stream" in body:
         value = body["stream"]
         value = ("true" if value else "false") if isinstance(value, bool) else value
-        if value not in ("auto", "true", "false"):
+        if value not in STREAM_MODES:
             raise root.child("stream").error(f"expected auto, true or false, got {body['stream']!r}")
         kw["stream"] = value
 

@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 from lqframe.checkpoint import atomic_write_json, save_checkpoint, save_tensors
+from lqframe.distributed import SINGLE, Group, group_from_env
 from lqframe.engine import COMPRESSION_STAGES, RunState, execute, perplexity_table, versions
 from lqframe.errors import LqframeError
 from lqframe.executor import BlockSink, resolve_device
@@ -67,12 +68,9 @@ class CheckpointSink(BlockSink):
         self.finish: Callable[[RunState], dict[str, Any]] | None = None  # builds the report
         self.tokenizer: Any = None  # saved with the checkpoint
         self.progress: dict[str, Any] = self._fresh()
-        #: a streamed model's weights (lqframe.streaming.ShardReader): finished blocks stay on disk
-        self.reader: Any = None
-        self.dtype: torch.dtype = torch.float32
+        #: a streamed model's blocks (lqframe.streaming.ShardSource): finished blocks stay on disk
+        self.source: Any = None
         self._partial: dict[str, Path] | None = None
-        from lqframe.distributed import SINGLE
-
         #: the processes of the run: the first writes the progress and the checkpoint, each the next
         #: block's inputs of its own windows
         self.group = SINGLE
@@ -188,7 +186,7 @@ class CheckpointSink(BlockSink):
         done = int(self.progress["finished_block"])
         if done < 0:
             return 0, None, []
-        if self.reader is not None:
+        if self.source is not None:
             for name, cfg in self.progress["layer_configs"].items():
                 with torch.device("meta"):
                     set_module(model, name, LQLinear.from_layer_config(cfg))
@@ -222,7 +220,7 @@ class CheckpointSink(BlockSink):
                     self._partial.update(dict.fromkeys(fh.keys(), path))
         path = self._partial.get(name)
         if path is None:
-            return self.reader.get(name, self.dtype)
+            return self.source.reader.get(name, self.source.dtype)
         with safe_open(path, framework="pt") as fh:
             return fh.get_tensor(name)
 
@@ -234,7 +232,7 @@ class CheckpointSink(BlockSink):
             save_checkpoint(state.model, self.out, recipe_yaml=recipe.to_yaml(), report=report,
                             tokenizer=self.tokenizer if recipe.save.tokenizer else None,
                             max_shard_size_mb=recipe.save.max_shard_size_mb,
-                            fetch=self.fetch if self.reader is not None else None)
+                            fetch=self.fetch if self.source is not None else None)
             self.remove()
         self.group.barrier()
 
@@ -383,8 +381,6 @@ def run(
     offload = recipe.offload if offload is None else offload
     if isinstance(stream, bool):
         stream = "true" if stream else "false"
-    from lqframe.distributed import group_from_env
-
     group = group_from_env(dev)
     if not group.leader:  # one process speaks and draws progress bars
         log, progress = (lambda s: None), False
@@ -407,11 +403,11 @@ def run(
 
 
 def _run(recipe: Recipe, spec: str, out: Path, sink: CheckpointSink | None, device: torch.device, offload: bool,
-         progress: bool, log, t_start: float, stream: str | None = None, group: Any = None) -> dict[str, Any]:
+         progress: bool, log, t_start: float, stream: str | None = None, group: Group = SINGLE) -> dict[str, Any]:
     from lqframe.models import find_blocks, load_model, resolve_model
     from lqframe.streaming import ShardSource, float_bytes, load_streaming, should_stream
 
-    source = reader = None
+    source = None
     info = resolve_model(spec)
     if should_stream(stream if stream is not None else recipe.stream, info):
         log(f"loading model {spec} (streamed: its blocks stay on disk, one in memory at a time) …")
@@ -444,7 +440,7 @@ def _run(recipe: Recipe, spec: str, out: Path, sink: CheckpointSink | None, devi
             "peak_rss_mb": peak_rss_mb(),
             "peak_device_mb": (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None),
             "versions": versions(st),
-            "processes": st.group.world if st.group is not None else 1,
+            "processes": st.group.world,
             "data": windows.record(),
             "stages": recipe.stages(),
             "stage_seconds": dict(st.timings),
@@ -458,7 +454,7 @@ def _run(recipe: Recipe, spec: str, out: Path, sink: CheckpointSink | None, devi
         sink.state, sink.finish, sink.tokenizer = state, finish, loaded.tokenizer
         state.sink = sink
         if source is not None:
-            sink.reader = reader
+            sink.source = source
             source.restore = sink.restore_block
         fp = sink.progress.get("fp_ppl")
         state.fp_ppls = dict(fp) if isinstance(fp, dict) else {}

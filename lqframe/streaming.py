@@ -33,10 +33,8 @@ from torch import nn
 from lqframe.errors import ModelError
 from lqframe.models import LoadedModel, find_blocks
 
-__all__ = ["ShardReader", "ShardSource", "load_streaming", "float_bytes", "should_stream", "streamed_nll",
-           "empty_block", "STREAM_MODES"]
+__all__ = ["ShardReader", "ShardSource", "load_streaming", "float_bytes", "should_stream", "streamed_nll"]
 
-STREAM_MODES = ("auto", "true", "false")
 _INDEX = "model.safetensors.index.json"
 
 
@@ -118,11 +116,6 @@ def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
         owner._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
     else:
         owner._buffers[leaf] = value
-
-
-def empty_block(block: nn.Module) -> None:
-    """Give every tensor of ``block`` back (its parameters and buffers become meta tensors)."""
-    block.to("meta")
 
 
 def float_bytes(folder: str | Path, dtype: torch.dtype = torch.float32) -> int:
@@ -295,7 +288,7 @@ class ShardSource:
             set_module(block, name, fresh.to(device))
 
     def release(self, index: int, block: nn.Module, offload: bool) -> None:
-        empty_block(block)
+        block.to("meta")  # every tensor given back
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -416,10 +416,9 @@ def test_sharded_checkpoint_loads_back(model_dir, tmp_path):
 
 def test_full_disk_is_a_one_line_error_and_leaves_no_checkpoint(model_dir, tmp_path):
     script = (
-        "import errno, sys, safetensors.torch as st\n"
-        "def full(*a, **k): raise OSError(errno.ENOSPC, 'No space left on device', a[1])\n"
-        "st.save_file = full\n"
-        "import lqframe.checkpoint as ck; ck.save_file = full\n"
+        "import errno, sys\n"
+        "def full(*a, **k): raise OSError(errno.ENOSPC, 'No space left on device', str(a[0]))\n"
+        "import lqframe.checkpoint as ck; ck.write_shard = full\n"  # every safetensors file lqframe writes
         "from lqframe.cli import main\n"
         f"sys.exit(main(['run', '--model', {str(model_dir)!r}, '--output', {str(tmp_path / 'o')!r}, '--quiet', "
         + ", ".join(f"'--set', {s!r}" for s in SMALL) + "]))\n"
