@@ -249,9 +249,8 @@ def _check_streamable(state: RunState) -> None:
 
 def _check_distributable(state: RunState) -> None:
     """What several processes do not share yet: say which stage, and how to run it."""
-    work = _whole_model_work(state)
-    what = work[0] if work else "a streamed model (stream: true, or auto for a model larger than memory)" \
-        if state.streaming else None
+    what = "tune_stage" if state.recipe.tune is not None else \
+        "a streamed model (stream: true, or auto for a model larger than memory)" if state.streaming else None
     if what:
         raise RecipeError(f"{state.recipe.origin}: {what} runs in one process for now; start the run without "
                           "torchrun")
@@ -327,10 +326,31 @@ def _gradient_statistics(state: RunState) -> None:
     with _backward_device(state) as device:
         for name, layers in wanted.items():
             t0 = time.perf_counter()
-            ctx = GradientContext(state.model, state.calibration, device, layers, state.progress)
-            for layer, value in kinds[name].produce(ctx).items():
+            # each process its share of the windows; the shares' results merged in rank order
+            ctx = GradientContext(state.model, _own(state, state.calibration), device, layers, state.progress)
+            values = _merged(state, kinds[name], kinds[name].produce(ctx))
+            for layer, value in values.items():
                 state.stats.add_gradient(layer, name, value)
             state.timings[f"gradient:{name}"] = time.perf_counter() - t0
+
+
+def _merged(state: RunState, kind, mine: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """A gradient statistic produced by every process over its share of the windows, merged with
+    the kind's rule in rank order (rank 0's share first, as one process meets the windows) and
+    handed to every process. A sum over windows accumulated in float64 from exact per-window
+    terms (the Fisher's squares of float32 gradients) is then the one-process sum whenever the
+    partial sums are exact, which they are unless one element's terms span more than 2^29."""
+    if not state.group.active:
+        return mine
+    from lqframe.stats import MERGE_RULES
+
+    rule = MERGE_RULES[kind.merge]
+
+    def step(acc):
+        part = {k: v.detach().cpu() for k, v in mine.items()}
+        return part if acc is None else {k: rule(acc[k], part[k]) for k in part}
+
+    return state.group.chain(None, step)
 
 
 @contextlib.contextmanager
@@ -391,21 +411,36 @@ def _allocate(state: RunState) -> None:
         from lqframe.costcache import CostCache
 
         cache = CostCache(None if stage.cache is True else stage.cache)
+    group = state.group
+    # the matrices shared by the processes, balanced by size (every candidate of a matrix on one
+    # process: they share its quantizations); each fills its rows, and all rows are gathered
+    owners = group.assign([state.model.get_submodule(p.name).weight.numel() for p in state.plans])
+    rows = {i for i, r in enumerate(owners) if r == group.rank}
     t0 = time.perf_counter()
     try:
         table, per_layer, decs = cost_table(state.model, recipe, state.plans, state.stats.layer_stats, state.progress,
-                                            cache=cache, device=state.device)
+                                            cache=cache, device=state.device, rows=rows if group.active else None)
     finally:
         if cache is not None:
             cache.close()
+    counts = (cache.hits, cache.misses) if cache is not None else (0, 0)
+    if group.active:
+        parts = group.gather(({i: table.cost[i].copy() for i in rows}, counts))
+        for part, _ in parts:
+            for i, row in part.items():
+                table.cost[i] = row
+        counts = tuple(sum(c[k] for _, c in parts) for k in range(2))
     state.timings["cost_table"] = time.perf_counter() - t0
     if cache is not None:
         state.log(f"allocation cost table: {len(table.layers)} matrices × {len(table.configs)} candidates in "
-                  f"{state.timings['cost_table']:.1f} s ({cache.hits} from the cache at {cache.path}, "
-                  f"{cache.misses} computed)")
-    allocator = registry().create("allocator", stage.allocator.name, **stage.allocator.options)
+                  f"{state.timings['cost_table']:.1f} s ({counts[0]} from the cache at {cache.path}, "
+                  f"{counts[1]} computed)")
     t0 = time.perf_counter()
-    choice = allocator.allocate(table, stage.budget_bits)
+    choice = None
+    if group.leader:  # one solve, handed to every process
+        allocator = registry().create("allocator", stage.allocator.name, **stage.allocator.options)
+        choice = allocator.allocate(table, stage.budget_bits)
+    choice = group.broadcast(choice, 0)
     state.timings["allocate_solve"] = time.perf_counter() - t0
     plans = []
     kinds = registry().statistics()
@@ -418,10 +453,10 @@ def _allocate(state: RunState) -> None:
         forward = any(kinds[n].source == "forward" for n in layer_needs(chosen))
         if forward and not stage.reuse:
             continue
-        if (i, j) not in decs:  # its cost came from the cache: decompose it as the table would have
-            w = state.model.get_submodule(plan.name).weight.detach().to(state.device)
+        if owners[i] == group.rank and (i, j) not in decs:  # its cost came from the cache: decompose it as the
+            w = state.model.get_submodule(plan.name).weight.detach().to(state.device)  # table would have
             decs[(i, j)] = decompose_candidate(w, chosen, state.stats.layer_stats(plan.name), j)
-        state.prepared[plan.name] = decs[(i, j)]
+        state.prepared[plan.name] = group.broadcast(decs.get((i, j)), owners[i]) if group.active else decs[(i, j)]
     decs.clear()
     state.plans = plans
     state.needs = {p.name: layer_needs(p) for p in plans}
@@ -484,10 +519,10 @@ def _decompose(state: RunState) -> None:
                 owners = state.group.assign([state.model.get_submodule(n).weight.numel() for n in names])
                 done = {}
                 for name, owner in zip(names, owners, strict=True):  # this process's share of the matrices
+                    prepared = state.prepared.pop(name, None)
                     if owner == state.group.rank:
                         done[name] = decompose_layer(name, state.model.get_submodule(name), plans[name],
-                                                     state.stats.layer_stats(name), samples.get(name),
-                                                     state.prepared.pop(name, None))
+                                                     state.stats.layer_stats(name), samples.get(name), prepared)
                 for name, owner in zip(names, owners, strict=True):
                     module, result = done[name] if not state.group.active else _shared_layer(state, done.get(name),
                                                                                               owner)

@@ -8,9 +8,11 @@ square of a sum of per-sequence gradients is not their sum of squares). Only the
 require gradients; each weight's gradient is squared into its accumulator the moment it is
 complete and then freed (``register_post_accumulate_grad_hook``), so the pass holds one float32
 accumulator per target weight plus one weight's gradient at a time, never a second full set of
-gradients. The sum is a float32 sum of non-negative terms (relative error below
-``windows · 2⁻²⁴``), which is far inside what a weighting needs; it is returned as float64 like
-every statistic.
+gradients. Each window's square is taken in float32 and added to a float64 accumulator (one per
+target weight, twice the size of the weights): the float32 squares are exact in float64, so the sum
+is exact — and therefore the same in any order, which is what lets several processes each sum a
+share of the windows and merge the shares into the one-process result (lqframe.distributed) —
+whenever one element's squares span less than 2^29; otherwise it is within float64 rounding.
 
 The model runs in eval mode (dropout off, so the pass is deterministic); the reference uses train
 mode, which for the LLaMA family (no dropout) is the same. With ``offload`` the whole model is
@@ -39,12 +41,12 @@ def empirical_fisher(ctx: Any) -> dict[str, torch.Tensor]:
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     device = next(iter(params.values())).device
-    acc = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
+    acc = {name: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for name, p in params.items()}
     hooks = []
 
     def collect(name):
         def hook(p: torch.Tensor) -> None:
-            acc[name].add_(p.grad.detach().float().square())
+            acc[name].add_(p.grad.detach().float().square())  # float32 square, float64 sum
             p.grad = None
 
         return hook
@@ -67,4 +69,4 @@ def empirical_fisher(ctx: Any) -> dict[str, torch.Tensor]:
             p.requires_grad_(flag)
             p.grad = None
         model.train(was_training)
-    return {name: a.to(torch.float64) for name, a in acc.items()}
+    return acc

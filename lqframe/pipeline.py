@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import Any
 
 import attrs
@@ -289,7 +289,7 @@ def decompose_candidate(w: torch.Tensor, plan: LayerPlan, stats: LayerStats | No
 
 
 def cost_table(model: nn.Module, recipe: Recipe, plans: Sequence[LayerPlan], stats_of, progress: bool = True,
-               cache: CostCache | None = None, device: torch.device | None = None,
+               cache: CostCache | None = None, device: torch.device | None = None, rows: Container[int] | None = None,
                ) -> tuple[CostTable, list[list[LayerPlan]], dict[tuple[int, int], tuple[Decomposition, float]]]:
     """Decompose every layer with every candidate once: costs (see :func:`layer_cost`, with the
     stage's ``metric``), exact bits from the components' ``storage_bits(shape)`` (+
@@ -301,7 +301,8 @@ def cost_table(model: nn.Module, recipe: Recipe, plans: Sequence[LayerPlan], sta
     weight, statistics, components and device is read back instead of decomposing again (that
     pair then has no decomposition here: the allocate stage makes the chosen one with
     :func:`decompose_candidate` and the same statistics, so a warm cache changes nothing in the
-    result). Weights are decomposed on ``device`` (default: where they are)."""
+    result). Weights are decomposed on ``device`` (default: where they are). ``rows``: decompose
+    only these matrices (one process's share; the others' costs are left 0, their bits filled)."""
     from lqframe import __version__
 
     stage = recipe.allocate
@@ -314,16 +315,20 @@ def cost_table(model: nn.Module, recipe: Recipe, plans: Sequence[LayerPlan], sta
     bar = tqdm(plans, desc=f"allocate: cost table ({n} matrices × {k} candidates)", unit="matrix",
                disable=not progress, leave=False)
     for i, plan in enumerate(bar):
+        weight = model.get_submodule(plan.name).weight
+        shape = (weight.shape[0], weight.shape[1])
+        numel.append(weight.numel())
+        mine = rows is None or i in rows
         # one float32 tensor for every candidate (shared quantizations recognise it)
-        w = model.get_submodule(plan.name).weight.detach().to(device=device, dtype=torch.float32).contiguous()
-        shape = (w.shape[0], w.shape[1])
-        numel.append(w.numel())
-        stats = stats_of(plan.name)
-        w_digest = tensor_digest(w) if cache is not None else ""
+        w = weight.detach().to(device=device, dtype=torch.float32).contiguous() if mine else None
+        stats = stats_of(plan.name) if mine else None
+        w_digest = tensor_digest(w) if cache is not None and mine else ""
         shared: dict[str, SharedQuantizer] = {}
         for j, cand in enumerate(per_layer[i]):
             q, rec = components(cand.quantizer, cand.reconstructor)
             bits[i, j] = q.storage_bits(shape) + (rec.lowrank_bits(shape) if stage.include_lowrank else 0)
+            if not mine:
+                continue
             key = None
             if cache is not None:
                 needs = rec.all_needs(q) | METRIC_NEEDS.get(stage.metric, frozenset())

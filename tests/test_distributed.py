@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SETS = ["data.seq_len=48", "data.calibration_windows=6", "data.evaluation_windows=3", "data.calibration=[pydoc]",
         "evaluate_stage.data=[pydoc]", "quantize_stage.quantizer.group_size=32"]
 RANKED = ["reconstruct_stage.reconstructor.rank=8"]
+#: the ILP recipe: LQ-LoRA decompositions weighted by the Fisher, its cost table computed afresh
+ILP = [*RANKED, "allocate_stage.cache=false", "reconstruct_stage.reconstructor.iterations=2"]
 #: every file of a checkpoint that must be the same bytes (report.json records timings and the process count)
 SAME = ("model.safetensors", "config.json", "generation_config.json", "recipe.yaml", "tokenizer.json")
 
@@ -31,7 +33,8 @@ def model_dir(tmp_path_factory):
 
 
 def _command(recipe: str, model: Path, out: Path, processes: int) -> list[str]:
-    sets = [a for s in [*SETS, *(RANKED if "qera" in recipe else [])] for a in ("--set", s)]
+    extra = RANKED if "qera" in recipe else ILP if "ilp" in recipe else []
+    sets = [a for s in [*SETS, *extra] for a in ("--set", s)]
     run = ["-m", "lqframe.cli", "run", str(ROOT / "recipes" / recipe), "--model", str(model), "--output", str(out),
            "--quiet", "--json", "--device", "cpu", *sets]
     if processes == 1:
@@ -58,11 +61,12 @@ def single(model_dir, tmp_path_factory):
     """The one-process runs every N-process run is compared with."""
     root = tmp_path_factory.mktemp("single")
     return {recipe: (root / recipe, _report(_run(recipe, model_dir, root / recipe, 1)))
-            for recipe in ("gptq4-qera32.yaml", "quantize-only-rtn4.yaml")}
+            for recipe in ("gptq4-qera32.yaml", "quantize-only-rtn4.yaml", "lqlora-ilp.yaml")}
 
 
 @pytest.mark.parametrize("recipe, processes", [("gptq4-qera32.yaml", 2), ("gptq4-qera32.yaml", 3),
-                                               ("quantize-only-rtn4.yaml", 2)])
+                                               ("quantize-only-rtn4.yaml", 2), ("lqlora-ilp.yaml", 2),
+                                               ("lqlora-ilp.yaml", 3)])
 def test_n_processes_write_the_one_process_checkpoint(model_dir, tmp_path, single, recipe, processes):
     """The default recipe (GPTQ + QERA-exact: statistics, sequential propagation, evaluation) and a
     data-free one; 6 calibration windows over 3 processes, and over 2."""
@@ -76,6 +80,9 @@ def test_n_processes_write_the_one_process_checkpoint(model_dir, tmp_path, singl
     assert report["ppl"] == ref["ppl"] and report["fp_ppl"] == ref["fp_ppl"]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(report["layers"]) == strip(ref["layers"])
+    if "allocation" in ref:  # the same cost table, hence the same choice
+        assert report["allocation"]["chosen"] == ref["allocation"]["chosen"]
+        assert report["allocation"]["total_cost"] == ref["allocation"]["total_cost"]
 
 
 _FAIL = textwrap.dedent("""
@@ -117,6 +124,6 @@ def test_a_failing_rank_stops_every_rank_and_the_command_resumes(model_dir, tmp_
 
 
 def test_what_is_not_shared_yet_is_refused_under_torchrun(model_dir, tmp_path):
-    res = _run("lqlora-ilp.yaml", model_dir, tmp_path / "o", 2, check=False)
+    res = _run("gptq2-rilq64.yaml", model_dir, tmp_path / "o", 2, check=False)
     assert res.returncode != 0
     assert "runs in one process for now; start the run without torchrun" in res.stderr
