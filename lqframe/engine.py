@@ -249,8 +249,7 @@ def _check_streamable(state: RunState) -> None:
 
 def _check_distributable(state: RunState) -> None:
     """What several processes do not share yet: say which stage, and how to run it."""
-    what = "tune_stage" if state.recipe.tune is not None else \
-        "a streamed model (stream: true, or auto for a model larger than memory)" if state.streaming else None
+    what = "a streamed model (stream: true, or auto for a model larger than memory)" if state.streaming else None
     if what:
         raise RecipeError(f"{state.recipe.origin}: {what} runs in one process for now; start the run without "
                           "torchrun")
@@ -573,7 +572,8 @@ def _teacher(state: RunState) -> None:
     state.teacher_store = TeacherStore(state.objectives.stored(), directory)
     with offloaded(state.model, state.device) if state.offload else contextlib.nullcontext():
         seconds = compute_teacher(state.model, state.tuning, state.objectives, state.teacher_store, state.device,
-                                  stage.batch_size, state.progress, identity=_tune_identity(state))
+                                  stage.batch_size, state.progress, identity=_tune_identity(state),
+                                  group=state.group)
     state.timings["teacher_outputs"] = seconds
     n = len(state.tuning.train) + len(state.tuning.validation)
     state.log(f"teacher outputs ({', '.join(sorted(state.teacher_store.names)) or 'none'}) of {n} windows: "
@@ -588,7 +588,7 @@ def _tune(state: RunState) -> None:
         state.tuned = tune(state.model, state.recipe.tune, state.tuning, state.teacher_store, device,
                            objectives=state.objectives, work_dir=state.sink.work_dir(),
                            identity=_tune_identity(state), progress=state.progress, log=state.log,
-                           origin=state.recipe.origin)
+                           origin=state.recipe.origin, group=state.group)
 
 
 def _evaluate(state: RunState) -> None:

@@ -21,6 +21,7 @@ objectives (RILQ: ``0.5·model-loss + 0.5·causal-lm``; fine-tuning on a user's 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -35,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lqframe.checkpoint import _atomic, atomic_write_json, save_tensors
+from lqframe.distributed import SINGLE, Group
 from lqframe.errors import LqframeError, ModelError, RecipeError
 from lqframe.evaluate import next_token_nll
 from lqframe.factors import round_factor
@@ -138,12 +140,14 @@ def _block_outputs(model: nn.Module, enabled: bool) -> Iterator[list[torch.Tenso
             h.remove()
 
 
-def model_outputs(model: nn.Module, input_ids: torch.Tensor, names: frozenset[str]) -> dict[str, torch.Tensor]:
+def model_outputs(model: nn.Module, input_ids: torch.Tensor, names: frozenset[str],
+                  decoder: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """The named outputs (:data:`lqframe.types.OUTPUT_NAMES`) of ``model`` on ``input_ids``, in the
     current grad mode: ``hidden`` from the decoder (after its last norm), ``logits`` = head(hidden),
-    ``blocks`` every decoder block's output, stacked."""
+    ``blocks`` every decoder block's output, stacked. ``decoder``: the module to call in place of
+    the model's decoder (its DistributedDataParallel wrapper)."""
     with _block_outputs(model, "blocks" in names) as blocks:
-        out = _decoder(model)(input_ids=input_ids, **_call_kwargs(model))
+        out = (decoder or _decoder(model))(input_ids=input_ids, **_call_kwargs(model))
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     result = {}
     if "hidden" in names:
@@ -200,6 +204,14 @@ class TeacherStore:
 
         return load_file(self._path(index))
 
+    def share(self, group: Group, mine: Sequence[int]) -> None:
+        """Every process's windows in every process's store (``mine``: the ones this one computed)."""
+        if self.dir is None:
+            for part in group.gather({i: self._memory[i] for i in mine}):
+                self._memory.update(part)
+        else:  # the files are in the one folder (several machines need it on a shared file system)
+            group.barrier()
+
     def nbytes(self) -> int:
         if self.dir is None:
             return sum(t.numel() * t.element_size() for v in self._memory.values() for t in v.values())
@@ -212,9 +224,12 @@ def _all_windows(tuning) -> torch.Tensor:
 
 @torch.no_grad()
 def compute_teacher(model: nn.Module, tuning, objectives: Objectives, store: TeacherStore, device: torch.device,
-                    batch_size: int = 1, progress: bool = True, identity: Mapping[str, Any] | None = None) -> float:
+                    batch_size: int = 1, progress: bool = True, identity: Mapping[str, Any] | None = None,
+                    group: Group = SINGLE) -> float:
     """Fill ``store`` with the float model's outputs on every tuning window (training, then
-    validation); returns the seconds it took (0 when the store was already complete)."""
+    validation); returns the seconds it took (0 when the store was already complete). Under
+    several processes each computes its share of the windows and every store ends with all of
+    them (files: each writes its own into the shared folder; memory: the shares are gathered)."""
     windows = _all_windows(tuning)
     identity = dict(identity or {})
     if store.complete(len(windows), identity):
@@ -231,15 +246,20 @@ def compute_teacher(model: nn.Module, tuning, objectives: Objectives, store: Tea
             if not torch.allclose(mine, theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()) + 1e-6):
                 raise ModelError(f"{type(model).__name__}: its logits are not its head applied to its decoder's "
                                  "last hidden state (a scaled or soft-capped head?); logit-kl cannot be used with it")
-        for start in tqdm(range(0, len(windows), batch_size), desc="teacher outputs", unit="batch",
+        lo, hi = group.bounds(len(windows))
+        for start in tqdm(range(lo, hi, batch_size), desc="teacher outputs", unit="batch",
                           disable=not progress, leave=False, file=sys.stderr):
-            ids = windows[start:start + batch_size].to(device)
+            ids = windows[start:min(start + batch_size, hi)].to(device)
             out = model_outputs(model, ids, names)
             for j in range(ids.shape[0]):
                 store.put(start + j, {k: v[:, j:j + 1] if k == "blocks" else v[j:j + 1] for k, v in out.items()})
     finally:
         model.train(was_training)
-    store.mark_complete(len(windows), identity)
+    if group.active:
+        store.share(group, range(lo, hi))
+    if group.leader:
+        store.mark_complete(len(windows), identity)
+    group.barrier()
     return time.perf_counter() - t0
 
 
@@ -295,6 +315,38 @@ def _rilq_init(factors: list[_Factor], seed: int) -> None:
         f.publish()
 
 
+def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model's decoder in torch's DistributedDataParallel: gradients of the trainable
+    parameters (the factors) averaged over the processes in the backward pass; buffers (Q) are
+    the same everywhere and are not exchanged."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else None
+    # every process built the same factors and Q: nothing to broadcast at the start or per forward
+    return DistributedDataParallel(_decoder(model), device_ids=ids, init_sync=False, forward_sync_buffers=False)
+
+
+def _update_pieces(n: int, stage: TuneStage, update: int, group: Group) -> list[tuple[list[int], float]]:
+    """This process's part of one update: ``(window indices, weight)`` pieces, the weight being the
+    piece's share of its micro-batch. One process: every micro-batch, weight 1. Several: whole
+    micro-batches shared out when there are at least as many as processes, else each micro-batch's
+    windows shared out; a process left without windows gets one window of weight 0 (it must still
+    take part in the gradient exchange)."""
+    micro = [_batch_order(n, stage.batch_size, stage.seed, update * stage.grad_accum + k)
+             for k in range(stage.grad_accum)]
+    if not group.active:
+        return [(b, 1.0) for b in micro]
+    if len(micro) >= group.world:
+        return [(b, 1.0) for b in micro[slice(*group.bounds(len(micro)))]]
+    pieces = []
+    for b in micro:
+        lo, hi = group.bounds(len(b))
+        if hi > lo:
+            pieces.append((b[lo:hi], (hi - lo) / len(b)))
+    return pieces or [(micro[0][:1], 0.0)]
+
+
 def _batch_order(n: int, batch_size: int, seed: int, micro: int) -> list[int]:
     """Window indices of micro-batch ``micro``: epochs of a seeded permutation, a pure function of
     ``micro`` (so a resumed run draws the same batches)."""
@@ -309,15 +361,17 @@ def _batch(ids: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def _validate(model, tuning, objectives: Objectives, store: TeacherStore, device, batch_size: int
-              ) -> tuple[float, float, dict[str, float]]:
-    """(weighted loss, perplexity, each term) on the validation windows."""
+def _validate(model, tuning, objectives: Objectives, store: TeacherStore, device, batch_size: int,
+              group: Group = SINGLE) -> tuple[float, float, dict[str, float]]:
+    """(weighted loss, perplexity, each term) on the validation windows (each process its share;
+    the sums gathered and added in rank order, the same on every process)."""
     val = tuning.validation
     offset = tuning.train.shape[0]
     names = objectives.student_needs | {"logits"}
     total, nll, count, parts_sum = 0.0, 0.0, 0, {}
-    for start in range(0, val.shape[0], batch_size):
-        ids = val[start:start + batch_size].to(device)
+    lo, hi = group.bounds(val.shape[0])
+    for start in range(lo, hi, batch_size):
+        ids = val[start:min(start + batch_size, hi)].to(device)
         student = model_outputs(model, ids, names)
         teacher = _teacher_batch(store, range(offset + start, offset + start + ids.shape[0]), model, objectives,
                                  device)
@@ -327,16 +381,30 @@ def _validate(model, tuning, objectives: Objectives, store: TeacherStore, device
             parts_sum[k] = parts_sum.get(k, 0.0) + v * ids.shape[0]
         nll += float(next_token_nll(student["logits"], ids))
         count += ids[:, 1:].numel()
+    if group.active:
+        parts = group.gather((total, nll, count, parts_sum))
+        total, nll, count = (sum(p[i] for p in parts) for i in range(3))
+        parts_sum = {k: sum(p[3].get(k, 0.0) for p in parts) for k in parts[0][3]}
     n = val.shape[0]
     return total / n, math.exp(min(nll / count, 700.0)), {k: v / n for k, v in parts_sum.items()}
 
 
 def tune(model: nn.Module, stage: TuneStage, tuning, store: TeacherStore, device: torch.device, *,
          objectives: Objectives | None = None, work_dir: Path | None = None, identity: Mapping[str, Any] | None = None,
-         progress: bool = True, log: Callable[[str], None] = lambda s: None, origin: str = "<recipe>"
-         ) -> dict[str, Any]:
+         progress: bool = True, log: Callable[[str], None] = lambda s: None, origin: str = "<recipe>",
+         group: Group = SINGLE) -> dict[str, Any]:
     """Train the factors of every LQLinear of ``model`` (on ``device``) as ``stage`` says; returns
-    the record that goes into report.json (``tuning``)."""
+    the record that goes into report.json (``tuning``).
+
+    Under several processes (``group``) the training is data-parallel: the decoder is wrapped in
+    torch's DistributedDataParallel (its trainable parameters are the factors; the packed Q are
+    buffers and are not exchanged), an update's micro-batches (or, when there are fewer than
+    processes, each micro-batch's windows) are shared out (:func:`_update_pieces`), each piece's
+    loss weighted by its share of its micro-batch so that DDP's average of the gradients is the
+    gradient of the update's loss (for a loss averaged over a batch's windows, as the built-in
+    objectives are), and validation is split and gathered. Every process then holds the same
+    factors; only the first writes the stage's checkpoint. The result equals the one-process
+    training up to the order of floating-point additions in the gradient sum."""
     objectives = objectives or Objectives.from_stage(stage)
     factors = _factors(model)
     if not factors:
@@ -376,7 +444,7 @@ def tune(model: nn.Module, stage: TuneStage, tuning, store: TeacherStore, device
 
     def checkpoint() -> None:
         record["seconds"] = prior + time.perf_counter() - t0  # (a resumed stage adds its own time)
-        if path is not None:
+        if path is not None and group.leader:
             state = {"identity": identity, "masters": [f.master for f in factors],
                      "optimizer": optimizer.state_dict(), "record": record, "best": best,
                      "best_loss": best_loss, "bad": bad}
@@ -393,12 +461,13 @@ def tune(model: nn.Module, stage: TuneStage, tuning, store: TeacherStore, device
     set_weight_cache(model, True)  # Q never changes: dequantized once
     n_train = tuning.train.shape[0]
     student_names = objectives.student_needs
+    ddp = _data_parallel(model, device) if group.active else None
     try:
         def validate(update: int, train_loss: float | None) -> None:
             nonlocal best, best_loss, bad
             if tuning.validation.shape[0] == 0:
                 return
-            loss, ppl, parts = _validate(model, tuning, objectives, store, device, stage.batch_size)
+            loss, ppl, parts = _validate(model, tuning, objectives, store, device, stage.batch_size, group)
             improved = loss < best_loss
             if improved:
                 best, best_loss, bad = [f.master.clone() for f in factors], loss, 0
@@ -419,17 +488,22 @@ def tune(model: nn.Module, stage: TuneStage, tuning, store: TeacherStore, device
         while record["updates"] < stage.max_updates and record["stopped"] is None:
             update = record["updates"]
             total = 0.0
-            for k in range(stage.grad_accum):
-                idx = _batch_order(n_train, stage.batch_size, stage.seed, update * stage.grad_accum + k)
+            pieces = _update_pieces(n_train, stage, update, group)
+            for p, (idx, share) in enumerate(pieces):
                 ids = tuning.train[idx].to(device)
                 teacher = _teacher_batch(store, idx, model, objectives, device)
-                student = model_outputs(model, ids, student_names)
-                loss, _ = objectives.loss(student, teacher, _batch(ids))
-                if not torch.isfinite(loss):
-                    raise LqframeError(f"{origin}: tune_stage: the loss became {float(loss)} at update {update + 1}; "
-                                       f"lower tune_stage.lr (now {stage.lr})")
-                (loss / stage.grad_accum).backward()
-                total += float(loss.detach())
+                # (DDP exchanges the gradients once per update, in the backward pass of the last piece)
+                with ddp.no_sync() if ddp is not None and p < len(pieces) - 1 else contextlib.nullcontext():
+                    student = model_outputs(model, ids, student_names, decoder=ddp)
+                    loss, _ = objectives.loss(student, teacher, _batch(ids))
+                    if not torch.isfinite(loss):
+                        raise LqframeError(f"{origin}: tune_stage: the loss became {float(loss)} at update "
+                                           f"{update + 1}; lower tune_stage.lr (now {stage.lr})")
+                    # DDP averages over the processes: each loss weighted by its share of its micro-batch
+                    (loss * (share * group.world) / stage.grad_accum).backward()
+                total += float(loss.detach()) * share
+            if group.active:  # the update's loss, added in rank order
+                total = sum(group.gather(total))
             for f in factors:
                 f.master.grad = f.param.grad.detach().to(torch.float32)
                 f.param.grad = None

@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.tiny import tiny_llama_dir
 
@@ -32,8 +33,8 @@ def model_dir(tmp_path_factory):
     return tiny_llama_dir(tmp_path_factory.mktemp("dist") / "model", layers=3)
 
 
-def _command(recipe: str, model: Path, out: Path, processes: int) -> list[str]:
-    extra = RANKED if "qera" in recipe else ILP if "ilp" in recipe else []
+def _command(recipe: str, model: Path, out: Path, processes: int, sets: list[str] | None = None) -> list[str]:
+    extra = sets if sets is not None else RANKED if "qera" in recipe else ILP if "ilp" in recipe else []
     sets = [a for s in [*SETS, *extra] for a in ("--set", s)]
     run = ["-m", "lqframe.cli", "run", str(ROOT / "recipes" / recipe), "--model", str(model), "--output", str(out),
            "--quiet", "--json", "--device", "cpu", *sets]
@@ -42,10 +43,10 @@ def _command(recipe: str, model: Path, out: Path, processes: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *run]
 
 
-def _run(recipe, model, out, processes, env=None, check=True):
+def _run(recipe, model, out, processes, env=None, check=True, sets=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     env.pop("RANK", None)
-    res = subprocess.run(_command(recipe, model, out, processes), capture_output=True, text=True, env=env,
+    res = subprocess.run(_command(recipe, model, out, processes, sets), capture_output=True, text=True, env=env,
                          timeout=600, cwd=ROOT)
     if check:
         assert res.returncode == 0, res.stderr[-3000:]
@@ -123,7 +124,38 @@ def test_a_failing_rank_stops_every_rank_and_the_command_resumes(model_dir, tmp_
         assert (out / name).read_bytes() == (ref_dir / name).read_bytes(), name
 
 
+TUNE = ["tune_stage.windows=8", "tune_stage.validation_windows=4", "tune_stage.max_updates=4",
+        "tune_stage.eval_every=2", "tune_stage.lr=0.001", "tune_stage.patience=0"]
+
+
+@pytest.mark.parametrize("batch, accum, processes", [(1, 4, 2), (2, 1, 3)])
+def test_the_tune_stage_is_data_parallel(model_dir, tmp_path, batch, accum, processes):
+    """RILQ's tune stage under DDP: an update's micro-batches shared out (1 window × 4 over 2
+    processes), or one micro-batch's windows (2 windows over 3 processes: one takes a window of
+    weight 0) — the same training as one process up to the order of additions in the gradient sum;
+    the stages before it byte-identical."""
+    from safetensors.torch import load_file
+
+    sets = [*RANKED, *TUNE, f"tune_stage.batch_size={batch}", f"tune_stage.grad_accum={accum}"]
+    runs = [_report(_run("gptq2-rilq64.yaml", model_dir, tmp_path / str(n), n, sets=sets)) for n in (1, processes)]
+    one, many = (r["tuning"] for r in runs)
+    assert many["updates"] == one["updates"] == 4
+    for a, b in zip(one["history"], many["history"], strict=True):
+        for key in ("train_loss", "validation_loss"):
+            assert (a[key] is None and b[key] is None) or b[key] == pytest.approx(a[key], rel=1e-5), (a, b)
+    assert runs[1]["ppl"] == pytest.approx(runs[0]["ppl"], rel=1e-5)
+    ref, got = (load_file(tmp_path / str(n) / "model.safetensors") for n in (1, processes))
+    assert ref.keys() == got.keys()
+    trained = [k for k in ref if k.endswith((".left", ".right"))]
+    assert trained
+    for k in ref:
+        if k in trained:
+            assert torch.allclose(got[k].float(), ref[k].float(), rtol=1e-3, atol=1e-5 * ref[k].abs().max()), k
+        else:  # Q, its scales, every frozen tensor: the very same bytes
+            assert torch.equal(got[k], ref[k]), k
+
+
 def test_what_is_not_shared_yet_is_refused_under_torchrun(model_dir, tmp_path):
-    res = _run("gptq2-rilq64.yaml", model_dir, tmp_path / "o", 2, check=False)
+    res = _run("quantize-only-rtn4.yaml", model_dir, tmp_path / "o", 2, check=False, sets=["stream=true"])
     assert res.returncode != 0
     assert "runs in one process for now; start the run without torchrun" in res.stderr
