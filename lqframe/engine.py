@@ -249,10 +249,6 @@ def _check_streamable(state: RunState) -> None:
 
 def _check_distributable(state: RunState) -> None:
     """What several processes do not share yet: say which stage, and how to run it."""
-    what = "a streamed model (stream: true, or auto for a model larger than memory)" if state.streaming else None
-    if what:
-        raise RecipeError(f"{state.recipe.origin}: {what} runs in one process for now; start the run without "
-                          "torchrun")
     n = len(state.calibration) if state.uses_data else None
     if n is not None and n < state.group.world:
         raise RecipeError(f"{state.recipe.origin}: {n} calibration windows cannot be shared by {state.group.world} "
@@ -284,33 +280,40 @@ def _perplexities(state: RunState, desc: str, sources: Sequence[str] | None = No
     if not every:  # (a model that is no causal LM was refused by prepare)
         raise RecipeError(f"{state.recipe.origin}: evaluate_stage: no evaluation windows were given")
     sets = every if sources is None else {s: every[s] for s in sources}
+    label = {s: f"{desc} ({s})" if len(every) > 1 else desc for s in sets}
     if state.streaming:  # block by block over all windows (lqframe.streaming)
-        from lqframe.evaluate import perplexity_from
-        from lqframe.streaming import streamed_nll
+        from lqframe.streaming import streamed_window_nlls
 
-        return {source: perplexity_from(*streamed_nll(state.executor, windows, progress=state.progress,
-                                                       desc=f"{desc} ({source})" if len(every) > 1 else desc))
-                for source, windows in sets.items()}
+        return {source: _gathered(state, windows, lambda own, s=source: streamed_window_nlls(
+            state.executor, own, progress=state.progress, desc=label[s])) for source, windows in sets.items()}
     set_weight_cache(state.model, True)  # each Q dequantized once for all windows
     out = {}
     try:
         # offloading hooks installed once for all sources
         with offloaded(state.model, state.device) if state.offload else contextlib.nullcontext():
             for source, windows in sets.items():
-                label = f"{desc} ({source})" if len(every) > 1 else desc
-                if state.group.active:  # each process its share; the sum in window order, as one process adds
-                    from lqframe.evaluate import perplexity_from, window_nlls
+                if state.group.active:
+                    from lqframe.evaluate import window_nlls
 
-                    parts = state.group.gather(window_nlls(state.model, _own(state, windows), state.progress, label))
-                    total = torch.zeros((), dtype=torch.float64)
-                    for value in (v for part in parts for v in part):
-                        total += value
-                    out[source] = perplexity_from(float(total), windows.shape[0] * (windows.shape[1] - 1))
+                    out[source] = _gathered(state, windows, lambda own, s=source: window_nlls(
+                        state.model, own, state.progress, label[s]))
                 else:
-                    out[source] = perplexity(state.model, windows, progress=state.progress, desc=label)
+                    out[source] = perplexity(state.model, windows, progress=state.progress, desc=label[source])
     finally:
         set_weight_cache(state.model, False)
     return out
+
+
+def _gathered(state: RunState, windows: torch.Tensor, nlls) -> float:
+    """Perplexity over ``windows`` from ``nlls(share)`` (each window's NLL): each process computes
+    its share, and the values are added in window order, as one process adds them."""
+    from lqframe.evaluate import perplexity_from
+
+    total = torch.zeros((), dtype=torch.float64)
+    own = _own(state, windows)
+    for value in (v for part in state.group.gather(nlls(own) if len(own) else []) for v in part):
+        total += value
+    return perplexity_from(float(total), windows.shape[0] * (windows.shape[1] - 1))
 
 
 def _gradient_statistics(state: RunState) -> None:

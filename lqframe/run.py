@@ -441,6 +441,7 @@ def _run(recipe: Recipe, spec: str, out: Path, sink: CheckpointSink | None, devi
             "peak_device_mb": (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None),
             "versions": versions(st),
             "processes": st.group.world,
+            "streamed": st.streaming,
             "data": windows.record(),
             "stages": recipe.stages(),
             "stage_seconds": dict(st.timings),

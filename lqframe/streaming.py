@@ -309,9 +309,19 @@ class _Stand(nn.Module):
 def streamed_nll(executor, windows: torch.Tensor, progress: bool = True, desc: str = "perplexity"
                  ) -> tuple[float, int]:
     """Total next-token NLL (float64) and the count of predicted tokens over ``windows``, computed
-    block by block through ``executor``'s source: every window's hidden state goes through block 0,
-    then block 1, …, in the model's own dtype as :func:`lqframe.evaluate.nll_sum` computes them, and
-    the head runs on each window's final hidden state."""
+    block by block through ``executor``'s source (:func:`streamed_window_nlls`, added in window order)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for value in streamed_window_nlls(executor, windows, progress, desc):
+        total += value
+    return float(total), windows.shape[0] * (windows.shape[1] - 1)
+
+
+def streamed_window_nlls(executor, windows: torch.Tensor, progress: bool = True, desc: str = "perplexity"
+                         ) -> list[torch.Tensor]:
+    """Each window's next-token NLL (a float64 scalar), computed block by block through
+    ``executor``'s source: every window's hidden state goes through block 0, then block 1, …, in the
+    model's own dtype as :func:`lqframe.evaluate.nll_sum` computes them, and the head runs on each
+    window's final hidden state."""
     from tqdm.auto import tqdm
 
     from lqframe.evaluate import _check_windows, next_token_nll
@@ -338,7 +348,7 @@ def streamed_nll(executor, windows: torch.Tensor, progress: bool = True, desc: s
                         hidden = outs
                 finally:
                     set_weight_cache(block, False)
-        total = torch.zeros((), dtype=torch.float64)
+        nlls = []
         path, blocks = find_blocks(model)
         with torch.inference_mode():
             for window, h in zip(windows, hidden, strict=True):
@@ -349,7 +359,7 @@ def streamed_nll(executor, windows: torch.Tensor, progress: bool = True, desc: s
                     out = model(input_ids=ids, use_cache=False)
                 finally:
                     set_module(model, path, blocks)
-                total += next_token_nll(out.logits if hasattr(out, "logits") else out[0], ids).cpu()
+                nlls.append(next_token_nll(out.logits if hasattr(out, "logits") else out[0], ids).cpu())
     finally:
         executor.precision, executor.kwargs, executor.model_dtype = saved
-    return float(total), windows.shape[0] * (windows.shape[1] - 1)
+    return nlls
