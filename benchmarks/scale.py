@@ -93,16 +93,22 @@ def _peak_rss_mb(pid: int) -> float | None:
     return None
 
 
-def measure(model: Path, out: Path, recipe: dict, stream: bool, threads: int, time_limit: float | None) -> dict:
-    """One ``lqframe run`` in a fresh process; its report, or (stopped at ``time_limit``) what its
-    progress file says."""
+def measure(model: Path | str, out: Path, recipe: dict | Path, stream: bool, threads: int, time_limit: float | None,
+            processes: int = 1, sets: tuple[str, ...] = ()) -> dict:
+    """One ``lqframe run`` in a fresh process (``processes`` > 1: under torchrun, ``threads`` each);
+    its report, or (stopped at ``time_limit``) what its progress file says."""
     import yaml
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    recipe_file = out.parent / f"{out.name}.yaml"
-    recipe_file.write_text(yaml.safe_dump(recipe))
-    cmd = [sys.executable, "-m", "lqframe.cli", "run", str(recipe_file), "--model", str(model), "--output", str(out),
-           "--overwrite", "--quiet", "--device", "cpu", "--stream" if stream else "--no-stream"]
+    recipe_file = recipe
+    if isinstance(recipe, dict):
+        recipe_file = out.parent / f"{out.name}.yaml"
+        recipe_file.write_text(yaml.safe_dump(recipe))
+    launcher = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    cmd = [*launcher, "-m", "lqframe.cli", "run", str(recipe_file), "--model", str(model), "--output", str(out),
+           "--overwrite", "--quiet", "--device", "cpu", "--stream" if stream else "--no-stream",
+           *(a for s in sets for a in ("--set", s))]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     log = out.parent / f"{out.name}.log"
     t0 = time.perf_counter()
@@ -134,7 +140,7 @@ def measure(model: Path, out: Path, recipe: dict, stream: bool, threads: int, ti
     report = json.loads((out / "report.json").read_text())
     blocks = len({r["name"].rsplit(".", 2)[0] for r in report["layers"]})
     return {"wall_s": round(wall, 1), "peak_rss_mb": round(report["peak_rss_mb"], 1), "ppl": report["ppl"],
-            "avg_bits": report["avg_bits"],
+            "avg_bits": report["avg_bits"], "perplexity": report["perplexity"],
             "stage_seconds": {k: round(v, 2) for k, v in report["stage_seconds"].items()},
             "seconds_per_block": round(report["stage_seconds"].get("decompose", 0.0) / max(blocks, 1), 2),
             "versions": {k: report["versions"][k] for k in ("lqframe", "torch", "transformers", "python")}}

@@ -52,7 +52,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.set or ())
     report = run(recipe, args.model, args.output, overwrite=args.overwrite, device=args.device,
-                 offload=True if args.offload else None, stream=args.stream, progress=not args.quiet)
+                 offload=True if args.offload else None, stream=args.stream, activations=args.activations,
+                 progress=not args.quiet)
     _leave_group()
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: the first process reports
         return 0
@@ -277,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="read the blocks from the model folder one at a time, never the whole model in memory "
                         "(default: the recipe's stream, auto: when the model would not fit)")
+    p.add_argument("--activations", choices=["auto", "device", "cpu", "disk"], default=None,
+                   help="where the activations between blocks live (default: the recipe's activations, auto: "
+                        "on the device, or in CPU memory with --offload; disk: one file per window)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     p.set_defaults(func=cmd_run)

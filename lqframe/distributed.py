@@ -68,14 +68,26 @@ class Group:
         return owner
 
     # ------------------------------------------------------------------ communication
-    def broadcast(self, obj: Any, src: int) -> Any:
+    def broadcast(self, obj: Any, src: int, device: torch.device | None = None) -> Any:
+        """``obj`` of rank ``src`` on every rank. ``device``: the receivers get the tensors inside it
+        on this device (pickled tensors would otherwise come back on the sender's device index: on
+        GPUs, another process's GPU)."""
         if not self.active:
             return obj
+        import io
+
         import torch.distributed as dist
 
-        box = [obj if self.rank == src else None]
+        payload = obj
+        if device is not None and self.rank == src:
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            payload = buf.getvalue()
+        box = [payload if self.rank == src else None]
         dist.broadcast_object_list(box, src=src)
-        return box[0]
+        if self.rank == src or device is None:
+            return obj if self.rank == src else box[0]
+        return torch.load(io.BytesIO(box[0]), map_location=device, weights_only=False)
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order, on every rank."""

@@ -26,6 +26,7 @@ statistic whose producer is installed — or the plan is refused with the layer 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sys
 import time
 from collections.abc import Callable, Container, Mapping, Sequence
@@ -67,6 +68,8 @@ class GradientContext:
     and the layers that need the statistic."""
 
     model: nn.Module
+    #: the windows to sum over: all of them, or under torchrun this process's share (the engine
+    #: merges the processes' results in rank order with the statistic's merge rule)
     calibration: torch.Tensor
     device: torch.device
     layers: list[str]
@@ -93,6 +96,9 @@ class RunState:
     source: BlockSource | None = None
     #: the processes of the run (lqframe.distributed; one unless started by torchrun)
     group: Group = SINGLE
+    #: where the activations between blocks live: auto (cpu with offload, else device), device, cpu,
+    #: disk (files in the run's progress folder, else a temporary folder)
+    activations: str = "auto"
     progress: bool = True
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
     # -- filled by prepare() and the stages
@@ -217,9 +223,15 @@ def prepare(state: RunState) -> RunState:
     if state.group.active:
         _check_distributable(state)
     precision = recipe.quantize.precision if recipe.quantize is not None else "float64"
-    state.executor = BlockExecutor(state.model, state.device, offload=state.offload,
-                                   activations="cpu" if state.offload else "device", progress=state.progress,
-                                   precision=precision_dtype(precision), source=state.source, group=state.group)
+    activations = state.activations if state.activations != "auto" else "cpu" if state.offload else "device"
+    work = state.sink.work_dir()
+    scratch = None
+    if activations == "disk" and work is not None:
+        scratch = work / f"activations-{state.group.rank}"
+        shutil.rmtree(scratch, ignore_errors=True)  # a killed run's (a resumed one reads the sink's inputs)
+    state.executor = BlockExecutor(state.model, state.device, offload=state.offload, activations=activations,
+                                   progress=state.progress, precision=precision_dtype(precision),
+                                   source=state.source, group=state.group, scratch=scratch)
     state.executor.place_model()
     return state
 
@@ -458,7 +470,8 @@ def _allocate(state: RunState) -> None:
         if owners[i] == group.rank and (i, j) not in decs:  # its cost came from the cache: decompose it as the
             w = state.model.get_submodule(plan.name).weight.detach().to(state.device)  # table would have
             decs[(i, j)] = decompose_candidate(w, chosen, state.stats.layer_stats(plan.name), j)
-        state.prepared[plan.name] = group.broadcast(decs.get((i, j)), owners[i]) if group.active else decs[(i, j)]
+        state.prepared[plan.name] = group.broadcast(decs.get((i, j)), owners[i], state.device) if group.active \
+            else decs[(i, j)]
     decs.clear()
     state.plans = plans
     state.needs = {p.name: layer_needs(p) for p in plans}
@@ -487,7 +500,7 @@ def _decompose(state: RunState) -> None:
     # a resumed run: finished blocks back from the sink (after allocation, which needed the float weights)
     state.start_block, inputs, state.results = state.sink.restore(state.model)
     if inputs is not None:
-        state.inputs = [ex._to_cache(x) for x in inputs]
+        state.inputs = ex.keep(ex._to_cache(x) for x in inputs)
     by_block = _by_block(state.plans)
     for b in range(state.start_block):
         for p in by_block.get(b, []):

@@ -35,7 +35,11 @@ finished block to disk (``lqframe.run.CheckpointSink``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -79,11 +83,58 @@ class KeepFloat64(torch.overrides.TorchFunctionMode):
         return out
 
 __all__ = ["resolve_device", "BlockSource", "MemorySource", "BlockSink", "MemorySink", "BlockExecutor",
-           "OUTPUT_ERROR_TOKENS", "ACTIVATION_PLACES"]
+           "OUTPUT_ERROR_TOKENS", "ACTIVATION_PLACES", "ActivationFiles"]
 
 #: tokens per input kept to measure the output error when ``rxx`` is not captured
 OUTPUT_ERROR_TOKENS = 4096
-ACTIVATION_PLACES = ("device", "cpu")
+#: where the activations between blocks live (``activations`` of the recipe; ``auto``: cpu with
+#: offloaded blocks, else device)
+ACTIVATION_PLACES = ("device", "cpu", "disk")
+
+
+def _remove_files(paths: list[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+class ActivationFiles(Sequence[torch.Tensor]):
+    """One block's activations on disk: a safetensors file per window in ``folder``, written as each
+    window's activation is made (:meth:`append`) and read back one window at a time (indexing), so
+    memory holds one window's activation whatever the number of windows. The files are deleted when
+    the object is dropped (the next block's activations replace it) and at interpreter exit."""
+
+    _serial = 0
+
+    def __init__(self, folder: Path, tensors: Iterable[torch.Tensor] = ()):
+        ActivationFiles._serial += 1
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._stem = f"act-{os.getpid()}-{ActivationFiles._serial:06d}"
+        self._paths: list[Path] = []
+        weakref.finalize(self, _remove_files, self._paths)
+        for t in tensors:
+            self.append(t)
+
+    def append(self, t: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        path = self.folder / f"{self._stem}-{len(self._paths):06d}.safetensors"
+        save_file({"x": t.detach().to("cpu").contiguous()}, str(path))
+        self._paths.append(path)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        from safetensors.torch import load_file
+
+        return load_file(str(self._paths[index]))["x"]
+
+    def nbytes(self) -> int:
+        return sum(p.stat().st_size for p in self._paths)
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
@@ -247,14 +298,20 @@ class BlockExecutor:
 
     ``offload``: keep every block in CPU memory except the one being worked on (the rest of the
     model — embeddings, final norm, head — lives on the device). ``activations``: where the
-    activation cache lives between blocks, ``device`` or ``cpu``.
+    activation cache lives between blocks, ``device``, ``cpu`` or ``disk`` (:class:`ActivationFiles`
+    in ``scratch``, default a temporary folder removed at exit).
     """
 
     def __init__(self, model: nn.Module, device: torch.device | str = "cpu", *, offload: bool = False,
                  activations: str = "device", source: BlockSource | None = None, progress: bool = True,
-                 precision: torch.dtype | None = None, group: Any = None):
+                 precision: torch.dtype | None = None, group: Any = None, scratch: Path | None = None):
         if activations not in ACTIVATION_PLACES:
             raise LqframeError(f"activations must be one of {ACTIVATION_PLACES}, got {activations!r}")
+        self.activations = activations
+        self.scratch = scratch
+        if activations == "disk" and scratch is None:
+            self.scratch = Path(tempfile.mkdtemp(prefix="lqframe-activations-"))
+            weakref.finalize(self, shutil.rmtree, str(self.scratch), True)
         if precision is not None and not precision.is_floating_point:
             raise LqframeError(f"precision must be a floating-point dtype, got {precision}")
         self.model = model
@@ -292,6 +349,12 @@ class BlockExecutor:
             yield block
         finally:
             self.source.release(index, block, self.offload)
+
+    def keep(self, tensors: Iterable[torch.Tensor] = ()) -> list[torch.Tensor] | ActivationFiles:
+        """A container for one block's activations where they live (a list, or files on disk)."""
+        if self.activations == "disk":
+            return ActivationFiles(self.scratch, tensors)
+        return list(tensors)
 
     def _to_cache(self, t: torch.Tensor) -> torch.Tensor:
         if self.precision is not None and t.is_floating_point():
@@ -343,11 +406,11 @@ class BlockExecutor:
                 table[name] = t
 
     # ------------------------------------------------------------------ block-0 inputs
-    def first_inputs(self, windows: torch.Tensor, desc: str = "capture block-0 inputs") -> list[torch.Tensor]:
+    def first_inputs(self, windows: torch.Tensor, desc: str = "capture block-0 inputs") -> Sequence[torch.Tensor]:
         """Run the model on each window up to block 0; return block 0's hidden-state inputs (one
         tensor per window, on the cache device) and remember the keyword arguments the model
         passes to its blocks (attention mask, position embeddings …)."""
-        inputs: list[torch.Tensor] = []
+        inputs = self.keep()
         kwargs_seen: dict[str, Any] = {}
         first = self.source.blocks[0]
 
@@ -391,12 +454,13 @@ class BlockExecutor:
         out = self.call_block(block, hidden)
         return out[0] if isinstance(out, tuple | list) else out
 
-    def forward(self, block: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """The block's outputs for every input (each compressed linear dequantizes once)."""
+    def forward(self, block: nn.Module, inputs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        """The block's outputs for every input (each compressed linear dequantizes once), kept where
+        the activations live (:meth:`keep`)."""
         set_weight_cache(block, True)
         try:
             with torch.inference_mode(), self.computing(block):
-                return [self._to_cache(self.run_block(block, x)) for x in inputs]
+                return self.keep(self._to_cache(self.run_block(block, x)) for x in inputs)
         finally:
             set_weight_cache(block, False)
 

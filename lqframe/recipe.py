@@ -302,6 +302,12 @@ class SaveStage:
 #: values of the recipe's ``stream`` (lqframe.streaming): auto (when the float weights would not fit in
 #: the memory available), true, false
 STREAM_MODES = ("auto", "true", "false")
+#: values of the recipe's ``activations``: where the activations between blocks live (auto: cpu with
+#: offloaded blocks, else the device; disk: one file per window in the run's progress folder)
+ACTIVATION_MODES = ("auto", "device", "cpu", "disk")
+#: top-level keys that say where the work happens, not what it computes (the checkpoint is the same
+#: bytes whatever they say): left out of the fingerprint, so a run resumes after they change
+PLACEMENT_KEYS = ("offload", "stream", "activations")
 
 
 @attrs.frozen
@@ -315,6 +321,8 @@ class Recipe:
     #: stream the blocks from disk, never the whole model in memory: auto (when the float weights would
     #: not fit in the memory available), true, false (lqframe.streaming)
     stream: str = "auto"
+    #: where the activations between blocks live: auto, device, cpu, disk (ACTIVATION_MODES)
+    activations: str = "auto"
     quantize: QuantizeStage | None = None
     reconstruct: ReconstructStage | None = None
     allocate: AllocateStage | None = None
@@ -337,8 +345,10 @@ class Recipe:
         return yaml.safe_dump(dict(self.raw), sort_keys=False)
 
     def fingerprint(self) -> str:
-        """Hash of the recipe content (what must match for a run to be resumed)."""
-        return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        """Hash of the recipe content (what must match for a run to be resumed), placement keys
+        (:data:`PLACEMENT_KEYS`) left out."""
+        content = {k: v for k, v in self.raw.items() if k not in PLACEMENT_KEYS}
+        return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     # -- per-layer components -----------------------------------------------------------------
     def quantizer_for(self, name: str) -> ComponentSpec:
@@ -362,7 +372,7 @@ def _resolve(base: ComponentSpec, overrides: Sequence[Override], layer: str) -> 
 
 # --------------------------------------------------------------------------- parsing
 
-_TOP_KEYS = ("model", "device", "offload", "stream", "data") + tuple(f"{s}_stage" for s in STAGE_ORDER)
+_TOP_KEYS = ("model", "device", "offload", "stream", "activations", "data") + tuple(f"{s}_stage" for s in STAGE_ORDER)
 
 
 def _component(value: Any, ctx: _Ctx, kind: str) -> ComponentSpec:
@@ -600,6 +610,11 @@ def parse_recipe(doc: Any, origin: str = "<recipe>", check_components: bool = Tr
         if value not in STREAM_MODES:
             raise root.child("stream").error(f"expected auto, true or false, got {body['stream']!r}")
         kw["stream"] = value
+    if "activations" in body:
+        value = body["activations"]
+        if value not in ACTIVATION_MODES:
+            raise root.child("activations").error(f"expected one of {', '.join(ACTIVATION_MODES)}, got {value!r}")
+        kw["activations"] = value
 
     c = root.child("data")
     d = _mapping(body.get("data"), c, [f.name for f in attrs.fields(DataSpec)])

@@ -27,7 +27,7 @@ from lqframe.errors import LqframeError
 from lqframe.executor import BlockSink, resolve_device
 from lqframe.lqlinear import LQLinear
 from lqframe.pipeline import LayerResult, set_module, summarize
-from lqframe.recipe import Recipe
+from lqframe.recipe import ACTIVATION_MODES, Recipe
 from lqframe.tune import TUNE_STATE
 
 __all__ = ["run", "compress", "default_output", "peak_rss_mb", "format_table"]
@@ -366,12 +366,15 @@ def run(
     device: str | None = None,
     offload: bool | None = None,
     stream: str | bool | None = None,
+    activations: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> dict[str, Any]:
     """Run a recipe end to end and return the report (also written to ``OUTPUT/report.json``).
-    ``device`` / ``offload`` / ``stream`` (auto, true, false: :mod:`lqframe.streaming`) override the
-    recipe's (``auto``: CUDA when present; streamed when the model would not fit in memory)."""
+    ``device`` / ``offload`` / ``stream`` (auto, true, false: :mod:`lqframe.streaming`) /
+    ``activations`` (auto, device, cpu, disk) override the recipe's (``auto``: CUDA when present;
+    streamed when the model would not fit in memory; activations on the device, or in CPU memory
+    with offloaded blocks)."""
     from lqframe import __version__
 
     t_start = time.perf_counter()
@@ -381,11 +384,14 @@ def run(
     offload = recipe.offload if offload is None else offload
     if isinstance(stream, bool):
         stream = "true" if stream else "false"
+    if activations is not None and activations not in ACTIVATION_MODES:
+        raise LqframeError(f"activations must be one of {', '.join(ACTIVATION_MODES)}, got {activations!r}")
+    place = {"stream": stream, "activations": activations}
     group = group_from_env(dev)
     if not group.leader:  # one process speaks and draws progress bars
         log, progress = (lambda s: None), False
     if recipe.save is None:
-        return _run(recipe, spec, out, None, dev, offload, progress, log, t_start, stream, group)
+        return _run(recipe, spec, out, None, dev, offload, progress, log, t_start, group, **place)
     identity = {"recipe": recipe.fingerprint(), "model": spec, "lqframe": __version__}
     sink = None
     try:
@@ -396,14 +402,15 @@ def run(
             sink = CheckpointSink(out, identity)
             sink.load()
         sink.group = group
-        return _run(recipe, spec, out, sink, dev, offload, progress, log, t_start, stream, group)
+        return _run(recipe, spec, out, sink, dev, offload, progress, log, t_start, group, **place)
     finally:
         if group.leader:
             (out / ".lqframe-lock").unlink(missing_ok=True)
 
 
 def _run(recipe: Recipe, spec: str, out: Path, sink: CheckpointSink | None, device: torch.device, offload: bool,
-         progress: bool, log, t_start: float, stream: str | None = None, group: Group = SINGLE) -> dict[str, Any]:
+         progress: bool, log, t_start: float, group: Group = SINGLE, stream: str | None = None,
+         activations: str | None = None) -> dict[str, Any]:
     from lqframe.models import find_blocks, load_model, resolve_model
     from lqframe.streaming import ShardSource, float_bytes, load_streaming, should_stream
 
@@ -426,7 +433,7 @@ def _run(recipe: Recipe, spec: str, out: Path, sink: CheckpointSink | None, devi
             + " + ".join(f"{len(idx)} × {s}" for s, idx in tuning.sources))
     state = RunState(recipe, loaded.model, device=device, offload=offload, calibration=windows.calibration,
                      evaluation=windows.evaluation or None, task=loaded.task, progress=progress, log=log,
-                     tuning=tuning, source=source, group=group)
+                     tuning=tuning, source=source, group=group, activations=activations or recipe.activations)
 
     def finish(st: RunState) -> dict[str, Any]:
         return {

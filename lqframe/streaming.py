@@ -136,14 +136,28 @@ def float_bytes(folder: str | Path, dtype: torch.dtype = torch.float32) -> int:
 
 
 def _available_memory() -> int | None:
+    """Bytes this process may still use: the machine's MemAvailable, or less where a container's
+    memory limit (cgroup v2 ``memory.max`` − ``memory.current``, or v1's ``limit_in_bytes`` −
+    ``usage_in_bytes``) leaves less — in a container MemAvailable describes the host."""
+    found = []
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            found += [int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:")]
     except OSError:
-        return None
-    return None
+        pass
+    v1 = "/sys/fs/cgroup/memory/memory."
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         (v1 + "limit_in_bytes", v1 + "usage_in_bytes")):
+        try:
+            with open(limit, encoding="ascii") as fh:
+                text = fh.read().strip()
+            with open(usage, encoding="ascii") as fh:
+                used = int(fh.read().strip())
+        except (OSError, ValueError):
+            continue
+        if text.isdigit() and int(text) < 2**62:  # "max", or v1's "no limit" (a huge number)
+            found.append(max(int(text) - used, 0))
+    return min(found) if found else None
 
 
 def should_stream(mode: str, info: dict[str, Any], dtype: torch.dtype = torch.float32,
@@ -340,7 +354,7 @@ def streamed_window_nlls(executor, windows: torch.Tensor, progress: bool = True,
                 set_weight_cache(block, True)
                 try:
                     with torch.inference_mode():
-                        outs = []
+                        outs = executor.keep()  # (in memory, or files with activations: disk)
                         for x in hidden:
                             out = executor.call_block(block, x)
                             as_tuple = isinstance(out, tuple | list)

@@ -86,6 +86,78 @@ def test_streamed_run_writes_the_resident_runs_checkpoint(model_dir, tmp_path, r
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in reports[True]["layers"]] == strip
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_activations_on_disk_give_the_same_checkpoint(model_dir, tmp_path, monkeypatch, stream):
+    """``activations: disk``: every block's activations go to one file per window in the run's progress
+    folder (none held in memory), and the checkpoint and perplexities are those of the in-memory run."""
+    from lqframe.executor import ActivationFiles
+
+    written: list[Path] = []
+    real = ActivationFiles.append
+
+    def append(self, t):
+        real(self, t)
+        written.append(self._paths[-1])
+
+    ref_out = tmp_path / "ref"
+    ref = run(_recipe(), str(model_dir), ref_out, progress=False, log=lambda s: None)
+    assert not written
+    monkeypatch.setattr(ActivationFiles, "append", append)
+    out = tmp_path / "disk"
+    report = run(_recipe("gptq4-qera32.yaml", "activations=disk"), str(model_dir), out, stream=stream,
+                 progress=False, log=lambda s: None)
+    # block-0 inputs and each block's outputs of 4 calibration windows, and (evaluation) of 3 windows
+    assert len(written) >= 4 * SHAPE["layers"] + (3 * (SHAPE["layers"] + 1) if stream else 0)
+    assert {p.parent for p in written} == {out / ".lqframe-partial" / "activations-0"}
+    assert not any(p.exists() for p in written)  # each block's files go when the next block's are made
+    assert report["ppl"] == ref["ppl"] and report["fp_ppl"] == ref["fp_ppl"]
+    mine, theirs = _files(out), _files(ref_out)
+    assert b"activations: disk" in mine.pop("recipe.yaml") and theirs.pop("recipe.yaml")
+    assert mine == theirs and len(mine) >= 4
+
+
+def test_auto_streams_a_model_larger_than_the_memory_left(model_dir, tmp_path, monkeypatch):
+    """``stream: auto`` (the default) streams when the float weights exceed 70 % of the memory
+    available, and the run ends with the resident run's checkpoint."""
+    import lqframe.streaming as streaming
+
+    size = streaming.float_bytes(model_dir)
+    monkeypatch.setattr(streaming, "_available_memory", lambda: int(size / 0.7) + 1)
+    ref = run(_recipe("quantize-only-rtn4.yaml"), str(model_dir), tmp_path / "fits", progress=False,
+              log=lambda s: None)
+    assert ref["streamed"] is False
+    monkeypatch.setattr(streaming, "_available_memory", lambda: int(size / 0.7) - 1)
+    messages: list[str] = []
+    report = run(_recipe("quantize-only-rtn4.yaml"), str(model_dir), tmp_path / "big", progress=False,
+                 log=messages.append)
+    assert report["streamed"] is True and any("streamed" in m for m in messages)
+    assert _files(tmp_path / "big") == _files(tmp_path / "fits") and report["ppl"] == ref["ppl"]
+
+
+def test_available_memory_reads_a_container_limit(monkeypatch, tmp_path):
+    import builtins
+
+    import lqframe.streaming as streaming
+
+    files = {"/proc/meminfo": "MemTotal: 100 kB\nMemAvailable:   8000000 kB\n",
+             "/sys/fs/cgroup/memory.max": "4294967296\n", "/sys/fs/cgroup/memory.current": "1073741824\n"}
+    real = builtins.open
+
+    def fake(path, *args, **kwargs):
+        if str(path) in files:
+            target = tmp_path / str(path).replace("/", "_")
+            target.write_text(files[str(path)])
+            return real(target, *args, **kwargs)
+        if str(path).startswith("/sys/fs/cgroup"):
+            raise FileNotFoundError(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake)
+    assert streaming._available_memory() == 3 * 2**30  # the container's 4 GiB limit, 1 GiB used
+    files["/sys/fs/cgroup/memory.max"] = "max\n"
+    assert streaming._available_memory() == 8000000 * 1024  # no limit: the machine's MemAvailable
+
+
 def test_a_killed_streamed_run_resumes_to_the_same_checkpoint(model_dir, tmp_path, interrupt_after):
     reference = tmp_path / "ref"
     ref = run(_recipe(), str(model_dir), reference, stream=True, progress=False, log=lambda s: None)
@@ -137,6 +209,14 @@ def test_stream_option_in_recipes_and_errors(model_dir):
     assert parse_recipe(stage, "<r>").stream == "auto"
     with pytest.raises(lqframe.RecipeError, match=r"<r>: stream: expected auto, true or false, got 'yes please'"):
         parse_recipe({"stream": "yes please", **stage}, "<r>")
+    assert parse_recipe({"activations": "disk", **stage}, "<r>").activations == "disk"
+    assert parse_recipe(stage, "<r>").activations == "auto"
+    with pytest.raises(lqframe.RecipeError, match=r"<r>: activations: expected one of auto, device, cpu, disk, "
+                                                  r"got 'ssd'"):
+        parse_recipe({"activations": "ssd", **stage}, "<r>")
+    # where the work happens is not what it computes: a run resumes after these change
+    assert parse_recipe({"activations": "disk", "stream": True, "offload": True, **stage}, "<r>").fingerprint() == \
+        parse_recipe(stage, "<r>").fingerprint() != parse_recipe({"device": "cpu", **stage}, "<r>").fingerprint()
     from lqframe.streaming import should_stream
 
     assert should_stream("auto", {"kind": "dir", "path": str(model_dir)}) is False  # 16 MB fits
