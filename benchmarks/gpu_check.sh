@@ -44,3 +44,14 @@ timeout 300 python3 -m lqframe.cli run recipes/gptq4-qera32.yaml --model "$OUT/r
   > /dev/null 2>&1
 timeout 300 python3 benchmarks/kernel_speed.py --device cuda --generate "$OUT/random-smol-q" 2>&1 | tail -5 \
   | tee "$OUT/generate.md"
+
+# 5. (SCALE=1) the 7B-shaped synthetic model streamed from disk through --device cuda: the default recipe
+#    (GPTQ + QERA-exact) for as many blocks as 7 minutes allow — seconds per block — and the data-free
+#    recipe end to end (writing the 13.5 GB model takes a few minutes; benchmarks/results/scale.md)
+if [ "${SCALE:-0}" = 1 ]; then
+  timeout 540 python3 benchmarks/scale.py big --shape 7b --recipe default --device cuda --time-limit 420 \
+    --work "$OUT/scale" --out "$OUT/scale.jsonl" 2>&1 | tail -3
+  timeout 540 python3 benchmarks/scale.py big --shape 7b --device cuda --work "$OUT/scale" --out "$OUT/scale.jsonl" \
+    2>&1 | tail -3
+  python3 benchmarks/scale.py --table --out "$OUT/scale.jsonl" | tee "$OUT/scale.md"
+fi

@@ -3,6 +3,7 @@
     python benchmarks/scale.py depth --layers 4 8 16 32             # 2048 / 5632 blocks, streamed and resident
     python benchmarks/scale.py big --shape 7b                       # the 7B-shaped model, data-free recipe
     python benchmarks/scale.py big --shape 7b --recipe default --calibration 4 --time-limit 1800
+    python benchmarks/scale.py big --shape 7b --recipe default --device cuda --time-limit 420   # on a GPU
     python benchmarks/scale.py --table                              # benchmarks/results/scale.md
 
 Each row is one ``lqframe run`` in a fresh process (its peak RSS is the process's own) on a random
@@ -94,7 +95,7 @@ def _peak_rss_mb(pid: int) -> float | None:
 
 
 def measure(model: Path | str, out: Path, recipe: dict | Path, stream: bool, threads: int, time_limit: float | None,
-            processes: int = 1, sets: tuple[str, ...] = ()) -> dict:
+            processes: int = 1, sets: tuple[str, ...] = (), device: str = "cpu") -> dict:
     """One ``lqframe run`` in a fresh process (``processes`` > 1: under torchrun, ``threads`` each);
     its report, or (stopped at ``time_limit``) what its progress file says."""
     import yaml
@@ -107,7 +108,7 @@ def measure(model: Path | str, out: Path, recipe: dict | Path, stream: bool, thr
     launcher = [sys.executable] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
     cmd = [*launcher, "-m", "lqframe.cli", "run", str(recipe_file), "--model", str(model), "--output", str(out),
-           "--overwrite", "--quiet", "--device", "cpu", "--stream" if stream else "--no-stream",
+           "--overwrite", "--quiet", "--device", device, "--stream" if stream else "--no-stream",
            *(a for s in sets for a in ("--set", s))]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     log = out.parent / f"{out.name}.log"
@@ -115,8 +116,15 @@ def measure(model: Path | str, out: Path, recipe: dict | Path, stream: bool, thr
     with log.open("w") as sink:  # a file, not a pipe: nobody reads a pipe while the run goes on
         proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
     peak, stopped = 0.0, False
+    finished: dict[int, float] = {}  # block -> wall seconds when the progress file first said it was done
+    progress_file = out / ".lqframe-partial" / "progress.json"
     while proc.poll() is None:
         peak = max(peak, _peak_rss_mb(proc.pid) or 0.0)
+        try:
+            block = json.loads(progress_file.read_text())["finished_block"]
+            finished.setdefault(block, time.perf_counter() - t0)
+        except (OSError, ValueError, KeyError):
+            pass
         if time_limit is not None and time.perf_counter() - t0 > time_limit:
             proc.send_signal(signal.SIGINT)
             stopped = True
@@ -134,8 +142,14 @@ def measure(model: Path | str, out: Path, recipe: dict | Path, stream: bool, thr
         if blocks == 0:
             raise SystemExit(f"stopped at {wall:.0f} s before the first block finished (peak RSS {peak:.0f} MB): "
                              "no figure per block; give it a longer --time-limit")
+        times = [finished[b] for b in sorted(finished) if b >= 0]
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
         return {"stopped_after_s": round(wall, 1), "blocks_done": blocks, "peak_rss_mb": round(peak, 1),
-                "seconds_per_block": round(sum(r["seconds"] for r in layers) / max(blocks, 1), 2),
+                # wall seconds between block commits (capture, decompositions, propagation, writing);
+                # with one block done, the decompositions' own seconds
+                "seconds_per_block": round(sum(gaps) / len(gaps), 2) if gaps else
+                round(sum(r["seconds"] for r in layers) / max(blocks, 1), 2),
+                "first_block_done_s": round(times[0], 1) if times else None,
                 "layer_seconds": round(sum(r["seconds"] for r in layers), 2)}
     report = json.loads((out / "report.json").read_text())
     blocks = len({r["name"].rsplit(".", 2)[0] for r in report["layers"]})
@@ -148,7 +162,7 @@ def measure(model: Path | str, out: Path, recipe: dict | Path, stream: bool, thr
 
 def _key(row: dict) -> tuple:
     return (json.dumps(row["shape"], sort_keys=True), row["mode"], row["recipe"], row["seq_len"], row["evaluation"],
-            row.get("calibration", 0), row["threads"])
+            row.get("calibration", 0), row["threads"], row.get("device", "cpu"))
 
 
 def _rows(path: Path) -> list[dict]:
@@ -164,7 +178,8 @@ def table(rows: list[dict]) -> str:
         wall = f"{res['wall_s']:.0f} s" if "wall_s" in res else f"stopped at {res['stopped_after_s']:.0f} s " \
                                                                  f"({res['blocks_done']} blocks)"
         ppl = f"{res['ppl']:.3f}" if res.get("ppl") is not None else "–"
-        lines.append(f"| {s['hidden']} / {s['intermediate']} × {s['layers']} | {r['mode']} | {r['recipe']} | "
+        mode = r["mode"] + (f" ({r['device']})" if r.get("device") else "")
+        lines.append(f"| {s['hidden']} / {s['intermediate']} × {s['layers']} | {mode} | {r['recipe']} | "
                      f"{r['parameters'] / 1e9:.2f} B | {res['peak_rss_mb'] / 1024:.2f} GiB | {wall} | "
                      f"{res['seconds_per_block']:.2f} | {ppl} |")
     first = next((r["result"].get("versions") for r in rows if r["result"].get("versions")), None)
@@ -190,6 +205,7 @@ def main() -> None:
     ap.add_argument("--evaluation", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (the row records the device)")
     ap.add_argument("--time-limit", type=float)
     ap.add_argument("--tokenizer", default="default")
     ap.add_argument("--work", type=Path, default=Path("/tmp/lqframe-scale"))
@@ -221,14 +237,14 @@ def main() -> None:
             row = {"shape": shape, "mode": mode, "recipe": args.recipe, "seq_len": args.seq_len,
                    "evaluation": args.evaluation, "calibration": args.calibration if args.recipe == "default" else 0,
                    "threads": args.threads, "parameters": record["parameters"],
-                   "machine": _machine()}
+                   "machine": _machine(), **({"device": args.device} if args.device != "cpu" else {})}
             if _key(row) in done and not args.force:
                 print(f"{shape} {mode}: measured already (--force measures again)", file=sys.stderr)
                 continue
             print(f"{shape} {mode} {args.recipe} …", file=sys.stderr, flush=True)
             out = args.work / "out" / f"{model.name}-{mode}-{args.recipe}"
             row["result"] = measure(model, out, _recipe(args.recipe, args), mode == "stream", args.threads,
-                                    args.time_limit)
+                                    args.time_limit, device=args.device)
             print(json.dumps(row), flush=True)
             with args.out.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
