@@ -95,7 +95,7 @@ def _peak_rss_mb(pid: int) -> float | None:
 
 
 def measure(model: Path | str, out: Path, recipe: dict | Path, stream: bool, threads: int, time_limit: float | None,
-            processes: int = 1, sets: tuple[str, ...] = (), device: str = "cpu") -> dict:
+            processes: int = 1, sets: tuple[str, ...] = (), device: str = "cpu", resume: bool = False) -> dict:
     """One ``lqframe run`` in a fresh process (``processes`` > 1: under torchrun, ``threads`` each);
     its report, or (stopped at ``time_limit``) what its progress file says."""
     import yaml
@@ -108,7 +108,7 @@ def measure(model: Path | str, out: Path, recipe: dict | Path, stream: bool, thr
     launcher = [sys.executable] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
     cmd = [*launcher, "-m", "lqframe.cli", "run", str(recipe_file), "--model", str(model), "--output", str(out),
-           "--overwrite", "--quiet", "--device", device, "--stream" if stream else "--no-stream",
+           *([] if resume else ["--overwrite"]), "--quiet", "--device", device, "--stream" if stream else "--no-stream",
            *(a for s in sets for a in ("--set", s))]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     log = out.parent / f"{out.name}.log"
@@ -128,7 +128,10 @@ def measure(model: Path | str, out: Path, recipe: dict | Path, stream: bool, thr
         if time_limit is not None and time.perf_counter() - t0 > time_limit:
             proc.send_signal(signal.SIGINT)
             stopped = True
-            proc.wait(timeout=120)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:  # inside a long LAPACK call: the progress file is committed
+                proc.kill()                     # atomically, so a kill loses only the unfinished block
             break
         time.sleep(0.5)
     proc.wait()
@@ -150,6 +153,7 @@ def measure(model: Path | str, out: Path, recipe: dict | Path, stream: bool, thr
                 "seconds_per_block": round(sum(gaps) / len(gaps), 2) if gaps else
                 round(sum(r["seconds"] for r in layers) / max(blocks, 1), 2),
                 "first_block_done_s": round(times[0], 1) if times else None,
+                "block_commits_s": {str(b): round(finished[b], 1) for b in sorted(finished) if b >= 0},
                 "layer_seconds": round(sum(r["seconds"] for r in layers), 2)}
     report = json.loads((out / "report.json").read_text())
     blocks = len({r["name"].rsplit(".", 2)[0] for r in report["layers"]})
@@ -178,7 +182,7 @@ def table(rows: list[dict]) -> str:
         wall = f"{res['wall_s']:.0f} s" if "wall_s" in res else f"stopped at {res['stopped_after_s']:.0f} s " \
                                                                  f"({res['blocks_done']} blocks)"
         ppl = f"{res['ppl']:.3f}" if res.get("ppl") is not None else "–"
-        mode = r["mode"] + (f" ({r['device']})" if r.get("device") else "")
+        mode = r["mode"] + (f" ({r['device']})" if r.get("device") else "") + (" (resumed)" if r.get("resumed") else "")
         lines.append(f"| {s['hidden']} / {s['intermediate']} × {s['layers']} | {mode} | {r['recipe']} | "
                      f"{r['parameters'] / 1e9:.2f} B | {res['peak_rss_mb'] / 1024:.2f} GiB | {wall} | "
                      f"{res['seconds_per_block']:.2f} | {ppl} |")
@@ -211,6 +215,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/lqframe-scale"))
     ap.add_argument("--out", type=Path, default=RESULTS / "scale.jsonl")
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the unfinished run in the output folder (seconds per block of the blocks it does)")
     args = ap.parse_args()
     if args.table or args.what is None:
         text = table(_rows(args.out))
@@ -238,13 +244,15 @@ def main() -> None:
                    "evaluation": args.evaluation, "calibration": args.calibration if args.recipe == "default" else 0,
                    "threads": args.threads, "parameters": record["parameters"],
                    "machine": _machine(), **({"device": args.device} if args.device != "cpu" else {})}
-            if _key(row) in done and not args.force:
+            if _key(row) in done and not (args.force or args.resume):
                 print(f"{shape} {mode}: measured already (--force measures again)", file=sys.stderr)
                 continue
             print(f"{shape} {mode} {args.recipe} …", file=sys.stderr, flush=True)
             out = args.work / "out" / f"{model.name}-{mode}-{args.recipe}"
             row["result"] = measure(model, out, _recipe(args.recipe, args), mode == "stream", args.threads,
-                                    args.time_limit, device=args.device)
+                                    args.time_limit, device=args.device, resume=args.resume)
+            if args.resume:
+                row["resumed"] = True
             print(json.dumps(row), flush=True)
             with args.out.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")

@@ -571,7 +571,8 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
             "seconds": m.get("seconds", 0.0),
         })
     numel = sum(x["numel"] for x in layers)
-    out = {k: report.get(k) for k in ("model", "recipe", "fp_ppl", "ppl", "perplexity", "seconds", "peak_rss_mb")}
+    out = {k: report.get(k) for k in ("model", "recipe", "fp_ppl", "ppl", "perplexity", "seconds", "peak_rss_mb",
+                                      "coverage")}
     out.update({
         "path": str(path),
         "params": numel,

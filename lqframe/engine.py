@@ -47,12 +47,14 @@ from lqframe.pipeline import (
     LayerResult,
     allocation_needs,
     cost_table,
+    coverage,
     decompose_candidate,
     decompose_layer,
     layer_needs,
     plan_layers,
     set_module,
     summarize,
+    untargeted_warning,
 )
 from lqframe.recipe import Recipe
 from lqframe.registry import registry
@@ -125,6 +127,8 @@ class RunState:
     teacher_store: Any = None
     #: what the tune stage did (report.json ``tuning``)
     tuned: dict[str, Any] | None = None
+    #: what the plan compresses and what it leaves in float (pipeline.coverage; report.json ``coverage``)
+    coverage: dict[str, Any] | None = None
 
     @property
     def streaming(self) -> bool:
@@ -186,6 +190,11 @@ def prepare(state: RunState) -> RunState:
     state.plans = plan_layers(state.model, recipe)
     state.needs = {p.name: layer_needs(p) for p in state.plans}
     state.alloc_needs = allocation_needs(recipe, state.plans)
+    if state.plans:
+        state.coverage = coverage(state.model, state.plans)
+        warning = untargeted_warning(state.coverage)
+        if warning:
+            state.log(warning)
     kinds = registry().statistics()
     for plan in state.plans:
         for name in sorted(_all_needs(state, plan.name)):
@@ -682,6 +691,16 @@ def perplexity_table(state: RunState) -> dict[str, dict[str, float | None]]:
     return out
 
 
+def coverage_report(state: RunState) -> dict[str, Any] | None:
+    """report.json ``coverage``: :func:`~lqframe.pipeline.coverage` with the bits per parameter over
+    the blocks and the whole model."""
+    from lqframe.pipeline import coverage_bits
+
+    if state.coverage is None:
+        return None
+    return {**state.coverage, **coverage_bits(state.coverage, state.results)}
+
+
 def report(state: RunState) -> dict[str, Any]:
     return {**summarize(state.results), "fp_ppl": state.fp_ppl, "ppl": state.ppl,
-            "perplexity": perplexity_table(state)}
+            "perplexity": perplexity_table(state), "coverage": coverage_report(state)}

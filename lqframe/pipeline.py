@@ -27,7 +27,8 @@ from lqframe.registry import registry
 from lqframe.types import CostTable, Decomposition, LayerStats
 
 __all__ = ["LayerPlan", "LayerResult", "plan_layers", "set_module", "components", "layer_needs",
-           "decompose_layer", "layer_errors", "cost_table", "decompose_candidate", "summarize"]
+           "decompose_layer", "layer_errors", "cost_table", "decompose_candidate", "summarize", "coverage",
+           "coverage_bits"]
 
 
 @attrs.frozen
@@ -351,6 +352,64 @@ def cost_table(model: nn.Module, recipe: Recipe, plans: Sequence[LayerPlan], sta
             bar.set_postfix_str(f"cached {cache.hits}, computed {cache.misses}")
     configs = [dict(c) for c in stage.candidates]
     return CostTable([p.name for p in plans], configs, cost.numpy(), bits.numpy(), numel), per_layer, decs
+
+
+#: weight tensors (two or more dimensions) left in float are listed from this many elements up
+LEFT_IN_FLOAT_MIN = 4096
+#: the run warns when more than this fraction of the block parameters is not compressed
+UNTARGETED_WARNING = 0.05
+
+
+def coverage(model: nn.Module, plans: Sequence[LayerPlan]) -> dict[str, Any]:
+    """What a plan compresses and what it leaves in float, counted before any layer changes (meta
+    tensors count too): parameters of the blocks and of the whole model (tied tensors once), the
+    targeted weights, the bits the rest keeps in its own dtype, and every weight tensor of two or
+    more dimensions left in float with at least :data:`LEFT_IN_FLOAT_MIN` elements (the largest
+    first) — 3-D expert tensors of mixture-of-experts models, embeddings, heads."""
+    from lqframe.models import find_blocks
+
+    path, blocks = find_blocks(model)
+    in_blocks = {id(p) for p in blocks.parameters()}
+    targeted = {f"{p.name}.weight" for p in plans}
+    totals = {"block_params": 0, "model_params": 0, "targeted_params": 0, "float_block_bits": 0, "float_bits": 0}
+    left = []
+    for name, p in model.named_parameters():  # (shared tensors once)
+        inside = id(p) in in_blocks
+        bits = p.numel() * p.element_size() * 8
+        totals["model_params"] += p.numel()
+        totals["block_params"] += p.numel() if inside else 0
+        if name in targeted:
+            totals["targeted_params"] += p.numel()
+            continue
+        totals["float_bits"] += bits
+        totals["float_block_bits"] += bits if inside else 0
+        if p.dim() >= 2 and p.numel() >= LEFT_IN_FLOAT_MIN:
+            left.append({"name": name, "shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."),
+                         "numel": p.numel(), "in_blocks": inside})
+    left.sort(key=lambda r: (-r["numel"], r["name"]))
+    untargeted = totals["block_params"] - totals["targeted_params"]
+    return {**totals, "blocks": path, "untargeted_block_fraction": untargeted / max(totals["block_params"], 1),
+            "left_in_float": left}
+
+
+def coverage_bits(cov: dict[str, Any], results: Sequence[LayerResult]) -> dict[str, float | None]:
+    """Bits per parameter of everything stored (Q, L·R, and what stayed float in its dtype) over the
+    blocks and over the whole model."""
+    compressed = sum(r.storage_bits + r.lowrank_bits for r in results)
+    blocks = (compressed + cov["float_block_bits"]) / cov["block_params"] if cov["block_params"] else None
+    whole = (compressed + cov["float_bits"]) / cov["model_params"] if cov["model_params"] else None
+    return {"bits_per_param_blocks": blocks, "bits_per_param_model": whole}
+
+
+def untargeted_warning(cov: dict[str, Any]) -> str | None:
+    """A warning line when more than :data:`UNTARGETED_WARNING` of the block parameters stay float."""
+    fraction = cov["untargeted_block_fraction"]
+    if fraction <= UNTARGETED_WARNING:
+        return None
+    biggest = [r for r in cov["left_in_float"] if r["in_blocks"]][:3]
+    what = ", ".join(f"{r['name']} {tuple(r['shape'])}" for r in biggest) or "norms and biases"
+    return (f"warning: {fraction:.0%} of the block parameters are not compressed (targets reach "
+            f"{cov['targeted_params']:,} of {cov['block_params']:,}); the largest left in float: {what}")
 
 
 def summarize(results: Sequence[LayerResult]) -> dict[str, Any]:

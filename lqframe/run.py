@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from lqframe.checkpoint import atomic_write_json, save_checkpoint, save_tensors
 from lqframe.distributed import SINGLE, Group, group_from_env
-from lqframe.engine import COMPRESSION_STAGES, RunState, execute, perplexity_table, versions
+from lqframe.engine import COMPRESSION_STAGES, RunState, coverage_report, execute, perplexity_table, versions
 from lqframe.errors import LqframeError
 from lqframe.executor import BlockSink, resolve_device
 from lqframe.lqlinear import LQLinear
@@ -319,6 +319,17 @@ def format_table(report: dict[str, Any]) -> str:
         f"(with low-rank {fmt(report.get('avg_bits_with_lowrank'))}); {ppl}; {report.get('seconds', 0):.1f} s, "
         f"peak RSS {report.get('peak_rss_mb', 0):.0f} MB"
     )
+    cov = report.get("coverage")
+    if cov:
+        lines.append(
+            f"everything stored: {fmt(cov.get('bits_per_param_blocks'))} bits per parameter over the blocks "
+            f"({cov['block_params']:,} params, {1 - cov['untargeted_block_fraction']:.1%} compressed), "
+            f"{fmt(cov.get('bits_per_param_model'))} over the whole model ({cov['model_params']:,})")
+        left = cov.get("left_in_float") or []
+        if left:
+            shown = ", ".join(f"{r['name']} {tuple(r['shape'])} {r['dtype']}" for r in left[:4])
+            more = f" and {len(left) - 4} more" if len(left) > 4 else ""
+            lines.append(f"left in float: {shown}{more}")
     return "\n".join(lines)
 
 
@@ -443,6 +454,7 @@ def _run(recipe: Recipe, spec: str, out: Path, sink: CheckpointSink | None, devi
             "ppl": st.ppl,
             "perplexity": perplexity_table(st),
             **summarize(st.results),
+            "coverage": coverage_report(st),
             "seconds": time.perf_counter() - t_start,
             "peak_rss_mb": peak_rss_mb(),
             "peak_device_mb": (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None),
