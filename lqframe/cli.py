@@ -252,6 +252,7 @@ def _device(value: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from lqframe import __version__
+    from lqframe.recipe import ACTIVATION_MODES
 
     parser = argparse.ArgumentParser(
         prog="lqframe",
@@ -278,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="read the blocks from the model folder one at a time, never the whole model in memory "
                         "(default: the recipe's stream, auto: when the model would not fit)")
-    p.add_argument("--activations", choices=["auto", "device", "cpu", "disk"], default=None,
+    p.add_argument("--activations", choices=ACTIVATION_MODES, default=None,
                    help="where the activations between blocks live (default: the recipe's activations, auto: "
                         "on the device, or in CPU memory with --offload; disk: one file per window)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -269,7 +269,7 @@ def _check_streamable(state: RunState) -> None:
 
 
 def _check_distributable(state: RunState) -> None:
-    """What several processes do not share yet: say which stage, and how to run it."""
+    """Every process needs at least one calibration window of its own."""
     n = len(state.calibration) if state.uses_data else None
     if n is not None and n < state.group.world:
         raise RecipeError(f"{state.recipe.origin}: {n} calibration windows cannot be shared by {state.group.world} "
@@ -476,11 +476,11 @@ def _allocate(state: RunState) -> None:
         forward = any(kinds[n].source == "forward" for n in layer_needs(chosen))
         if forward and not stage.reuse:
             continue
-        if owners[i] == group.rank and (i, j) not in decs:  # its cost came from the cache: decompose it as the
-            w = state.model.get_submodule(plan.name).weight.detach().to(state.device)  # table would have
+        # a cost from the cache has no decomposition yet: its owner makes it as the table would have
+        if owners[i] == group.rank and (i, j) not in decs:
+            w = state.model.get_submodule(plan.name).weight.detach().to(state.device)
             decs[(i, j)] = decompose_candidate(w, chosen, state.stats.layer_stats(plan.name), j)
-        state.prepared[plan.name] = group.broadcast(decs.get((i, j)), owners[i], state.device) if group.active \
-            else decs[(i, j)]
+        state.prepared[plan.name] = group.broadcast(decs.get((i, j)), owners[i], state.device)
     decs.clear()
     state.plans = plans
     state.needs = {p.name: layer_needs(p) for p in plans}

@@ -133,9 +133,6 @@ class ActivationFiles(Sequence[torch.Tensor]):
 
         return load_file(str(self._paths[index]))["x"]
 
-    def nbytes(self) -> int:
-        return sum(p.stat().st_size for p in self._paths)
-
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     """``auto`` (or None): the first CUDA device when one is available, else the CPU; ``cpu``;

@@ -6,10 +6,10 @@
 One forward and backward pass per calibration window (batch size 1, as in the reference: the
 square of a sum of per-sequence gradients is not their sum of squares). Only the target weights
 require gradients; each weight's gradient is squared into its accumulator the moment it is
-complete and then freed (``register_post_accumulate_grad_hook``), so the pass holds one float32
-accumulator per target weight plus one weight's gradient at a time, never a second full set of
-gradients. Each window's square is taken in float32 and added to a float64 accumulator (one per
-target weight, twice the size of the weights): the float32 squares are exact in float64, so the sum
+complete and then freed (``register_post_accumulate_grad_hook``), so the pass holds one float64
+accumulator per target weight (twice the size of the weights) plus one weight's gradient at a time,
+never a second full set of gradients. Each window's square is taken in float32 and added to its
+accumulator in float64: the float32 squares are exact in float64, so the sum
 is exact — and therefore the same in any order, which is what lets several processes each sum a
 share of the windows and merge the shares into the one-process result (lqframe.distributed) —
 whenever one element's squares span less than 2^29; otherwise it is within float64 rounding.

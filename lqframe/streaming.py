@@ -33,7 +33,8 @@ from torch import nn
 from lqframe.errors import ModelError
 from lqframe.models import LoadedModel, find_blocks
 
-__all__ = ["ShardReader", "ShardSource", "load_streaming", "float_bytes", "should_stream", "streamed_nll"]
+__all__ = ["ShardReader", "ShardSource", "load_streaming", "float_bytes", "should_stream", "streamed_nll",
+           "streamed_window_nlls"]
 
 _INDEX = "model.safetensors.index.json"
 
