@@ -177,9 +177,11 @@ def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def quantization_config(model: nn.Module, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     from lqframe import __version__
 
+    from lqframe.structure import unfolded
+
     layers = {name: m.layer_config() for name, m in model.named_modules() if isinstance(m, LQLinear)}
     return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "lqframe_version": __version__,
-            "layers": layers, **(extra or {})}
+            "layers": layers, "unfolded": unfolded(model), **(extra or {})}
 
 
 def _shards(state: Mapping[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -433,9 +435,15 @@ def _model_name(model: nn.Module, name: str) -> str:
                           "does not have")
 
 
-def swap_in_skeletons(model: nn.Module, layers: Mapping[str, Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
-    """Replace the named linears by empty :class:`LQLinear` modules of the recorded layout. Returns
-    the layers by the names they have in ``model`` (see :func:`_model_name`)."""
+def swap_in_skeletons(model: nn.Module, layers: Mapping[str, Mapping[str, Any]],
+                      unfolded: Mapping[str, str] | None = None) -> dict[str, Mapping[str, Any]]:
+    """Unfold the modules the checkpoint records as unfolded (:mod:`lqframe.structure`: fused experts,
+    Conv1D), then replace the named linears by empty :class:`LQLinear` modules of the recorded layout.
+    Returns the layers by the names they have in ``model`` (see :func:`_model_name`)."""
+    from lqframe.structure import unfold
+
+    if unfolded:
+        unfold(model, {_model_name(model, name): kind for name, kind in unfolded.items()})
     resolved = {_model_name(model, name): cfg for name, cfg in layers.items()}
     for name, layer_cfg in resolved.items():
         parent_name, _, child = name.rpartition(".")
@@ -500,7 +508,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> nn.
         model = model_cls.from_config(config)
     else:
         model = model_cls(config)
-    swap_in_skeletons(model, qc["layers"])
+    swap_in_skeletons(model, qc["layers"], qc.get("unfolded"))
     state = read_state(path, check_sizes=False)
     result = model.load_state_dict(state, strict=False)
     tied = _tied_names(model)

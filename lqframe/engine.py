@@ -59,6 +59,7 @@ from lqframe.pipeline import (
 from lqframe.recipe import Recipe
 from lqframe.registry import registry
 from lqframe.stats import StatsStore
+from lqframe.structure import routing_all, unfold, unfolded
 from lqframe.types import Decomposition
 
 __all__ = ["RunState", "Stage", "STAGES", "GradientContext", "prepare", "execute", "COMPRESSION_STAGES"]
@@ -131,6 +132,13 @@ class RunState:
     coverage: dict[str, Any] | None = None
 
     @property
+    def min_tokens(self) -> int:
+        """The fewest calibration tokens a layer's statistics may cover before it falls back to a
+        data-free decomposition (``quantize_stage.experts.min_tokens``)."""
+        total = 0 if self.calibration is None else int(self.calibration.numel())
+        return self.recipe.quantize.experts.threshold(total) if self.recipe.quantize is not None else 0
+
+    @property
     def streaming(self) -> bool:
         """The blocks are streamed from disk (the model as a whole is never in memory)."""
         return self.source is not None and self.source.streams
@@ -187,6 +195,12 @@ def prepare(state: RunState) -> RunState:
     """Plan the layers, check that every statistic they need can be produced, and place the
     model on the device."""
     recipe = state.recipe
+    before = unfolded(state.model)
+    found = {n: k for n, k in unfold(state.model).items() if n not in before}
+    if found:
+        kinds = sorted(set(found.values()))
+        state.log("unfolded into linears: " + ", ".join(
+            f"{sum(k == kind for k in found.values())} {_UNFOLD_WORDS[kind]}" for kind in kinds))
     state.plans = plan_layers(state.model, recipe)
     state.needs = {p.name: layer_needs(p) for p in state.plans}
     state.alloc_needs = allocation_needs(recipe, state.plans)
@@ -243,6 +257,32 @@ def prepare(state: RunState) -> RunState:
                                    source=state.source, group=state.group, scratch=scratch)
     state.executor.place_model()
     return state
+
+
+_UNFOLD_WORDS = {"experts": "fused experts modules (one linear per expert matrix)",
+                 "conv1d": "Conv1D layers (as nn.Linear with the transposed weight)"}
+
+
+def _routing(state: RunState, probe: bool = False):
+    """Which tokens the experts compute on: every calibration token while statistics are captured
+    with ``experts.calibration: all``, the routed ones otherwise. ``probe`` (finding which linears
+    share an input): every expert on every token, so that every expert is reached on any window
+    and the groups do not depend on the window (under torchrun each process probes its own)."""
+    everyone = state.recipe.quantize.experts.calibration == "all"
+    return routing_all(state.model, "all" if everyone else "each" if probe else None)
+
+
+def _falls_back(state: RunState, name: str) -> bool:
+    """The layer's forward statistics cover fewer tokens than ``quantize_stage.experts.min_tokens``
+    (an expert the router seldom chose): it is decomposed data-free."""
+    tokens = state.stats.tokens(name)
+    return tokens is not None and tokens < state.min_tokens
+
+
+def _layer_stats(state: RunState, name: str):
+    """The layer's statistics for decomposing it: its own, or the data-free ones
+    (:meth:`lqframe.stats.StatsStore.isotropic_stats`) when it :func:`_falls_back`."""
+    return state.stats.isotropic_stats(name) if _falls_back(state, name) else state.stats.layer_stats(name)
 
 
 def _whole_model_work(state: RunState) -> tuple[str, str] | None:
@@ -420,7 +460,10 @@ def _calibrate(state: RunState) -> None:
         with ex.block(b) as block:
             names = [p.name for p in by_block.get(b, [])]
             if names:
-                ex.capture(block, ex.input_groups(block, names, x[0]), needs, x, state.stats)
+                with _routing(state, probe=True):
+                    groups = ex.input_groups(block, names, x[0])
+                with _routing(state):
+                    ex.capture(block, groups, needs, x, state.stats)
             x = ex.forward(block, x)
             if b in state.teacher_blocks:
                 state.teacher[b] = ex.in_model_dtype(x)
@@ -441,7 +484,8 @@ def _allocate(state: RunState) -> None:
     rows = {i for i, r in enumerate(owners) if r == group.rank}
     t0 = time.perf_counter()
     try:
-        table, per_layer, decs = cost_table(state.model, recipe, state.plans, state.stats.layer_stats, state.progress,
+        table, per_layer, decs = cost_table(state.model, recipe, state.plans, lambda n: _layer_stats(state, n),
+                                            state.progress,
                                             cache=cache, device=state.device, rows=rows if group.active else None)
     finally:
         if cache is not None:
@@ -479,7 +523,7 @@ def _allocate(state: RunState) -> None:
         # a cost from the cache has no decomposition yet: its owner makes it as the table would have
         if owners[i] == group.rank and (i, j) not in decs:
             w = state.model.get_submodule(plan.name).weight.detach().to(state.device)
-            decs[(i, j)] = decompose_candidate(w, chosen, state.stats.layer_stats(plan.name), j)
+            decs[(i, j)] = decompose_candidate(w, chosen, _layer_stats(state, plan.name), j)
         state.prepared[plan.name] = group.broadcast(decs.get((i, j)), owners[i], state.device)
     decs.clear()
     state.plans = plans
@@ -528,13 +572,15 @@ def _decompose(state: RunState) -> None:
             todo = [n for n in plans if n not in state.prepared]
             phases: list[list[list[str]]] = [[list(plans)]] if plans else []
             if state.uses_data and todo:
-                groups = ex.input_groups(block, list(plans), state.inputs[0])
+                with _routing(state, probe=True):
+                    groups = ex.input_groups(block, list(plans), state.inputs[0])
                 phases = [[g] for g in groups] if sequential == "layer" else [groups]
             block_results = []
             for phase in phases:
                 capture = [g for g in phase if any(n in todo for n in g)] if state.uses_data else []
-                samples = ex.capture(block, capture, state.needs, state.inputs, state.stats,
-                                     stop=sequential == "layer") if capture else {}
+                with _routing(state):
+                    samples = ex.capture(block, capture, state.needs, state.inputs, state.stats,
+                                         stop=sequential == "layer") if capture else {}
                 names = [n for group in phase for n in group]
                 for name in names:
                     lin = state.model.get_submodule(name)
@@ -545,8 +591,11 @@ def _decompose(state: RunState) -> None:
                 for name, owner in zip(names, owners, strict=True):  # this process's share of the matrices
                     prepared = state.prepared.pop(name, None)
                     if owner == state.group.rank:
-                        done[name] = decompose_layer(name, state.model.get_submodule(name), plans[name],
-                                                     state.stats.layer_stats(name), samples.get(name), prepared)
+                        stats = _layer_stats(state, name)
+                        measured = state.stats.layer_stats(name) if _falls_back(state, name) else None
+                        done[name] = decompose_layer(name, state.model.get_submodule(name), plans[name], stats,
+                                                     samples.get(name), prepared, measured=measured,
+                                                     tokens=state.stats.tokens(name))
                 for name, owner in zip(names, owners, strict=True):
                     module, result = done[name] if not state.group.active else _shared_layer(state, done.get(name),
                                                                                               owner)
@@ -555,6 +604,11 @@ def _decompose(state: RunState) -> None:
                 state.stats.drop(n for group in phase for n in group)
             order = {n: i for i, n in enumerate(plans)}
             block_results.sort(key=lambda r: order[r.name])
+            few = [r for r in block_results if r.info.get("fallback")]
+            if few:
+                state.log(f"block {b}: {len(few)} layers saw fewer than {state.min_tokens} calibration tokens and were "
+                          "decomposed data-free: " + ", ".join(f"{r.name} ({r.info.get('tokens', 0)})" for r in few[:6])
+                          + (f" and {len(few) - 6} more" if len(few) > 6 else ""))
             state.results += block_results
             later = any(p.name not in state.prepared for c in range(b + 1, len(ex)) for p in by_block.get(c, []))
             if state.uses_data and later:

@@ -40,6 +40,8 @@ from lqframe.checkpoint import atomic_write_json, save_tensors
 from lqframe.errors import CheckpointError
 from lqframe.kernels import pack_bits
 from lqframe.lqlinear import LQLinear
+from lqframe.models import _task_of_class
+from lqframe.structure import fold_state, unfolded
 from lqframe.types import QuantizedWeight
 
 __all__ = ["EXPORT_FORMATS", "export", "export_peft", "export_gptq", "export_dense", "check_export",
@@ -82,6 +84,16 @@ def export_peft(model: nn.Module, out: str | Path, base_model: str | None = None
     if not layers:
         raise CheckpointError("no compressed layer has a low-rank term (every rank is 0): nothing to export as an "
                               "adapter")
+    record = unfolded(model)
+    experts = sorted(n for n, kind in record.items() if kind == "experts"
+                     and any(layer.startswith(n + ".") for layer in layers))
+    if experts:
+        raise CheckpointError(
+            f"a PEFT adapter targets modules, and transformers builds this model's experts ({experts[0]} and "
+            f"{len(experts) - 1} more) as fused 3-D parameters with no module per expert, so the low-rank terms of "
+            "the expert layers have nowhere to go; use the checkpoint with lqframe.load / from_pretrained, or "
+            "`lqframe export --to dense --merge` for a float model with L·R folded in")
+    conv1d = any(record.get(n) == "conv1d" for n in layers)
     ranks = {n: m.rank for n, m in layers.items()}
     counts: dict[int, int] = {}
     for r in ranks.values():
@@ -89,9 +101,13 @@ def export_peft(model: nn.Module, out: str | Path, base_model: str | None = None
     r = max(counts, key=lambda k: (counts[k], k))
     pattern = {n: v for n, v in ranks.items() if v != r}
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        # PEFT's causal-LM wrapper for causal LMs; its plain wrapper for encoders and other heads
+        "peft_type": "LORA", "task_type": "CAUSAL_LM" if _task_of_class(type(model).__name__) == "causal-lm" else None,
+        "base_model_name_or_path": base_model,
         "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
-        "target_modules": sorted(layers), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "target_modules": sorted(layers), "lora_dropout": 0.0, "bias": "none",
+        # Conv1D layers (GPT-2) store their weight transposed: PEFT merges with fan_in_fan_out
+        "fan_in_fan_out": conv1d,
         "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
         "inference_mode": True, "revision": None,
     }
@@ -232,6 +248,7 @@ def export_dense(model: nn.Module, out: str | Path, tokenizer: Any = None, merge
         tensors[f"{name}.weight"] = w.detach().to("cpu", dtype).contiguous()
         if m.bias is not None:
             tensors[f"{name}.bias"] = m.bias.detach().to("cpu", dtype)
+    tensors = fold_state(model, tensors)  # fused experts and Conv1D back in the model's own layout
     config = _config_dict(model)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     out.mkdir(parents=True, exist_ok=True)
@@ -339,14 +356,39 @@ def check_export(model: nn.Module, fmt: str, out: str | Path, log: Callable[[str
             f"difference {err:.1e})")
     elif fmt == "dense":
         state = _read(out / "model.safetensors")
+        record = unfolded(model)
+        dtype = next(iter(state.values())).dtype if state else torch.float32
         for name, m in layers.items():
-            stored = state[f"{name}.weight"]
-            ref = (m.dense_weight() if merge else m.dequantized_weight()).detach().to("cpu", stored.dtype)
+            ref = (m.dense_weight() if merge else m.dequantized_weight()).detach().to("cpu", dtype)
+            stored = _unfolded_weight(model, record, state, name)
             if not torch.equal(stored, ref):
                 raise CheckpointError(f"dense self-check: layer {name} reads back different weights")
             result["layers"] += 1
         log(f"self-check: {result['layers']} dense layers ({'Q + L·R' if merge else 'Q'}) read back exactly")
     return result
+
+
+def _unfolded_weight(model: nn.Module, record: dict[str, str], state: dict[str, torch.Tensor], name: str
+                     ) -> torch.Tensor:
+    """Layer ``name``'s weight (out × in) read from a dense export in the model's own layout: a
+    Conv1D weight transposed back, an expert's cut from the fused 3-D tensor by the layout flags."""
+    if record.get(name) == "conv1d":
+        return state[f"{name}.weight"].T
+    owner, _, part = name.rpartition(".")
+    experts, _, e = owner.rpartition(".")
+    if record.get(experts) != "experts":
+        return state[f"{name}.weight"]
+    module = model.get_submodule(experts)
+    fused = "down_proj" if part == "down_proj" else "gate_up_proj" if module.has_gate else "up_proj"
+    w = state[f"{experts}.{fused}"][int(e)]
+    w = w.T if module.is_transposed else w
+    if part != "down_proj" and module.has_gate:
+        half = w.shape[0] // 2
+        if module.is_concatenated:
+            w = w[:half] if part == "gate_proj" else w[half:]
+        else:
+            w = w[0::2] if part == "gate_proj" else w[1::2]
+    return w
 
 
 def export(source: str | Path, fmt: str, out: str | Path, *, merge: bool = False, gptq_version: int | None = None,

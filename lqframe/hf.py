@@ -82,13 +82,38 @@ def _classes(HfQuantizer: type, QuantizationConfigMixin: type, QUANT_METHOD: str
             from lqframe.checkpoint import swap_in_skeletons
             from lqframe.factors import is_quantized, layer_factor_dtype
 
-            layers = swap_in_skeletons(model, self.quantization_config.layers)  # by the names model has
+            layers = swap_in_skeletons(model, self.quantization_config.layers,  # by the names model has
+                                       getattr(self.quantization_config, "unfolded", None))
+            # a model's weight initialisation may reach into a compressed layer's parent for its `weight`
+            # (GPT-2 rescales every c_proj): the parents' tensors all come from the checkpoint
+            for name in layers:
+                parent = name.rpartition(".")[0]
+                (model.get_submodule(parent) if parent else model)._is_hf_initialized = True
             # int8 factors are stored packed (left_q/right_q); L and R are decoded after loading
             packed = [re.escape(name) + r"\.(left|right)$" for name, cfg in layers.items()
                       if is_quantized(layer_factor_dtype(cfg))]
             if packed:
                 model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | set(packed)
             return model
+
+        def update_weight_conversions(self, weight_conversions, model):
+            # the checkpoint holds the unfolded model's own names (per-expert linears): a converter that
+            # would fuse per-expert tensors into parameters the unfolded model no longer has is dropped
+            from lqframe.structure import unfolded
+
+            conversions = super().update_weight_conversions(weight_conversions, model)
+            if not unfolded(model):
+                return conversions
+            names = [n for n, _ in model.named_parameters()]
+            kept = []
+            for conv in conversions:
+                targets = getattr(conv, "_original_target_patterns", None) or getattr(conv, "target_patterns", None)
+                operations = getattr(conv, "operations", None)
+                if operations and targets and not any(
+                        re.search(str(t).replace("*", r"\d+"), n) for t in targets for n in names):
+                    continue
+                kept.append(conv)
+            return kept
 
         def _process_model_after_weight_loading(self, model, **kwargs):
             from lqframe.lqlinear import LQLinear

@@ -442,18 +442,22 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The repeated block stack of ``model`` and its dotted path.
 
     Among all ``nn.ModuleList``s, the one with the most parameters whose children all have the same
-    class and that holds at least one ``nn.Linear`` (``"model.layers"`` for Llama/Qwen2/Mistral,
+    class and that holds at least one ``nn.Linear`` (or a layout :func:`lqframe.structure.unfold`
+    turns into linears: fused experts, ``Conv1D``) (``"model.layers"`` for Llama/Qwen2/Mistral,
     ``"model.decoder.layers"`` for OPT, ``"bert.encoder.layer"`` for BERT). No per-model tables.
     """
     from lqframe.lqlinear import LQLinear  # a compressed model's blocks hold LQLinear instead
+    from lqframe.structure import experts_layout, is_conv1d  # linears in another layout, before unfold
 
-    linear_types = (nn.Linear, LQLinear)
+    def linear(m: nn.Module) -> bool:
+        return isinstance(m, nn.Linear | LQLinear) or is_conv1d(m) or experts_layout(m) is not None
+
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList):
             continue
         classes = {type(child) for child in module.children()}
-        if len(classes) != 1 or not any(isinstance(m, linear_types) for m in module.modules()):
+        if len(classes) != 1 or not any(linear(m) for m in module.modules()):
             continue
         count = sum(p.numel() for p in module.parameters())
         if best is None or count > best[0]:

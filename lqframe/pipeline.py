@@ -127,10 +127,13 @@ def layer_errors(w: torch.Tensor, approx: torch.Tensor, stats: LayerStats | None
 
 def decompose_layer(
     name: str, linear: nn.Linear, plan: LayerPlan, stats: LayerStats | None, sample: torch.Tensor | None,
-    prepared: tuple[Decomposition, float] | None = None,
+    prepared: tuple[Decomposition, float] | None = None, *, measured: LayerStats | None = None,
+    tokens: int | None = None,
 ) -> tuple[LQLinear, LayerResult]:
     """Decompose one linear (or take the decomposition the allocate stage already made, with its
-    seconds) and build its :class:`LQLinear` and report row."""
+    seconds) and build its :class:`LQLinear` and report row. ``measured``: the layer's own statistics
+    when ``stats`` are data-free stand-ins (a seldom-routed expert), to measure its output error on;
+    ``tokens``: how many calibration tokens its statistics cover (the report row's ``tokens``)."""
     quantizer, recon = components(plan.quantizer, plan.reconstructor)
     w = linear.weight.detach()
     if prepared is None:
@@ -144,7 +147,10 @@ def decompose_layer(
         dec, seconds = prepared
     module = LQLinear.from_decomposition(linear, dec, meta={"quantizer": plan.quantizer.to_dict(),
                                                             "reconstructor": plan.reconstructor.to_dict()})
-    rel_w, rel_out = layer_errors(w, dec.dense(), stats, sample, _known_output_error(recon, dec))
+    if measured is None:
+        rel_w, rel_out = layer_errors(w, dec.dense(), stats, sample, _known_output_error(recon, dec))
+    else:
+        rel_w, rel_out = layer_errors(w, dec.dense(), measured, sample)
     qw = dec.qweight
     result = LayerResult(
         name=name,
@@ -163,6 +169,10 @@ def decompose_layer(
         reconstructor_options=dict(plan.reconstructor.options),
         info={k: v for k, v in dec.info.items() if isinstance(v, int | float | str | bool)},
     )
+    if tokens is not None:
+        result.info["tokens"] = tokens
+    if measured is not None:
+        result.info["fallback"] = "data-free"
     return module, result
 
 
@@ -421,4 +431,6 @@ def summarize(results: Sequence[LayerResult]) -> dict[str, Any]:
         "params": numel,
         "avg_bits": q_bits / numel if numel else math.nan,
         "avg_bits_with_lowrank": (q_bits + lr_bits) / numel if numel else math.nan,
+        # layers whose statistics covered too few tokens (experts the router seldom chose): data-free
+        "data_free": {r.name: r.info.get("tokens", 0) for r in results if r.info.get("fallback")},
     }

@@ -26,6 +26,7 @@ import copy
 import difflib
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -55,6 +56,8 @@ __all__ = [
     "DEFAULT_RECIPE",
     "STAGE_ORDER",
     "SEQUENTIAL_MODES",
+    "EXPERT_CALIBRATION",
+    "ExpertsSpec",
     "PRECISIONS",
     "check_device",
 ]
@@ -62,6 +65,8 @@ __all__ = [
 STAGE_ORDER = ("allocate", "quantize", "reconstruct", "tune", "evaluate", "save")
 #: quantize_stage.sequential: calibrate a block's linears together, or each input group in turn
 SEQUENTIAL_MODES = ("block", "layer")
+#: quantize_stage.experts.calibration: statistics of the tokens routed to each expert, or of all tokens
+EXPERT_CALIBRATION = ("routed", "all")
 
 DEFAULT_RECIPE = """\
 # lqframe's default recipe: GPTQ int4 (group 64, float16 scale + 4-bit zero point per group; the
@@ -212,6 +217,24 @@ class DataSpec:
 
 
 @attrs.frozen
+class ExpertsSpec:
+    """How the experts of a mixture-of-experts model are calibrated (``quantize_stage.experts``)."""
+
+    #: ``routed``: each expert's statistics from the tokens its router sends it; ``all``: every expert
+    #: also computes on every calibration token (statistics for rarely routed experts; outputs unchanged)
+    calibration: str = "routed"
+    #: a layer whose statistics cover fewer tokens than this is decomposed data-free (identity
+    #: statistics), said in the log and the report: a count, or a percentage of the calibration tokens
+    min_tokens: int | str = "0.5%"
+
+    def threshold(self, total_tokens: int) -> int:
+        """``min_tokens`` as a token count, for ``total_tokens`` calibration tokens."""
+        if isinstance(self.min_tokens, str):
+            return math.ceil(float(self.min_tokens.rstrip("%")) / 100 * total_tokens)
+        return self.min_tokens
+
+
+@attrs.frozen
 class QuantizeStage:
     quantizer: ComponentSpec
     targets: tuple[str, ...] = ("Linear",)
@@ -220,6 +243,7 @@ class QuantizeStage:
     sequential: str = "block"
     #: calibration / propagation forwards in float64 (results independent of the BLAS path) or float32
     precision: str = "float64"
+    experts: ExpertsSpec = ExpertsSpec()
 
 
 @attrs.frozen
@@ -373,6 +397,28 @@ def _resolve(base: ComponentSpec, overrides: Sequence[Override], layer: str) -> 
 # --------------------------------------------------------------------------- parsing
 
 _TOP_KEYS = ("model", "device", "offload", "stream", "activations", "data") + tuple(f"{s}_stage" for s in STAGE_ORDER)
+
+
+def _experts(value: Any, ctx: _Ctx) -> ExpertsSpec:
+    e = _mapping(value, ctx, ("calibration", "min_tokens"))
+    defaults = ExpertsSpec()
+    calibration = _str(e.get("calibration", defaults.calibration), ctx.child("calibration"))
+    if calibration not in EXPERT_CALIBRATION:
+        raise ctx.child("calibration").error(f"must be one of {', '.join(EXPERT_CALIBRATION)}, got {calibration!r}")
+    minimum = e.get("min_tokens", defaults.min_tokens)
+    where = ctx.child("min_tokens")
+    if isinstance(minimum, str):
+        text = minimum.strip()
+        try:
+            share = float(text[:-1]) if text.endswith("%") else None
+        except ValueError:
+            share = None
+        if share is None or not 0 <= share <= 100:
+            raise where.error(f"must be a token count or a percentage such as '0.5%', got {minimum!r}")
+        minimum = text
+    else:
+        minimum = _int(minimum, where, 0)
+    return ExpertsSpec(calibration=calibration, min_tokens=minimum)
 
 
 def _component(value: Any, ctx: _Ctx, kind: str) -> ComponentSpec:
@@ -633,7 +679,7 @@ def parse_recipe(doc: Any, origin: str = "<recipe>", check_components: bool = Tr
     if "quantize_stage" in body:
         c = root.child("quantize_stage")
         s = _mapping(body["quantize_stage"], c, ("targets", "ignore", "quantizer", "overrides", "sequential",
-                                                  "precision"))
+                                                  "precision", "experts"))
         if "quantizer" not in s:
             raise c.error("quantize_stage needs a 'quantizer', e.g. {name: nf, bits: 4, group_size: 64}")
         stage = QuantizeStage(
@@ -643,6 +689,7 @@ def parse_recipe(doc: Any, origin: str = "<recipe>", check_components: bool = Tr
             overrides=_overrides(s.get("overrides"), c.child("overrides"), "quantizer"),
             sequential=_str(s.get("sequential", "block"), c.child("sequential")),
             precision=_str(s.get("precision", "float64"), c.child("precision")),
+            experts=_experts(s.get("experts"), c.child("experts")),
         )
         if stage.sequential not in SEQUENTIAL_MODES:
             raise c.child("sequential").error(f"must be 'block' or 'layer', got {stage.sequential!r}")

@@ -220,7 +220,7 @@ class CheckpointSink(BlockSink):
                     self._partial.update(dict.fromkeys(fh.keys(), path))
         path = self._partial.get(name)
         if path is None:
-            return self.source.reader.get(name, self.source.dtype)
+            return self.source.stored([name])[name]
         with safe_open(path, framework="pt") as fh:
             return fh.get_tensor(name)
 
@@ -319,6 +319,11 @@ def format_table(report: dict[str, Any]) -> str:
         f"(with low-rank {fmt(report.get('avg_bits_with_lowrank'))}); {ppl}; {report.get('seconds', 0):.1f} s, "
         f"peak RSS {report.get('peak_rss_mb', 0):.0f} MB"
     )
+    fallback = report.get("data_free") or {}
+    if fallback:
+        shown = ", ".join(f"{name} ({tokens})" for name, tokens in list(fallback.items())[:4])
+        more = f" and {len(fallback) - 4} more" if len(fallback) > 4 else ""
+        lines.append(f"decomposed data-free (too few calibration tokens): {shown}{more}")
     cov = report.get("coverage")
     if cov:
         lines.append(

@@ -129,6 +129,29 @@ class StatsAccumulator:
         self.n_tokens = int(state["n_tokens"])
         self._acc = {k: v for k, v in state.items() if k != "n_tokens"}
 
+    def isotropic(self) -> LayerStats:
+        """The statistics of the identity batch (``in_features`` tokens, token i = the i-th unit
+        vector): ``rxx = I``, ``sq_sum = abs_sum = 1`` per channel, any plugin kind computed on those
+        tokens. With them every built-in data-aware component reduces to its data-free form (GPTQ to
+        round-to-nearest, QERA to the plain SVD of the error): the data-free fallback of a layer that
+        saw too few tokens. This accumulator is left as it was."""
+        m = self.in_features
+        values: dict[str, torch.Tensor] = {}
+        if "rxx" in self.kinds:
+            values["rxx"] = torch.eye(m, dtype=torch.float64)
+        others = {n: k for n, k in self.kinds.items() if n != "rxx"}
+        step = max(1, min(m, 2**22 // max(m, 1)))  # identity rows a few MiB at a time
+        for lo in range(0, m, step):
+            count = min(step, m - lo)
+            rows = torch.zeros(count, m, dtype=torch.float64)
+            rows[torch.arange(count), torch.arange(lo, lo + count)] = 1.0
+            for name, kind in others.items():
+                value = kind.compute(rows).to(torch.float64)
+                values[name] = MERGE_RULES[kind.merge](values[name], value) if name in values else value
+        builtin = {k: v for k, v in values.items() if k in STAT_NAMES}
+        extra = {k: v for k, v in values.items() if k not in STAT_NAMES}
+        return LayerStats(n_tokens=m, extra=extra, **builtin)
+
     def finalize(self) -> LayerStats:
         builtin = {k: v for k, v in self._acc.items() if k in STAT_NAMES}
         extra = {k: v for k, v in self._acc.items() if k not in STAT_NAMES}
@@ -176,6 +199,22 @@ class StatsStore:
             if key not in self._final:
                 self._final[key] = self.inputs[key].finalize()
             stats = self._final[key]
+        grads = self.gradient.get(layer, {})
+        if grads:
+            builtin = {k: v for k, v in grads.items() if k in STAT_NAMES}
+            extra = {**stats.extra, **{k: v for k, v in grads.items() if k not in STAT_NAMES}}
+            stats = attrs.evolve(stats, extra=extra, memo={}, **builtin)
+        return stats
+
+    def tokens(self, layer: str) -> int | None:
+        """How many tokens the layer's forward statistics cover (None: it has none)."""
+        key = self.key_of.get(layer)
+        return None if key is None else self.inputs[key].n_tokens
+
+    def isotropic_stats(self, layer: str) -> LayerStats:
+        """The layer's statistics with the forward ones replaced by the identity batch's
+        (:meth:`StatsAccumulator.isotropic`), its gradient statistics kept."""
+        stats = self.inputs[self.key_of[layer]].isotropic()
         grads = self.gradient.get(layer, {})
         if grads:
             builtin = {k: v for k, v in grads.items() if k in STAT_NAMES}

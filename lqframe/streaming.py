@@ -214,7 +214,8 @@ def load_streaming(spec: str, dtype: torch.dtype = torch.float32) -> tuple[Loade
     if isinstance(qc, dict) and qc.get("quant_method") == "lqframe":  # an lqframe checkpoint
         from lqframe.checkpoint import read_quantization_config
 
-        layers = read_quantization_config(folder)["layers"]
+        qc = read_quantization_config(folder)
+        layers, unfolded = qc["layers"], qc.get("unfolded")
         del config.quantization_config
     declared = _declared_class(config) or AutoModelForCausalLM
     with init_empty_weights(include_buffers=False):
@@ -226,7 +227,7 @@ def load_streaming(spec: str, dtype: torch.dtype = torch.float32) -> tuple[Loade
         from lqframe.checkpoint import swap_in_skeletons
 
         with torch.device("meta"):
-            swap_in_skeletons(model, layers)
+            swap_in_skeletons(model, layers, unfolded)
     path, blocks = find_blocks(model)
     prefix = path + "."
     tied = getattr(config, "tie_word_embeddings", False)
@@ -279,10 +280,17 @@ class ShardSource:
         prefix = f"{self.path}.{index}."
         self._load_compressed(block, prefix, device)  # those of a compressed checkpoint, from its shards
         empty = [name for name, t in [*block.named_parameters(), *block.named_buffers()] if t.is_meta]
-        values = self.reader.get_many([prefix + name for name in empty], self.dtype, device)
+        values = self.stored([prefix + name for name in empty], device)
         for name in empty:
             _set_tensor(block, name, values.pop(prefix + name))
         return block.to(device)
+
+    def stored(self, names: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Tensors ``names`` of the model from the folder, in the run's dtype, laid out as the model
+        holds them (unfolded experts and Conv1D: :func:`lqframe.structure.stored_tensors`)."""
+        from lqframe.structure import stored_tensors
+
+        return stored_tensors(self.model, names, self.reader, self.dtype, device)
 
     def _load_compressed(self, block: nn.Module, prefix: str, device: torch.device) -> None:
         """Empty compressed layers whose tensors the shards hold (a compressed checkpoint streamed):
