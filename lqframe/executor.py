@@ -290,6 +290,37 @@ class _Capture:
         return torch.cat(self.sample) if self.sample else None
 
 
+class _Recorder(nn.Module):
+    """Stands in for a block while the model runs to record the arguments it would get (see
+    :meth:`BlockExecutor._every_block_kwargs`); passes the hidden state on."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: dict[str, Any] | None = None
+        self.last = False
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.seen = {**kwargs, "__extra_args__": tuple(args)}
+        if self.last:  # the model's head need not run
+            raise _Stop
+        return hidden_states
+
+
+def _same_arguments(a: Any, b: Any) -> bool:
+    """Two blocks' arguments hold the same values (tensors compared by value)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape \
+            and a.dtype == b.dtype and bool(torch.equal(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_arguments(a[k], b[k]) for k in a)
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return len(a) == len(b) and all(_same_arguments(x, y) for x, y in zip(a, b, strict=True))
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - objects without a usable equality: treat as different
+        return a is b
+
+
 class BlockExecutor:
     """Runs blocks one at a time on ``device`` (see module doc).
 
@@ -321,6 +352,9 @@ class BlockExecutor:
         self.source = source if source is not None else MemorySource(model)
         self.progress = progress
         self.kwargs: dict[str, Any] = {}
+        #: each block's keyword arguments where they differ between blocks (models mixing sliding-window
+        #: and full attention pass each layer its own mask), by block index; None: block 0's for all
+        self.block_kwargs: list[dict[str, Any]] | None = None
         #: the processes of the run (lqframe.distributed): each holds its share of the windows
         self.group = group if group is not None else SINGLE
 
@@ -433,8 +467,35 @@ class BlockExecutor:
             handle.remove()
         if len(inputs) != len(windows):
             raise ModelError("could not capture the inputs of the first block: the model never called it")
-        self.kwargs = kwargs_seen if self.precision is None else {k: self._cast(v) for k, v in kwargs_seen.items()}
+        cast = (lambda kw: kw) if self.precision is None else (lambda kw: {k: self._cast(v) for k, v in kw.items()})
+        self.kwargs = cast(kwargs_seen)
+        every = self._every_block_kwargs(windows[0]) if len(windows) and len(blocks) > 1 else None
+        self.block_kwargs = None
+        if every is not None and any(not _same_arguments(kw, every[0]) for kw in every[1:]):
+            self.block_kwargs = [cast(kw) for kw in every]
         return inputs
+
+    def _every_block_kwargs(self, window: torch.Tensor) -> list[dict[str, Any]] | None:
+        """The keyword arguments the model passes to each of its blocks, from one forward pass in which
+        every block is replaced by a stand-in that records them and passes the hidden state on (no
+        block computes). None when the model does not call every stand-in."""
+        from lqframe.pipeline import set_module
+
+        recorders = nn.ModuleList([_Recorder() for _ in self.source.blocks])
+        recorders[-1].last = True
+        set_module(self.model, self.source.path, recorders)
+        try:
+            with torch.inference_mode(), self.computing(self.model, exclude=self.source.blocks):
+                try:
+                    self.model(input_ids=window[None].to(self.device), use_cache=False)
+                except _Stop:
+                    pass
+                except Exception:  # noqa: BLE001 - a model that cannot run on stand-ins: block 0's for all
+                    pass
+        finally:
+            set_module(self.model, self.source.path, self.source.blocks)
+        seen = [r.seen for r in recorders]
+        return seen if all(kw is not None for kw in seen) else None
 
     def set_kwargs(self, windows: torch.Tensor) -> None:
         """Capture the block keyword arguments only (a resumed run has its inputs already)."""
@@ -443,8 +504,12 @@ class BlockExecutor:
     # ------------------------------------------------------------------ running a block
     def call_block(self, block: nn.Module, hidden: torch.Tensor) -> Any:
         """The block's own output (a tensor, or the tuple some models' blocks return)."""
-        extra = self.kwargs.get("__extra_args__", ())
-        kw = {k: v for k, v in self.kwargs.items() if k != "__extra_args__"}
+        kwargs = self.kwargs
+        if self.block_kwargs is not None:
+            index = next(i for i, b in enumerate(self.source.blocks) if b is block)
+            kwargs = self.block_kwargs[index]
+        extra = kwargs.get("__extra_args__", ())
+        kw = {k: v for k, v in kwargs.items() if k != "__extra_args__"}
         return block(hidden.to(self.device), *extra, **kw)
 
     def run_block(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

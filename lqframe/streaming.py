@@ -353,7 +353,7 @@ def streamed_window_nlls(executor, windows: torch.Tensor, progress: bool = True,
 
     _check_windows(windows)
     model = executor.model
-    saved = executor.precision, executor.kwargs, executor.model_dtype
+    saved = executor.precision, executor.kwargs, executor.block_kwargs, executor.model_dtype
     executor.precision = None  # evaluation computes in the model's dtype, as a resident forward does
     try:
         hidden = executor.first_inputs(windows, desc=f"{desc}: embeddings")
@@ -384,5 +384,5 @@ def streamed_window_nlls(executor, windows: torch.Tensor, progress: bool = True,
                     set_module(model, path, blocks)
                 nlls.append(next_token_nll(out.logits if hasattr(out, "logits") else out[0], ids).cpu())
     finally:
-        executor.precision, executor.kwargs, executor.model_dtype = saved
+        executor.precision, executor.kwargs, executor.block_kwargs, executor.model_dtype = saved
     return nlls

@@ -1,0 +1,268 @@
+"""Mixture-of-experts experts and Conv1D as first-class linears (lqframe.structure): unfolding keeps
+the model's function, folding gives back its own tensors, per-expert statistics come from exactly
+the tokens the router sends (or from every token), seldom-routed experts fall back to the data-free
+decomposition and say so, compressed experts run through the kernel entry point, and streamed and
+multi-process runs write the resident one-process checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import lqframe
+from lqframe import structure
+from lqframe.recipe import parse_recipe
+from lqframe.run import _windows, run
+from tests.model_matrix import BY_KEY
+from tests.tiny import byte_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYOUTS = ["qwen3_moe", "mixtral", "gpt_oss", "gpt2"]
+
+
+def _doc(**experts):
+    doc = {"data": {"source": "pydoc", "seq_len": 32, "calibration_windows": 4, "evaluation_windows": 2},
+           "quantize_stage": {"quantizer": {"name": "gptq", "bits": 4, "group_size": 32}},
+           "reconstruct_stage": {"reconstructor": {"name": "qera-exact", "rank": 4}},
+           "evaluate_stage": {"float_baseline": True}, "save_stage": {}}
+    if experts:
+        doc["quantize_stage"]["experts"] = experts
+    return doc
+
+
+def _folder(tmp_path: Path, key: str) -> Path:
+    folder = tmp_path / key
+    BY_KEY[key].build().save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    return _folder(tmp_path_factory.mktemp("moe"), "qwen3_moe")
+
+
+@pytest.mark.parametrize("key", LAYOUTS)
+def test_unfolding_keeps_the_function_and_folding_gives_back_the_tensors(key):
+    model = BY_KEY[key].build()
+    for name, p in model.named_parameters():  # biases of the experts are zero at init: make them count
+        if name.endswith("_bias"):
+            torch.nn.init.normal_(p, std=0.2)
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    record = structure.unfold(model)
+    kind = BY_KEY[key].layout
+    assert set(record.values()) == {"conv1d" if kind == "Conv1D" else "experts"}
+    assert not any(structure.experts_layout(m) or structure.is_conv1d(m) for m in model.modules())
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+        with structure.routing_all(model, "all"):
+            everyone = model(input_ids=ids).logits
+    scale = float(before.abs().max())
+    assert float((after - before).abs().max()) <= 1e-6 * scale  # (the order of the experts' sum may differ)
+    assert float((everyone - after).abs().max()) <= 1e-6 * scale  # every expert computes, the routed ones count
+    folded = structure.fold_state(model, dict(model.state_dict()))
+    assert folded.keys() == original.keys()
+    for name, t in original.items():
+        assert torch.equal(folded[name], t), name
+    assert structure.unfold(model) == record  # idempotent
+
+
+def _router_counts(model, windows) -> list[torch.Tensor]:
+    """Tokens per expert per layer as the float model's routers choose them (top-k indices)."""
+    counts: list[torch.Tensor] = []
+    routers = [m for m in model.modules() if "Router" in type(m).__name__]
+    seen = {id(r): torch.zeros(r.num_experts, dtype=torch.long) for r in routers}
+
+    def hook(module, args, out):
+        seen[id(module)] += torch.bincount(out[2].flatten(), minlength=module.num_experts)
+
+    handles = [r.register_forward_hook(hook) for r in routers]
+    with torch.no_grad():
+        for w in windows:
+            model(input_ids=w[None])
+    for h in handles:
+        h.remove()
+    counts = [seen[id(r)] for r in routers]
+    return counts
+
+
+def test_each_expert_is_calibrated_on_the_tokens_routed_to_it(moe_dir, tmp_path):
+    recipe = parse_recipe(_doc(min_tokens=0), "<moe>")
+    messages: list[str] = []
+    report = run(recipe, str(moe_dir), tmp_path / "o", progress=False, log=messages.append)
+    assert any("unfolded into linears: 2 fused experts modules" in m for m in messages)
+    loaded = lqframe.models.load_model(str(moe_dir))
+    windows = _windows(recipe, loaded.tokenizer)
+    counts = _router_counts(loaded.model, windows.calibration)
+    rows = {r["name"]: r for r in report["layers"]}
+    n_tokens, top_k = windows.calibration.numel(), 2
+    for layer in range(2):
+        tokens = [rows[f"model.layers.{layer}.mlp.experts.{e}.gate_proj"]["info"]["tokens"] for e in range(4)]
+        assert sum(tokens) == top_k * n_tokens  # every token reaches exactly k experts
+        for e in range(4):
+            for part in ("up_proj", "down_proj"):
+                assert rows[f"model.layers.{layer}.mlp.experts.{e}.{part}"]["info"]["tokens"] == tokens[e]
+        if layer == 0:  # block 0 sees the float model's own inputs: the float router's choice, token for token
+            assert tokens == counts[0].tolist()
+        assert len(set(tokens)) > 1  # (routing is not uniform: a wrong count cannot pass by symmetry)
+    assert rows["model.layers.0.self_attn.q_proj"]["info"]["tokens"] == n_tokens
+    assert report["data_free"] == {}
+    # every expert of every block is in the checkpoint, packed
+    with safe_open(str(tmp_path / "o" / "model.safetensors"), "pt") as fh:
+        keys = set(fh.keys())
+    for layer in range(2):
+        for e in range(4):
+            for part in ("gate_proj", "up_proj", "down_proj"):
+                prefix = f"model.layers.{layer}.mlp.experts.{e}.{part}."
+                assert prefix + "qweight.codes" in keys and prefix + "left" in keys, prefix
+                assert prefix + "weight" not in keys
+
+    # experts.calibration: all — every expert's statistics cover every calibration token
+    report_all = run(parse_recipe(_doc(calibration="all", min_tokens=0), "<moe>"), str(moe_dir), tmp_path / "a",
+                     progress=False, log=lambda s: None)
+    experts = [r for r in report_all["layers"] if ".experts." in r["name"]]
+    assert experts and all(r["info"]["tokens"] == n_tokens for r in experts)
+    # the outputs only take the routed experts: block 0's errors are measured on other inputs, the model is the
+    # same function, so both runs' compressed models score close to each other
+    assert report_all["fp_ppl"] == report["fp_ppl"]
+    assert [r["info"]["tokens"] for r in experts] != [rows[r["name"]]["info"]["tokens"] for r in experts]
+
+
+def test_seldom_routed_experts_fall_back_to_the_data_free_decomposition(moe_dir, tmp_path):
+    recipe = parse_recipe(_doc(min_tokens="30%"), "<moe>")
+    messages: list[str] = []
+    report = run(recipe, str(moe_dir), tmp_path / "o", progress=False, log=messages.append)
+    threshold = -(-30 * 4 * 32 // 100)  # 30 % of 128 tokens, rounded up
+    rows = {r["name"]: r for r in report["layers"]}
+    few = {n: r["info"]["tokens"] for n, r in rows.items() if r["info"].get("tokens", threshold) < threshold}
+    assert few and report["data_free"] == few
+    assert all(rows[n]["info"]["fallback"] == "data-free" for n in few)
+    assert not any(r["info"].get("fallback") for n, r in rows.items() if n not in few)
+    said = [m for m in messages if "decomposed data-free" in m]
+    assert said and all(str(threshold) in m for m in said)
+    assert sum(len([n for n in few if f"layers.{b}." in n]) for b in range(2)) == len(few)
+    # the data-free decomposition: GPTQ without statistics is round-to-nearest, QERA-exact the SVD of the error
+    model = lqframe.load(tmp_path / "o")
+    float_model = lqframe.models.load_model(str(moe_dir)).model
+    structure.unfold(float_model)
+    rtn = lqframe.registry().create("quantizer", "rtn", bits=4, group_size=32)
+    svd = lqframe.registry().create("reconstructor", "svd", rank=4)
+    for name in few:
+        w = float_model.get_submodule(name).weight.detach()
+        layer = model.get_submodule(name)
+        ref = svd.decompose(w, rtn, None)
+        assert torch.equal(layer.dequantized_weight(), ref.qweight.dequantize()), name
+        lr = (layer.left.float() @ layer.right.float())
+        assert float((lr - ref.lowrank.left @ ref.lowrank.right).abs().max()) <= 2e-3 * float(lr.abs().max()), name
+    # the table says it too
+    from lqframe.run import format_table
+
+    assert "decomposed data-free (too few calibration tokens)" in format_table(report)
+
+
+def test_compressed_experts_run_through_the_kernel_entry_point(moe_dir, tmp_path, monkeypatch):
+    run(parse_recipe(_doc(min_tokens=0), "<moe>"), str(moe_dir), tmp_path / "o", progress=False,
+        log=lambda s: None)
+    model = lqframe.load(tmp_path / "o")
+    import lqframe.lqlinear as lqlinear
+
+    names = {m: n for n, m in model.named_modules()}
+    kernel_rows: list[int] = []
+    layer_rows: dict[str, int] = {}
+    real_kernel, real_forward = lqlinear.lq_linear_packed, lqlinear.LQLinear.forward
+
+    def kernel(x, *args, **kwargs):
+        kernel_rows.append(x.shape[0])
+        return real_kernel(x, *args, **kwargs)
+
+    def forward(self, x):
+        layer_rows[names[self]] = layer_rows.get(names[self], 0) + x.reshape(-1, x.shape[-1]).shape[0]
+        return real_forward(self, x)
+
+    monkeypatch.setattr(lqlinear, "lq_linear_packed", kernel)
+    monkeypatch.setattr(lqlinear.LQLinear, "forward", forward)
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(3))
+    routed = _router_counts(model, ids)  # (the routers stay float: the compressed model's own routing)
+    layer_rows.clear()
+    kernel_rows.clear()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert len(kernel_rows) == len(layer_rows)  # one packed kernel call per layer reached
+    for b, counts in enumerate(routed):
+        for e, n in enumerate(counts.tolist()):
+            for part in ("gate_proj", "up_proj", "down_proj"):  # one call per routed expert, its tokens only
+                assert layer_rows.get(f"model.layers.{b}.mlp.experts.{e}.{part}", 0) == n
+        assert layer_rows[f"model.layers.{b}.self_attn.q_proj"] == 16
+
+
+@pytest.mark.parametrize("key", ["qwen3_moe", "gpt_oss", "gpt2"])
+def test_a_streamed_run_writes_the_resident_runs_checkpoint(tmp_path, key):
+    """Experts stored one by one on disk (Qwen), fused (gpt-oss), Conv1D stored transposed (GPT-2)."""
+    folder = _folder(tmp_path, key)
+    files, reports = {}, {}
+    for mode in (False, True):
+        out = tmp_path / f"stream-{mode}"
+        reports[mode] = run(parse_recipe(_doc(min_tokens=0), "<s>"), str(folder), out, stream=mode, progress=False,
+                            log=lambda s: None)
+        files[mode] = {p.name: p.read_bytes() for p in out.iterdir() if p.name.endswith(".safetensors")
+                       or p.name == "config.json"}
+    assert reports[True]["streamed"] and not reports[False]["streamed"]
+    assert files[True] == files[False]
+    assert reports[True]["ppl"] == reports[False]["ppl"]
+
+
+def test_two_processes_write_the_one_process_checkpoint(moe_dir, tmp_path):
+    if not torch.distributed.is_available():
+        pytest.skip("no torch.distributed")
+    (tmp_path / "r.yaml").write_text(json.dumps(_doc(min_tokens="30%")))
+    outs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"p{processes}"
+        cli = ["-m", "lqframe.cli", "run", str(tmp_path / "r.yaml"), "--model", str(moe_dir), "--output", str(out),
+               "--quiet", "--json", "--device", "cpu"]
+        cmd = [sys.executable, *cli] if processes == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *cli]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env.pop("RANK", None)
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+        assert res.returncode == 0, res.stderr[-3000:]
+        outs[processes] = (out, json.loads(res.stdout[res.stdout.index("{"):]))
+    (one, r1), (two, r2) = outs[1], outs[2]
+    assert r2["processes"] == 2
+    assert r1["data_free"] and r2["data_free"] == r1["data_free"]  # the fallback decided on the merged counts
+    for name in ("model.safetensors", "config.json"):
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+
+def test_experts_recipe_options_are_checked():
+    from lqframe.errors import RecipeError
+
+    assert parse_recipe(_doc(), "<r>").quantize.experts.threshold(1000) == 5  # 0.5 % by default
+    assert parse_recipe(_doc(min_tokens=7), "<r>").quantize.experts.threshold(10**6) == 7
+    with pytest.raises(RecipeError, match=r"quantize_stage.experts.calibration: must be one of routed, all"):
+        parse_recipe(_doc(calibration="every"), "<r>")
+    with pytest.raises(RecipeError, match=r"quantize_stage.experts.min_tokens: must be a token count or a percentage"):
+        parse_recipe(_doc(min_tokens="lots"), "<r>")
+    with pytest.raises(RecipeError, match=r"quantize_stage.experts.routing: unknown key"):
+        parse_recipe(_doc(routing="all"), "<r>")
+
+
+def test_a_checkpoint_naming_a_module_the_model_lacks_is_refused(moe_dir, tmp_path):
+    run(parse_recipe(_doc(min_tokens=0), "<moe>"), str(moe_dir), tmp_path / "o", progress=False, log=lambda s: None)
+    cfg_path = tmp_path / "o" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"]["unfolded"]["model.layers.0.mlp.gate"] = "experts"
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(lqframe.CheckpointError, match=r"unfolds 'model.layers.0.mlp.gate' as experts, and in the "
+                                                      r"Qwen3MoeForCausalLM model it is a Qwen3MoeTopKRouter"):
+        lqframe.load(tmp_path / "o")
