@@ -176,7 +176,6 @@ def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def quantization_config(model: nn.Module, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     from lqframe import __version__
-
     from lqframe.structure import unfolded
 
     layers = {name: m.layer_config() for name, m in model.named_modules() if isinstance(m, LQLinear)}
@@ -577,10 +576,11 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
             "rel_weight_error": m.get("rel_weight_error", float("nan")),
             "rel_output_error": m.get("rel_output_error"),
             "seconds": m.get("seconds", 0.0),
+            "info": m.get("info", {}),
         })
     numel = sum(x["numel"] for x in layers)
     out = {k: report.get(k) for k in ("model", "recipe", "fp_ppl", "ppl", "perplexity", "seconds", "peak_rss_mb",
-                                      "coverage")}
+                                      "coverage", "data_free")}
     out.update({
         "path": str(path),
         "params": numel,

@@ -308,15 +308,22 @@ def stored_tensors(model: nn.Module, names: list[str], reader: Any, dtype: torch
     record = unfolded(model)
     out: dict[str, torch.Tensor] = {}
     plain, cut = [], []
+    aliases: dict[str, str] | None = None
     for name in names:
         owner, _, what = name.rpartition(".")
         m_e, _, part = owner.rpartition(".")
         experts, _, e = m_e.rpartition(".")
-        if name not in reader and record.get(experts) == "experts" and e.isdigit():
+        if name not in reader:
+            aliases = aliases if aliases is not None else stored_names(model, list(reader.files))
+        if name not in reader and name in aliases:
+            plain.append(name)
+        elif name not in reader and record.get(experts) == "experts" and e.isdigit():
             cut.append((name, experts, int(e), part, what))
         else:
             plain.append(name)
-    out.update(reader.get_many(plain, dtype, device))
+    on_disk = {name: aliases.get(name, name) if aliases and name not in reader else name for name in plain}
+    read = reader.get_many(list(on_disk.values()), dtype, device)
+    out.update({name: read[key] for name, key in on_disk.items()})
     for name in plain:
         owner, _, what = name.rpartition(".")
         if record.get(owner) == "conv1d" and what == "weight":
@@ -328,11 +335,64 @@ def stored_tensors(model: nn.Module, names: list[str], reader: Any, dtype: torch
         key = f"{experts}.{'down_proj' if part == 'down_proj' else 'gate_up_proj' if gated else 'up_proj'}"
         key += "_bias" if what == "bias" else ""
         if key not in fused:
-            fused[key] = reader.get(key, dtype, device)
+            if key not in reader:
+                aliases = aliases if aliases is not None else stored_names(model, list(reader.files))
+            fused[key] = reader.get(aliases.get(key, key) if key not in reader else key, dtype, device)
         t = fused[key][e]
         if what == "weight" and module.is_transposed:
             t = t.T
         if part in ("gate_proj", "up_proj") and gated:
             t = _split_gate_up(t, module.is_concatenated, 0)[0 if part == "gate_proj" else 1]
         out[name] = t.contiguous().clone()
+    return out
+
+
+def stored_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
+    """``{name in the (unfolded) model: key on disk}`` for the on-disk ``keys`` whose names transformers
+    changes when it loads them — its conversion mapping for the model's family: renamed modules
+    (Mixtral's ``block_sparse_moe`` → ``mlp``), and experts stored one by one under other names
+    (``experts.{e}.w1`` / ``w3`` / ``w2`` → ``experts.{e}.gate_proj`` / ``up_proj`` / ``down_proj`` of the
+    unfolded model, read from the sources of transformers' merge of them). Empty when transformers
+    has no such mapping (or none it can give for this model)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, apply_renamings
+
+        transforms = get_model_conversion_mapping(model)
+    except Exception:  # noqa: BLE001 - an older or newer transformers: names as they are
+        return {}
+    import re
+
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    out: dict[str, str] = {}
+    for key in keys:
+        try:
+            renamed = apply_renamings(key, renamings)
+        except Exception:  # noqa: BLE001
+            continue
+        if renamed != key:
+            out.setdefault(renamed, key)
+        for conv in converters:
+            try:
+                target, pattern = conv.rename_source_key(renamed)
+            except Exception:  # noqa: BLE001
+                continue
+            if pattern is None:
+                continue
+            sources = list(conv.source_patterns)
+            fused = target.rpartition(".")[2]
+            found = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), renamed)
+            if found is None or not found.groups() or fused not in ("gate_up_proj", "up_proj", "down_proj"):
+                break
+            e = found.group(1)
+            if fused == "gate_up_proj":
+                if len(sources) != 2:
+                    break
+                part = ("gate_proj", "up_proj")[sources.index(pattern)]
+            else:
+                part = fused
+            suffix = ".bias" if renamed.endswith("bias") else ".weight"
+            out.setdefault(f"{target.rpartition('.')[0]}.{e}.{part}{suffix}", key)
+            break
     return out

@@ -71,6 +71,7 @@ __all__ = [
     "synthetic_stats",
     "cost_tables",
     "synthetic_outputs",
+    "byte_tokenizer",
     # checks
     "check_quantizer",
     "check_reconstructor",
@@ -94,6 +95,21 @@ __all__ = [
 ]
 
 # =========================================================================== strategies
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (256 tokens, one per byte, no merges): tiny models for tests and
+    benchmarks need no tokenizer download, and any text encodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=sorted(alphabet)[0])
+
 
 #: input dtypes the strategies draw from
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -323,8 +323,13 @@ def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
 
     ids = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else None
-    # every process built the same factors and Q: nothing to broadcast at the start or per forward
-    return DistributedDataParallel(_decoder(model), device_ids=ids, init_sync=False, forward_sync_buffers=False)
+    from lqframe.structure import LQExperts
+
+    # every process built the same factors and Q: nothing to broadcast at the start or per forward; an
+    # expert no token of a process's windows was routed to has factors without a gradient there
+    experts = any(isinstance(m, LQExperts) for m in model.modules())
+    return DistributedDataParallel(_decoder(model), device_ids=ids, init_sync=False, forward_sync_buffers=False,
+                                   find_unused_parameters=experts)
 
 
 def _update_pieces(n: int, stage: TuneStage, update: int, group: Group) -> list[tuple[list[int], float]]:

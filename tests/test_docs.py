@@ -99,6 +99,8 @@ COVERAGE: dict[tuple[str, str], str] = {
     ("docs/recipes.md", "model: default"): "test_recipe_reference_parses",
     ("docs/recipes.md", "lqframe: error: my.yaml:"): "test_recipe_error_message",
     ("docs/recipes.md", "tune_stage:"): "test_tune_stage_parses",
+    ("docs/recipes.md", "quantize_stage:\n  quantizer: {name: gptq, bits: 4, group_size: 128}\n  experts:"):
+        "test_experts_options_parse",
     ("docs/recipes.md", "lqframe run recipes/nf4-svd32.yaml --set"): "test_set_command",
 }
 
@@ -622,6 +624,17 @@ def test_tune_stage_parses():
     doc = {**yaml.safe_load(DEFAULT_RECIPE), **yaml.safe_load(block.text)}
     recipe = parse_recipe(doc, str(block))
     assert recipe.tune is not None and recipe.tune.windows == 64 and recipe.tune.max_updates == 250
+
+
+def test_experts_options_parse():
+    """The quantize_stage.experts example, in the default recipe, is a valid recipe with the values shown."""
+    from lqframe.recipe import DEFAULT_RECIPE, parse_recipe
+
+    block = block_for(("docs/recipes.md", "quantize_stage:\n  quantizer: {name: gptq, bits: 4, group_size: 128}\n"
+                                          "  experts:"))
+    doc = {**yaml.safe_load(DEFAULT_RECIPE), **yaml.safe_load(block.text)}
+    experts = parse_recipe(doc, str(block)).quantize.experts
+    assert experts.calibration == "routed" and experts.threshold(24576) == 123
 
 
 #: the recipe behind the error message docs/recipes.md shows

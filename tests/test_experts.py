@@ -205,9 +205,10 @@ def test_compressed_experts_run_through_the_kernel_entry_point(moe_dir, tmp_path
         assert layer_rows[f"model.layers.{b}.self_attn.q_proj"] == 16
 
 
-@pytest.mark.parametrize("key", ["qwen3_moe", "gpt_oss", "gpt2"])
+@pytest.mark.parametrize("key", ["qwen3_moe", "mixtral", "gpt_oss", "gpt2"])
 def test_a_streamed_run_writes_the_resident_runs_checkpoint(tmp_path, key):
-    """Experts stored one by one on disk (Qwen), fused (gpt-oss), Conv1D stored transposed (GPT-2)."""
+    """Experts stored one by one on disk under the unfolded names (Qwen) or under others, in renamed
+    modules (Mixtral: block_sparse_moe.experts.{e}.w1/w3/w2), fused (gpt-oss); Conv1D stored transposed (GPT-2)."""
     folder = _folder(tmp_path, key)
     files, reports = {}, {}
     for mode in (False, True):
@@ -266,3 +267,77 @@ def test_a_checkpoint_naming_a_module_the_model_lacks_is_refused(moe_dir, tmp_pa
     with pytest.raises(lqframe.CheckpointError, match=r"unfolds 'model.layers.0.mlp.gate' as experts, and in the "
                                                       r"Qwen3MoeForCausalLM model it is a Qwen3MoeTopKRouter"):
         lqframe.load(tmp_path / "o")
+
+
+SMALL = ["data.seq_len=32", "data.calibration_windows=4", "data.evaluation_windows=2", "data.calibration=[pydoc]",
+         "evaluate_stage.data=[pydoc]", "reconstruct_stage.reconstructor.rank=4"]
+
+
+def test_the_ilp_sees_every_expert_matrix(moe_dir, tmp_path):
+    """LQ-LoRA weighted by the empirical Fisher (a gradient pass through the routed experts), the ILP over
+    every matrix: each expert matrix is a column of the cost table with its own choice."""
+    from lqframe.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "lqlora-ilp.yaml", [
+        *SMALL, "allocate_stage.cache=false", "reconstruct_stage.reconstructor.iterations=2",
+        "allocate_stage.grid.quantizer.group_size=[32]", "quantize_stage.quantizer.group_size=32"])
+    report = run(recipe, str(moe_dir), tmp_path / "o", progress=False, log=lambda s: None)
+    chosen = report["allocation"]["chosen"]
+    experts = [n for n in chosen if ".experts." in n]
+    assert len(experts) == 2 * 4 * 3 and len(chosen) == len(report["layers"]) == 32
+    assert report["allocation"]["bits_per_param"] <= 2.75
+    assert torch.isfinite(torch.tensor(report["ppl"]))
+    model = lqframe.load(tmp_path / "o")
+    for name in experts:
+        assert model.get_submodule(name).quantized_weight().bits == next(
+            r["bits"] for r in report["layers"] if r["name"] == name)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_rilq_tunes_the_experts_factors(moe_dir, tmp_path, processes):
+    """The tune stage trains every expert's L and R (the experts a step's tokens reach); under DDP an
+    expert no window of a process reaches has no gradient there, and training matches one process."""
+    if processes > 1 and not torch.distributed.is_available():
+        pytest.skip("no torch.distributed")
+    from safetensors.torch import load_file
+
+    sets = [*SMALL, "tune_stage.windows=4", "tune_stage.validation_windows=2", "tune_stage.max_updates=2",
+            "tune_stage.eval_every=1", "tune_stage.lr=0.001", "tune_stage.patience=0", "tune_stage.grad_accum=2",
+            "quantize_stage.quantizer.group_size=32"]
+    outs = {}
+    for n in sorted({1, processes}):
+        out = tmp_path / f"p{n}"
+        cli = ["-m", "lqframe.cli", "run", str(ROOT / "recipes" / "gptq2-rilq64.yaml"), "--model", str(moe_dir),
+               "--output", str(out), "--quiet", "--json", "--device", "cpu", *[a for s in sets for a in ("--set", s)]]
+        cmd = [sys.executable, *cli] if n == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *cli]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env.pop("RANK", None)
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+        assert res.returncode == 0, res.stderr[-3000:]
+        outs[n] = (load_file(out / "model.safetensors"), json.loads(res.stdout[res.stdout.index("{"):]))
+    state, report = outs[1]
+    assert report["tuning"]["updates"] == 2
+    # the same run without its tune stage: the factors tuning started from
+    import attrs
+
+    from lqframe.recipe import load_recipe
+
+    base = attrs.evolve(load_recipe(ROOT / "recipes" / "gptq2-rilq64.yaml", sets), tune=None)
+    run(base, str(moe_dir), tmp_path / "untuned", progress=False, log=lambda s: None)
+    before = load_file(tmp_path / "untuned" / "model.safetensors")
+    factors = [k for k in state if ".experts." in k and k.endswith((".left", ".right"))]
+    assert len(factors) == 2 * 4 * 3 * 2
+    moved = [k for k in factors if not torch.equal(state[k], before[k])]
+    assert len(moved) >= len(factors) // 2, (len(moved), len(factors))
+    assert all(torch.equal(state[k], before[k]) for k in state if k.endswith(".codes"))  # Q frozen
+    if processes > 1:
+        got, many = outs[processes]
+        for a, b in zip(report["tuning"]["history"], many["tuning"]["history"], strict=True):
+            for key in ("train_loss", "validation_loss"):
+                assert (a[key] is None and b[key] is None) or b[key] == pytest.approx(a[key], rel=1e-5)
+        for k in state:
+            if k.endswith((".left", ".right")):
+                assert torch.allclose(got[k].float(), state[k].float(), rtol=1e-3, atol=1e-5 * state[k].abs().max())
+            else:
+                assert torch.equal(got[k], state[k]), k

@@ -7,17 +7,7 @@ from pathlib import Path
 
 import torch
 
-
-def byte_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=sorted(alphabet)[0])
+from lqframe.testing import byte_tokenizer  # noqa: F401 - (tests import it from here)
 
 
 def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: int = 160, vocab: int = 256):
