@@ -199,6 +199,10 @@ class StatsStore:
             if key not in self._final:
                 self._final[key] = self.inputs[key].finalize()
             stats = self._final[key]
+        return self._with_gradients(layer, stats)
+
+    def _with_gradients(self, layer: str, stats: LayerStats) -> LayerStats:
+        """``stats`` plus the layer's own gradient statistics (a new object when it has any)."""
         grads = self.gradient.get(layer, {})
         if grads:
             builtin = {k: v for k, v in grads.items() if k in STAT_NAMES}
@@ -214,13 +218,7 @@ class StatsStore:
     def isotropic_stats(self, layer: str) -> LayerStats:
         """The layer's statistics with the forward ones replaced by the identity batch's
         (:meth:`StatsAccumulator.isotropic`), its gradient statistics kept."""
-        stats = self.inputs[self.key_of[layer]].isotropic()
-        grads = self.gradient.get(layer, {})
-        if grads:
-            builtin = {k: v for k, v in grads.items() if k in STAT_NAMES}
-            extra = {**stats.extra, **{k: v for k, v in grads.items() if k not in STAT_NAMES}}
-            stats = attrs.evolve(stats, extra=extra, memo={}, **builtin)
-        return stats
+        return self._with_gradients(layer, self.inputs[self.key_of[layer]].isotropic())
 
     def drop(self, layers: Iterable[str]) -> None:
         """Forget the statistics of finished layers (an input's entry goes with its last reader)."""

@@ -68,9 +68,9 @@ def test_statistics_of_block_k_come_from_the_compressed_prefix(windows, monkeypa
     seen: dict[str, torch.Tensor] = {}
     original = engine.decompose_layer
 
-    def record(name, linear, plan, stats, *args):
+    def record(name, linear, plan, stats, *args, **kwargs):
         seen[name] = stats.rxx.clone()
-        return original(name, linear, plan, stats, *args)
+        return original(name, linear, plan, stats, *args, **kwargs)
 
     monkeypatch.setattr(engine, "decompose_layer", record)
     lqframe.compress(model, recipe(), windows.calibration, device="cpu", progress=False)
@@ -270,9 +270,9 @@ def test_plugin_statistics_forward_and_gradient(plugin_registry, windows, monkey
     names = []
     original = engine.decompose_layer
 
-    def record(name, *args):  # the layer whose component _SEEN's next entry comes from
+    def record(name, *args, **kwargs):  # the layer whose component _SEEN's next entry comes from
         names.append(name)
-        return original(name, *args)
+        return original(name, *args, **kwargs)
 
     monkeypatch.setattr(engine, "decompose_layer", record)
     _SEEN.clear()
