@@ -6,13 +6,13 @@ experts: bits over all parameters, perplexity float vs compressed, tokens per ex
 
 The model is a Qwen3-MoE built from transformers' config class: 4 blocks, hidden 256, 8 experts of
 intermediate size 256 per block, 2 routed per token, a byte-level vocabulary (256 tokens, so the
-embeddings do not dwarf the blocks). It is trained from a fixed seed for ``--steps`` AdamW steps on
+embeddings do not dwarf the blocks). It is trained from a fixed seed for ``--steps`` (600) AdamW steps on
 pydoc windows of 256 bytes (batch 8; the evaluation windows are never trained on), with no
 load-balancing loss, so that the routers learn preferences. The trained model is cached in
 ``--cache`` (keyed by the options) and reused.
 
-Each row compresses it with GPTQ int4 g64 + QERA-exact rank 16 on 32 calibration windows of pydoc
-(``lqframe run``), evaluated on 16 pydoc windows:
+Each row compresses it with GPTQ int4 g64 (int3, int2 where the row says) + QERA-exact rank 16 on
+32 calibration windows of pydoc (``lqframe run``), evaluated on 16 pydoc windows:
 
 * ``attention only``: the experts ignored (what a ``targets: [Linear]`` recipe did before lqframe
   compressed experts) — the bits the report counts over all parameters show what stays float;
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -41,10 +42,15 @@ CONFIG = {"vocab_size": 256, "hidden_size": 256, "intermediate_size": 512, "moe_
           "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": True, "max_position_embeddings": 512,
           "tie_word_embeddings": False, "router_aux_loss_coef": 0.0}
 SEQ = 256
+#: run name → (GPTQ bits, quantize_stage keys)
 ROWS = {
-    "attention only": {"ignore": ["experts"]},
-    "experts, routed": {},
-    "experts, all tokens": {"experts": {"calibration": "all"}},
+    "attention only": (4, {"ignore": ["experts"]}),
+    "experts, routed": (4, {}),
+    "experts, all tokens": (4, {"experts": {"calibration": "all"}}),
+    "int3 experts, routed": (3, {}),
+    "int3 experts, all tokens": (3, {"experts": {"calibration": "all"}}),
+    "int2 experts, routed": (2, {}),
+    "int2 experts, all tokens": (2, {"experts": {"calibration": "all"}}),
 }
 
 
@@ -69,7 +75,9 @@ def train(folder: Path, steps: int, seed: int, log=print) -> dict:
     model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**CONFIG))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    warm = max(1, steps // 10)  # linear warm-up, then cosine decay to a tenth
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) * (
+        0.55 + 0.45 * math.cos(math.pi * min(1.0, max(0, i - warm) / max(1, steps - warm)))))
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     losses = []
@@ -110,7 +118,8 @@ def compress(folder: Path, name: str, work: Path) -> dict:
     from lqframe.recipe import parse_recipe
     from lqframe.run import run
 
-    stage = {"quantizer": {"name": "gptq", "bits": 4, "group_size": 64}, **ROWS[name]}
+    bits, keys = ROWS[name]
+    stage = {"quantizer": {"name": "gptq", "bits": bits, "group_size": 64}, **keys}
     doc = {"data": {"source": "pydoc", "seq_len": SEQ, "calibration_windows": 32, "evaluation_windows": 16},
            "quantize_stage": stage,
            "reconstruct_stage": {"reconstructor": {"name": "qera-exact", "rank": 16}},
@@ -127,7 +136,7 @@ def compress(folder: Path, name: str, work: Path) -> dict:
         parts = r["name"].split(".")
         if "experts" in parts and parts[-1] == "gate_proj":
             tokens.setdefault(parts[2], []).append(r["info"]["tokens"])
-    return {"row": name, "seconds": seconds, "fp_ppl": report["fp_ppl"], "ppl": report["ppl"],
+    return {"row": name, "bits": bits, "seconds": seconds, "fp_ppl": report["fp_ppl"], "ppl": report["ppl"],
             "layers": len(report["layers"]), "avg_bits_compressed": report["avg_bits_with_lowrank"],
             "bits_per_param_blocks": cov["bits_per_param_blocks"], "bits_per_param_model": cov["bits_per_param_model"],
             "untargeted_block_fraction": cov["untargeted_block_fraction"], "block_params": cov["block_params"],
@@ -146,7 +155,8 @@ def table(rows: list[dict], trained: dict) -> str:
         f"{v['transformers']}; 2-core CPU). The model: Qwen3-MoE, 4 blocks × 8 experts (2 routed per token), "
         f"hidden 256, expert intermediate 256, byte vocabulary, {trained['parameters']:,} parameters, trained "
         f"{trained['steps']} steps on pydoc (final training loss {trained['final_loss']:.3f}, "
-        f"{trained['train_seconds']:.0f} s). Recipe: GPTQ int4 g64 + QERA-exact rank 16, 32 × {SEQ} calibration "
+        f"{trained['train_seconds']:.0f} s). Recipe: GPTQ int4 g64 (int3 / int2 where the run says) + QERA-exact "
+        f"rank 16, 32 × {SEQ} calibration "
         "tokens of pydoc, perplexity on 16 held-out pydoc windows (per byte).",
         "",
         "| run | float ppl | compressed ppl | bits/param, compressed layers (with L·R) | bits/param, all block "
@@ -177,7 +187,7 @@ def table(rows: list[dict], trained: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "lqframe" / "moe-benchmark")
     ap.add_argument("--work", type=Path, default=Path("/tmp/lqframe-moe-benchmark"))
