@@ -175,6 +175,8 @@ def check_family(family: Family, work: Path) -> dict[str, Any]:
         assert "LQ" not in type(module).__name__
     dense_diff = _rel(_outputs(float_cls, ids), mine)
     assert dense_diff <= 1e-4, (family.key, dense_diff)
+    gptq = export(out, "gptq", work / "gptq")  # Q packed as GPTQ, read back by the self-check
+    assert gptq["check"]["layers"] == len(report["layers"])
     peft_result: Any
     try:
         export(out, "peft", work / "peft")
@@ -194,7 +196,7 @@ def check_family(family: Family, work: Path) -> dict[str, Any]:
     return {"layers": report["layers"] if isinstance(report["layers"], int) else len(report["layers"]),
             "compressed_fraction": cov["targeted_params"] / cov["block_params"],
             "load_matches": True, "load_rel_diff": load_diff, "from_pretrained_matches": True,
-            "dense_export": True, "dense_rel_diff": dense_diff, "peft": peft_result,
+            "dense_export": True, "dense_rel_diff": dense_diff, "gptq_export": True, "peft": peft_result,
             "ppl": report.get("ppl"), "fp_ppl": report.get("fp_ppl"),
             "data_free_layers": len(report["data_free"])}
 
@@ -212,12 +214,15 @@ def render(records: dict[str, Any], versions: dict[str, str]) -> str:
         "from transformers' own configuration class: a data-aware recipe (GPTQ int4 g32 + QERA-exact rank 4, "
         "calibrated on pydoc windows) through `lqframe run`, the checkpoint reloaded with `lqframe.load` and "
         "with transformers' `from_pretrained`, its outputs compared with the model compressed in memory, and "
-        "the exports the format allows loaded back by the tools that read them. Measured with "
+        "the exports the format allows loaded back by the tools that read them (the dense checkpoint by "
+        "transformers as the model's own class, the adapter by PEFT on that base; the GPTQ checkpoint is "
+        "unpacked by lqframe's independent reader, as no GPTQ kernel runs here). Measured with "
         + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
         "",
         "| family | class | block layout | compressed / block params | lqframe.load = in memory | "
-        "from_pretrained = lqframe.load | dense export (transformers) | PEFT adapter (PEFT) | notes |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "from_pretrained = lqframe.load | dense export (transformers) | GPTQ export (self-check) | "
+        "PEFT adapter (PEFT) | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in FAMILIES:
         r = records.get(f.key)
@@ -228,7 +233,8 @@ def render(records: dict[str, Any], versions: dict[str, str]) -> str:
         lines.append(
             f"| {f.name} | `{f.model_class}` | {f.layout} | {r['compressed_fraction']:.1%} "
             f"({r['layers']} layers) | {yes(r['load_matches'])} (max rel. diff {r['load_rel_diff']:.0e}) | "
-            f"{yes(r['from_pretrained_matches'])} | {yes(r['dense_export'])} | {peft_cell} | {f.note or ''} |")
+            f"{yes(r['from_pretrained_matches'])} | {yes(r['dense_export'])} | {yes(r['gptq_export'])} | "
+            f"{peft_cell} | {f.note or ''} |")
     lines += [
         "",
         "Block layouts: **Linear** — the block's projections are `nn.Linear`; **fused experts** — a "
@@ -236,6 +242,12 @@ def render(records: dict[str, Any], versions: dict[str, str]) -> str:
         "into one linear per expert matrix (`experts.{e}.gate_proj/up_proj/down_proj`), each compressed with "
         "its own statistics from the tokens the router sends it (`quantize_stage.experts`, docs/recipes.md); "
         "**Conv1D** — GPT-2-style layers with the weight stored transposed, compressed as the linear they are.",
+        "",
+        "Streamed runs (`--stream`) write the resident run's checkpoint byte for byte for Llama-shaped models "
+        "(tests/test_streaming.py), Qwen3-MoE (experts stored one by one), Mixtral (experts under transformers' "
+        "on-disk names `block_sparse_moe.experts.{e}.w1/w3/w2`), gpt-oss (fused experts on disk) and GPT-2 "
+        "(Conv1D stored transposed) (tests/test_experts.py); so do `torchrun` runs for Llama-shaped models "
+        "(tests/test_distributed.py) and Qwen3-MoE, whose RILQ tuning under DDP also matches one process.",
         "",
         "Not covered: expert modules transformers does not mark with `use_experts_implementation` (Llama 4's "
         "dense-routed experts, DBRX, JetMoE) stay float, and the run's coverage warning names them; a PEFT "

@@ -341,3 +341,21 @@ def test_rilq_tunes_the_experts_factors(moe_dir, tmp_path, processes):
                 assert torch.allclose(got[k].float(), state[k].float(), rtol=1e-3, atol=1e-5 * state[k].abs().max())
             else:
                 assert torch.equal(got[k], state[k]), k
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_killed_moe_run_resumes_to_the_same_checkpoint(moe_dir, tmp_path, interrupt_after, stream):
+    """The finished block's experts come back from the progress folder into the unfolded model."""
+    recipe = parse_recipe(_doc(min_tokens="30%"), "<moe>")
+    ref = run(recipe, str(moe_dir), tmp_path / "ref", stream=stream, progress=False, log=lambda s: None)
+    out = tmp_path / "out"
+    interrupt_after(1)  # killed right after block 0 was committed
+    with pytest.raises(KeyboardInterrupt):
+        run(recipe, str(moe_dir), out, stream=stream, progress=False, log=lambda s: None)
+    interrupt_after(None)
+    messages: list[str] = []
+    report = run(recipe, str(moe_dir), out, stream=stream, progress=False, log=messages.append)
+    assert any("resuming" in m for m in messages)
+    assert report["ppl"] == ref["ppl"] and report["data_free"] == ref["data_free"]
+    for name in ("model.safetensors", "config.json"):
+        assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
