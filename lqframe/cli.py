@@ -158,6 +158,78 @@ def _print_eval(args: argparse.Namespace, data, ppls: dict[str, float]) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lqframe.executor import resolve_device
+    from lqframe.generate import agreement, generate
+
+    target = Path(args.target)
+    checkpoint = target.is_dir() and (target / "config.json").is_file() and _is_lqframe_dir(target)
+    device = resolve_device(args.device)
+    if checkpoint:
+        from lqframe.checkpoint import load_checkpoint, load_tokenizer
+        from lqframe.hf import register_with_transformers
+
+        register_with_transformers()
+        model, tokenizer = load_checkpoint(target), load_tokenizer(target)
+    else:
+        from lqframe.models import load_model
+
+        loaded = load_model(args.target)
+        model, tokenizer = loaded.model, loaded.tokenizer
+    float_spec = None
+    if args.compare:
+        float_spec = args.model or (_recorded_model(target) if checkpoint else None)
+        if float_spec is None:
+            raise LqframeError(f"--compare needs the float model: {args.target} records none (no report.json); "
+                               "pass --model")
+    if tokenizer is None and float_spec is not None:
+        from lqframe.models import load_model
+
+        tokenizer = load_model(float_spec).tokenizer
+    options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+               "seed": args.seed, "chat": args.chat, "device": device}
+
+    def show(label: str):
+        if args.json:
+            return None
+        print(f"--- {label}\n{args.prompt}", end="", flush=True)
+        return lambda text: print(text, end="", flush=True)
+
+    result = {"prompt": args.prompt, "model": args.target,
+              "settings": {k: v for k, v in options.items() if k != "device"}}
+    result["output"] = generate(model, tokenizer, args.prompt, on_text=show(args.target), **options)
+    if not args.json:
+        print(f"\n({len(result['output']['tokens'])} tokens, {result['output']['seconds']:.1f} s)")
+    if float_spec is not None:
+        from lqframe.models import load_model
+
+        del model
+        reference = load_model(float_spec)
+        result["float_model"] = float_spec
+        result["float_output"] = generate(reference.model, tokenizer, args.prompt,
+                                          on_text=show(f"{float_spec} (float)"), **options)
+        same = agreement(result["output"]["tokens"], result["float_output"]["tokens"])
+        result["agree_tokens"] = same
+        if not args.json:
+            n = len(result["float_output"]["tokens"])
+            print(f"\n({n} tokens, {result['float_output']['seconds']:.1f} s)")
+            print(f"the compressed and float continuations agree on their first {same} of "
+                  f"{max(n, len(result['output']['tokens']))} tokens")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def _recorded_model(folder) -> str | None:
+    """The model spec a checkpoint's report.json says it was compressed from."""
+    try:
+        return json.loads((folder / "report.json").read_text(encoding="utf-8")).get("model")
+    except (OSError, ValueError):
+        return None
+
+
 def _leave_group() -> None:
     """End the torch.distributed process group a torchrun run joined (all processes together)."""
     import torch.distributed as dist
@@ -300,6 +372,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "not fit in memory)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="text from a saved checkpoint or a model, streamed as it is produced")
+    p.add_argument("target", metavar="DIR_OR_MODEL",
+                   help="an lqframe checkpoint folder, or any model lqframe run takes")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default); above 0: sampled")
+    p.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus probability mass")
+    p.add_argument("--seed", type=int, default=0, help="sampling: the random seed (the same for both with --compare)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--compare", action="store_true",
+                   help="also generate with the float model (the checkpoint's source, or --model) and say where "
+                        "the two part")
+    p.add_argument("--model", help="the float model for --compare (default: the one the checkpoint's report names)")
+    p.add_argument("--device", type=_device, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming the text")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("inspect", help="per-layer formats, bits, ranks and errors of a saved checkpoint")
     p.add_argument("dir")
