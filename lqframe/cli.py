@@ -324,6 +324,7 @@ def _device(value: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from lqframe import __version__
+    from lqframe.export import EXPORT_FORMATS
     from lqframe.recipe import ACTIVATION_MODES
 
     parser = argparse.ArgumentParser(
@@ -401,11 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "checkpoint recorded (reads every byte); exits non-zero if any differs or is missing")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("export", help="write a saved checkpoint as a PEFT LoRA adapter, a GPTQ checkpoint or a "
-                                      "dense float model")
+    p = sub.add_parser("export", help="write a saved checkpoint as a PEFT LoRA adapter, a GPTQ or "
+                                      "compressed-tensors checkpoint, or a dense float model")
     p.add_argument("dir", help="an lqframe checkpoint folder")
-    p.add_argument("--to", required=True, choices=("peft", "gptq", "dense"),
+    p.add_argument("--to", required=True, choices=EXPORT_FORMATS,
                    help="peft: L·R as a LoRA adapter folder; gptq: Q as a GPTQ checkpoint (integer formats); "
+                        "compressed-tensors: Q as llm-compressor's pack-quantized checkpoint (vLLM, transformers); "
                         "dense: a float checkpoint of Q (with --merge: Q + L·R)")
     p.add_argument("out", help="the folder to write (must be new or empty)")
     p.add_argument("--merge", action="store_true", help="dense: fold L·R into the weights")

@@ -16,6 +16,12 @@
     ``quantization_config`` with ``quant_method: gptq``. Only integer formats with one float16 scale
     and zero point per group of input channels (``rtn``, ``gptq``) fit it. With a ``peft`` export of
     the same checkpoint this is the pair serving engines load as "quantized base + LoRA".
+``compressed-tensors``
+    Q as llm-compressor's ``pack-quantized`` checkpoint (vLLM's native format; transformers loads it
+    through its compressed-tensors integration): per layer ``weight_packed`` (int32, each row's codes
+    packed densely least significant first), float32 ``weight_scale`` (groups or channels),
+    ``weight_zero_point`` (packed along the output dimension) unless symmetric, ``weight_shape``; one
+    config group per scheme. Integer formats with an integer zero point per group (``rtn``, ``gptq``).
 ``dense``
     an ordinary float checkpoint whose linear weights are ``Q`` (the base the adapter applies to, on
     machines without GPTQ kernels), or ``Q + L·R`` with ``merge``.
@@ -44,10 +50,10 @@ from lqframe.models import _task_of_class
 from lqframe.structure import fold_state, unfolded
 from lqframe.types import QuantizedWeight
 
-__all__ = ["EXPORT_FORMATS", "export", "export_peft", "export_gptq", "export_dense", "check_export",
-           "gptq_pack", "gptq_layer"]
+__all__ = ["EXPORT_FORMATS", "export", "export_peft", "export_gptq", "export_compressed_tensors", "export_dense",
+           "check_export", "gptq_pack", "gptq_layer", "ct_pack", "ct_layer"]
 
-EXPORT_FORMATS = ("peft", "gptq", "dense")
+EXPORT_FORMATS = ("peft", "gptq", "compressed-tensors", "dense")
 GPTQ_BITS = (2, 3, 4, 8)
 
 
@@ -234,6 +240,130 @@ def export_gptq(model: nn.Module, out: str | Path, tokenizer: Any = None, versio
     return qc
 
 
+# --------------------------------------------------------------------------- compressed-tensors
+
+
+def ct_pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """compressed-tensors' ``pack-quantized`` words of unsigned ``codes`` (rows × n, values <
+    2**bits): each row densely, least significant first, in ``ceil(n·bits/32)`` int32 words (codes
+    may straddle words at any width; the last word of a row padded with zero bits)."""
+    rows, n = codes.shape
+    if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
+        raise CheckpointError("compressed-tensors export needs a little-endian machine")
+    padded = -(-n // 32) * 32
+    wide = torch.zeros(rows, padded, dtype=torch.int64)
+    wide[:, :n] = codes.to(torch.int64)
+    words = pack_bits(wide.reshape(-1), bits).view(torch.int32).reshape(rows, padded * bits // 32)
+    return words[:, : -(-n * bits // 32)].contiguous()
+
+
+def _check_ct_weight(name: str, qw: QuantizedWeight) -> None:
+    why = None
+    if qw.codebook is not None or qw.offset is not None:
+        why = f"its format {qw.format!r} maps codes through a codebook or an offset"
+    elif isinstance(qw.scale, QuantizedWeight):
+        why = "its scales are themselves quantized (double quantization)"
+    elif not 1 <= qw.bits <= 8:
+        why = f"pack-quantized holds 1 to 8 bits, not {qw.bits}"
+    elif len(qw.shape) != 2:
+        why = f"it is not a matrix (shape {qw.shape})"
+    elif qw.shape[1] % qw.block_size:
+        why = f"its {qw.shape[1]} input channels are not a whole number of groups of {qw.block_size}"
+    else:
+        zeros = qw.block_zeros()
+        if not torch.equal(zeros, zeros.round()) or bool((zeros < 0).any()) or bool((zeros >= 2 ** qw.bits).any()):
+            why = f"its zero points are not integers in [0, {2 ** qw.bits - 1}]"
+    if why:
+        raise CheckpointError(f"layer {name} cannot be written as compressed-tensors pack-quantized: {why} (it needs "
+                              "an integer format with a scale and an integer zero point per group, e.g. the rtn or "
+                              "gptq quantizers)")
+
+
+def _ct_scheme(qw: QuantizedWeight) -> dict[str, Any]:
+    """The ``weights`` quantization arguments of a layer (what ``config_groups`` groups by)."""
+    symmetric = not isinstance(qw.zero, torch.Tensor) and float(qw.zero or 0) == 2 ** (qw.bits - 1)
+    channel = qw.block_size == qw.shape[1]
+    return {"num_bits": qw.bits, "type": "int", "symmetric": symmetric,
+            "strategy": "channel" if channel else "group", "group_size": None if channel else qw.block_size,
+            "block_structure": None, "dynamic": False, "actorder": None, "observer": "minmax",
+            "observer_kwargs": {}}
+
+
+def ct_layer(name: str, qw: QuantizedWeight, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The compressed-tensors ``pack-quantized`` tensors of one layer: ``weight_packed`` (out ×
+    ⌈in·bits/32⌉ int32), ``weight_scale`` (out × groups, float32: the exact values lqframe decodes
+    with), ``weight_shape``, and — for zero points other than the symmetric 2**(bits−1) —
+    ``weight_zero_point`` packed along the output dimension (⌈out·bits/32⌉ × groups). compressed-tensors
+    stores signed values ``q = code − 2**(bits−1)`` plus that offset, which is the unsigned code
+    itself: ``w = (q − zp)·scale = (code − zero)·scale``, lqframe's decoding."""
+    _check_ct_weight(name, qw)
+    tensors = {
+        f"{name}.weight_packed": ct_pack(qw.unpacked_codes(), qw.bits),
+        f"{name}.weight_scale": qw.block_scales().contiguous(),
+        f"{name}.weight_shape": torch.tensor(list(qw.shape), dtype=torch.int64),
+    }
+    if not _ct_scheme(qw)["symmetric"]:
+        tensors[f"{name}.weight_zero_point"] = ct_pack(qw.block_zeros().to(torch.int64).T.contiguous(),
+                                                       qw.bits).T.contiguous()
+    if bias is not None:
+        tensors[f"{name}.bias"] = bias.detach().to("cpu", torch.float32)
+    return tensors
+
+
+def export_compressed_tensors(model: nn.Module, out: str | Path, tokenizer: Any = None) -> dict[str, Any]:
+    """Write Q as a compressed-tensors ``pack-quantized`` checkpoint (llm-compressor's format, which
+    vLLM serves and transformers loads); returns its ``quantization_config``. One config group per
+    distinct layer scheme; every other tensor in float32."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = Path(out)
+    layers = _layers(model)
+    record = unfolded(model)
+    folded = sorted(n for n in record if any(layer == n or layer.startswith(n + ".") for layer in layers))
+    if folded:
+        raise CheckpointError(f"compressed-tensors quantizes the model's own linear modules, and {folded[0]} is "
+                              f"{'fused experts' if record[folded[0]] == 'experts' else 'a Conv1D'} in transformers' "
+                              "model, not nn.Linear; export it with --to dense, or use the checkpoint itself")
+    groups: dict[str, dict[str, Any]] = {}
+    tensors = _float_state(model, set(layers), torch.float32)
+    for name, m in layers.items():
+        qw = m.quantized_weight()
+        tensors.update(ct_layer(name, qw, m.bias))
+        scheme = _ct_scheme(qw)
+        key = json.dumps(scheme, sort_keys=True)
+        groups.setdefault(key, {"targets": [], "weights": scheme})["targets"].append(name)
+    linears = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    if len(groups) == 1:  # llm-compressor's spelling: every Linear, the rest ignored
+        only = next(iter(groups.values()))
+        only["targets"], ignore = ["Linear"], sorted(n for n in linears if n not in layers)
+    else:
+        ignore = sorted(n for n in linears if n not in layers)
+    try:
+        ct_version = version("compressed-tensors")
+    except PackageNotFoundError:
+        ct_version = None
+    qc = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+          "config_groups": {f"group_{i}": {**g, "input_activations": None, "output_activations": None,
+                                           "format": "pack-quantized"}
+                            for i, g in enumerate(groups.values())},
+          "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None, "sparsity_config": {},
+          "transform_config": {}, "version": ct_version}
+    config = _config_dict(model)
+    config["quantization_config"] = qc
+    config["torch_dtype"] = "float32"
+    out.mkdir(parents=True, exist_ok=True)
+    save_tensors(out / "model.safetensors", tensors, metadata={"format": "pt"})
+    atomic_write_json(out / "config.json", config)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return qc
+
+
+def ct_unpack_reference(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """(rows × count) unsigned codes from compressed-tensors words (rows × k), bit by bit."""
+    return gptq_unpack_reference(words, bits, count)
+
+
 # --------------------------------------------------------------------------- dense
 
 
@@ -354,6 +484,27 @@ def check_export(model: nn.Module, fmt: str, out: str | Path, log: Callable[[str
                                   f"(max relative difference {err:.2e})")
         log(f"self-check: PEFT {sys.modules['peft'].__version__} on Q reproduces the model's logits (max relative "
             f"difference {err:.1e})")
+    elif fmt == "compressed-tensors":
+        state = _read(out / "model.safetensors")
+        qc = json.loads((out / "config.json").read_text(encoding="utf-8"))["quantization_config"]
+        schemes = list(qc["config_groups"].values())
+        for name, m in layers.items():
+            group = next(g for g in schemes if g["targets"] == ["Linear"] or name in g["targets"])
+            bits = group["weights"]["num_bits"]
+            rows, cols = (int(v) for v in state[f"{name}.weight_shape"].tolist())
+            codes = ct_unpack_reference(state[f"{name}.weight_packed"], bits, cols)  # out × in, unsigned
+            scale = state[f"{name}.weight_scale"].float()
+            per = cols // scale.shape[1]
+            zp = state.get(f"{name}.weight_zero_point")
+            zeros = (ct_unpack_reference(zp.T.contiguous(), bits, rows).T if zp is not None
+                     else torch.full_like(scale, 2 ** (bits - 1)))
+            w = (codes - zeros.repeat_interleave(per, 1)).float() * scale.repeat_interleave(per, 1)
+            if not torch.equal(w, m.dequantized_weight().detach().to("cpu", torch.float32)):
+                diff = float((w - m.dequantized_weight().cpu()).abs().max())
+                raise CheckpointError(f"compressed-tensors self-check: layer {name} reads back different weights "
+                                      f"(max |Δ| {diff})")
+            result["layers"] += 1
+        log(f"self-check: {result['layers']} compressed-tensors layers unpack to exactly the model's Q")
     elif fmt == "dense":
         state = _read(out / "model.safetensors")
         record = unfolded(model)
@@ -408,6 +559,8 @@ def export(source: str | Path, fmt: str, out: str | Path, *, merge: bool = False
         info = export_peft(model, out, base_model or str(source))
     elif fmt == "gptq":
         info = export_gptq(model, out, tokenizer, gptq_version)
+    elif fmt == "compressed-tensors":
+        info = export_compressed_tensors(model, out, tokenizer)
     else:
         info = export_dense(model, out, tokenizer, merge=merge)
     result = {"format": fmt, "output": str(out), "info": info}
