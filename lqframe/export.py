@@ -64,6 +64,20 @@ def _layers(model: nn.Module) -> dict[str, LQLinear]:
     return layers
 
 
+def _write_folder(out: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], tokenizer: Any,
+                  quantization_config: dict[str, Any] | None, dtype: str) -> None:
+    """A transformers model folder: the tensors, the config (with ``quantization_config`` and
+    ``torch_dtype``), the tokenizer."""
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
+    config["torch_dtype"] = dtype
+    out.mkdir(parents=True, exist_ok=True)
+    save_tensors(out / "model.safetensors", tensors, metadata={"format": "pt"})
+    atomic_write_json(out / "config.json", config)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+
+
 def _config_dict(model: nn.Module) -> dict[str, Any]:
     config = getattr(model, "config", None)
     if config is None:
@@ -145,21 +159,28 @@ def gptq_pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return stream.view(torch.int32).reshape(rows, n * bits // 32)
 
 
-def _check_gptq_weight(name: str, qw: QuantizedWeight) -> None:
-    why = None
+def _integer_groups_problem(qw: QuantizedWeight, bits_ok: bool, bits_rule: str) -> str | None:
+    """Why ``qw`` is not an integer matrix with one plain scale per group of input channels and an
+    allowed width (``bits_ok``; ``bits_rule`` says which), or None: what GPTQ and compressed-tensors
+    both need."""
     if qw.codebook is not None or qw.offset is not None:
-        why = f"its format {qw.format!r} maps codes through a codebook or an offset"
-    elif isinstance(qw.scale, QuantizedWeight):
-        why = "its scales are themselves quantized (double quantization)"
-    elif qw.bits not in GPTQ_BITS:
-        why = f"GPTQ checkpoints hold 2, 3, 4 or 8 bits, not {qw.bits}"
-    elif len(qw.shape) != 2:
-        why = f"it is not a matrix (shape {qw.shape})"
-    elif qw.shape[1] % qw.block_size:
-        why = f"its {qw.shape[1]} input channels are not a whole number of groups of {qw.block_size}"
-    elif (qw.shape[1] * qw.bits) % 32 or (qw.shape[0] * qw.bits) % 32:
+        return f"its format {qw.format!r} maps codes through a codebook or an offset"
+    if isinstance(qw.scale, QuantizedWeight):
+        return "its scales are themselves quantized (double quantization)"
+    if not bits_ok:
+        return f"{bits_rule}, not {qw.bits}"
+    if len(qw.shape) != 2:
+        return f"it is not a matrix (shape {qw.shape})"
+    if qw.shape[1] % qw.block_size:
+        return f"its {qw.shape[1]} input channels are not a whole number of groups of {qw.block_size}"
+    return None
+
+
+def _check_gptq_weight(name: str, qw: QuantizedWeight) -> None:
+    why = _integer_groups_problem(qw, qw.bits in GPTQ_BITS, "GPTQ checkpoints hold 2, 3, 4 or 8 bits")
+    if why is None and ((qw.shape[1] * qw.bits) % 32 or (qw.shape[0] * qw.bits) % 32):
         why = f"its shape {tuple(qw.shape)} does not pack into 32-bit words at {qw.bits} bits"
-    elif not torch.equal(qw.block_scales().to(torch.float16).to(torch.float32), qw.block_scales()):
+    elif why is None and not torch.equal(qw.block_scales().to(torch.float16).to(torch.float32), qw.block_scales()):
         why = "its scales are not float16 values"
     if why:
         raise CheckpointError(f"layer {name} cannot be written as GPTQ: {why} (GPTQ needs an integer format with "
@@ -230,13 +251,7 @@ def export_gptq(model: nn.Module, out: str | Path, tokenizer: Any = None, versio
           "checkpoint_format": "gptq" if version == 1 else "gptq_v2",
           "modules_in_block_to_quantize": None,
           "meta": {"quantizer": "lqframe", "layers": sorted(layers)}}
-    config["quantization_config"] = qc
-    config["torch_dtype"] = "float16"
-    out.mkdir(parents=True, exist_ok=True)
-    save_tensors(out / "model.safetensors", tensors, metadata={"format": "pt"})
-    atomic_write_json(out / "config.json", config)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+    _write_folder(out, tensors, config, tokenizer, qc, "float16")
     return qc
 
 
@@ -258,18 +273,8 @@ def ct_pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _check_ct_weight(name: str, qw: QuantizedWeight) -> None:
-    why = None
-    if qw.codebook is not None or qw.offset is not None:
-        why = f"its format {qw.format!r} maps codes through a codebook or an offset"
-    elif isinstance(qw.scale, QuantizedWeight):
-        why = "its scales are themselves quantized (double quantization)"
-    elif not 1 <= qw.bits <= 8:
-        why = f"pack-quantized holds 1 to 8 bits, not {qw.bits}"
-    elif len(qw.shape) != 2:
-        why = f"it is not a matrix (shape {qw.shape})"
-    elif qw.shape[1] % qw.block_size:
-        why = f"its {qw.shape[1]} input channels are not a whole number of groups of {qw.block_size}"
-    else:
+    why = _integer_groups_problem(qw, 1 <= qw.bits <= 8, "pack-quantized holds 1 to 8 bits")
+    if why is None:
         zeros = qw.block_zeros()
         if not torch.equal(zeros, zeros.round()) or bool((zeros < 0).any()) or bool((zeros >= 2 ** qw.bits).any()):
             why = f"its zero points are not integers in [0, {2 ** qw.bits - 1}]"
@@ -348,14 +353,7 @@ def export_compressed_tensors(model: nn.Module, out: str | Path, tokenizer: Any 
                             for i, g in enumerate(groups.values())},
           "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None, "sparsity_config": {},
           "transform_config": {}, "version": ct_version}
-    config = _config_dict(model)
-    config["quantization_config"] = qc
-    config["torch_dtype"] = "float32"
-    out.mkdir(parents=True, exist_ok=True)
-    save_tensors(out / "model.safetensors", tensors, metadata={"format": "pt"})
-    atomic_write_json(out / "config.json", config)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+    _write_folder(out, tensors, _config_dict(model), tokenizer, qc, "float32")
     return qc
 
 
@@ -379,14 +377,9 @@ def export_dense(model: nn.Module, out: str | Path, tokenizer: Any = None, merge
         if m.bias is not None:
             tensors[f"{name}.bias"] = m.bias.detach().to("cpu", dtype)
     tensors = fold_state(model, tensors)  # fused experts and Conv1D back in the model's own layout
-    config = _config_dict(model)
-    config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    out.mkdir(parents=True, exist_ok=True)
-    save_tensors(out / "model.safetensors", tensors, metadata={"format": "pt"})
-    atomic_write_json(out / "config.json", config)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    return {"merged": merge, "dtype": config["torch_dtype"]}
+    name = str(dtype).removeprefix("torch.")
+    _write_folder(out, tensors, _config_dict(model), tokenizer, None, name)
+    return {"merged": merge, "dtype": name}
 
 
 # --------------------------------------------------------------------------- self-check
