@@ -130,6 +130,8 @@ class RunState:
     tuned: dict[str, Any] | None = None
     #: what the plan compresses and what it leaves in float (pipeline.coverage; report.json ``coverage``)
     coverage: dict[str, Any] | None = None
+    #: ``quantize_stage.from``: each imported layer's fixed quantizer (lqframe.imports)
+    imported: dict[str, Any] = attrs.field(factory=dict)
 
     @property
     def min_tokens(self) -> int:
@@ -202,6 +204,8 @@ def prepare(state: RunState) -> RunState:
         state.log("unfolded into linears: " + ", ".join(
             f"{sum(k == kind for k in found.values())} {_UNFOLD_WORDS[kind]}" for kind in kinds))
     state.plans = plan_layers(state.model, recipe)
+    if recipe.quantize is not None and recipe.quantize.source is not None:
+        _import(state)
     state.needs = {p.name: layer_needs(p) for p in state.plans}
     state.alloc_needs = allocation_needs(recipe, state.plans)
     if state.plans:
@@ -283,6 +287,33 @@ def _layer_stats(state: RunState, name: str):
     """The layer's statistics for decomposing it: its own, or the data-free ones
     (:meth:`lqframe.stats.StatsStore.isotropic_stats`) when it :func:`_falls_back`."""
     return state.stats.isotropic_stats(name) if _falls_back(state, name) else state.stats.layer_stats(name)
+
+
+def _import(state: RunState) -> None:
+    """``quantize_stage.from``: read the checkpoint's Q, keep the plans of the layers it quantized (the
+    others stay as they are), and check every shape against the model."""
+    from lqframe.imports import FixedQuantizer, read_quantized
+
+    source = state.recipe.quantize.source
+    fmt, layers = read_quantized(source)
+    planned = {p.name for p in state.plans}
+    outside = sorted(n for n in layers if n not in planned)
+    for name in sorted(layers):
+        if name not in planned:
+            continue
+        weight = state.model.get_submodule(name).weight
+        if tuple(weight.shape) != tuple(layers[name].shape):
+            raise RecipeError(f"{state.recipe.origin}: quantize_stage.from: layer {name} is "
+                              f"{tuple(layers[name].shape)} in {source} and {tuple(weight.shape)} in the model: "
+                              "it was not made from this model")
+    state.plans = [p for p in state.plans if p.name in layers]
+    if not state.plans:
+        raise RecipeError(f"{state.recipe.origin}: quantize_stage.from: {source} quantizes none of the targeted "
+                          f"layers (it has {', '.join(sorted(layers)[:3])} …)")
+    state.imported = {p.name: FixedQuantizer(layers[p.name], fmt) for p in state.plans}
+    state.log(f"Q of {len(state.imported)} layers read from the {fmt} checkpoint {source}"
+              + (f"; {len(outside)} of its quantized layers are outside the targets and stay as the model has them "
+                 f"({', '.join(outside[:3])})" if outside else ""))
 
 
 def _whole_model_work(state: RunState) -> tuple[str, str] | None:
@@ -595,7 +626,8 @@ def _decompose(state: RunState) -> None:
                         measured = state.stats.layer_stats(name) if _falls_back(state, name) else None
                         done[name] = decompose_layer(name, state.model.get_submodule(name), plans[name], stats,
                                                      samples.get(name), prepared, measured=measured,
-                                                     tokens=state.stats.tokens(name))
+                                                     tokens=state.stats.tokens(name),
+                                                     fixed=state.imported.get(name))
                 for name, owner in zip(names, owners, strict=True):
                     module, result = done[name] if not state.group.active else _shared_layer(state, done.get(name),
                                                                                               owner)

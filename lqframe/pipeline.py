@@ -128,13 +128,20 @@ def layer_errors(w: torch.Tensor, approx: torch.Tensor, stats: LayerStats | None
 def decompose_layer(
     name: str, linear: nn.Linear, plan: LayerPlan, stats: LayerStats | None, sample: torch.Tensor | None,
     prepared: tuple[Decomposition, float] | None = None, *, measured: LayerStats | None = None,
-    tokens: int | None = None,
+    tokens: int | None = None, fixed: Quantizer | None = None,
 ) -> tuple[LQLinear, LayerResult]:
     """Decompose one linear (or take the decomposition the allocate stage already made, with its
     seconds) and build its :class:`LQLinear` and report row. ``measured``: the layer's own statistics
     when ``stats`` are data-free stand-ins (a seldom-routed expert), to measure its output error on;
-    ``tokens``: how many calibration tokens its statistics cover (the report row's ``tokens``)."""
+    ``tokens``: how many calibration tokens its statistics cover (the report row's ``tokens``);
+    ``fixed``: a :class:`lqframe.imports.FixedQuantizer` holding the layer's imported Q, used instead of
+    the plan's quantizer."""
     quantizer, recon = components(plan.quantizer, plan.reconstructor)
+    quantizer_name, quantizer_meta = plan.quantizer.name, plan.quantizer.to_dict()
+    if fixed is not None:
+        quantizer = fixed
+        quantizer_name = f"imported:{fixed.source}"
+        quantizer_meta = {"name": "imported", **fixed.options()}
     w = linear.weight.detach()
     if prepared is None:
         t0 = time.perf_counter()
@@ -145,7 +152,7 @@ def decompose_layer(
         seconds = time.perf_counter() - t0
     else:
         dec, seconds = prepared
-    module = LQLinear.from_decomposition(linear, dec, meta={"quantizer": plan.quantizer.to_dict(),
+    module = LQLinear.from_decomposition(linear, dec, meta={"quantizer": quantizer_meta,
                                                             "reconstructor": plan.reconstructor.to_dict()})
     if measured is None:
         rel_w, rel_out = layer_errors(w, dec.dense(), stats, sample, _known_output_error(recon, dec))
@@ -154,7 +161,7 @@ def decompose_layer(
     qw = dec.qweight
     result = LayerResult(
         name=name,
-        quantizer=plan.quantizer.name,
+        quantizer=quantizer_name,
         reconstructor=plan.reconstructor.name,
         bits=qw.bits,
         group_size=qw.block_size,
@@ -165,7 +172,7 @@ def decompose_layer(
         rel_weight_error=rel_w,
         rel_output_error=rel_out,
         seconds=seconds,
-        quantizer_options=dict(plan.quantizer.options),
+        quantizer_options=dict(plan.quantizer.options) if fixed is None else fixed.options(),
         reconstructor_options=dict(plan.reconstructor.options),
         info={k: v for k, v in dec.info.items() if isinstance(v, int | float | str | bool)},
     )

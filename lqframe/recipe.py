@@ -244,6 +244,9 @@ class QuantizeStage:
     #: calibration / propagation forwards in float64 (results independent of the BLAS path) or float32
     precision: str = "float64"
     experts: ExpertsSpec = ExpertsSpec()
+    #: ``from``: a GPTQ or compressed-tensors checkpoint whose Q the layers take as it is
+    #: (lqframe.imports); the quantizer then only stands for the format in planning
+    source: str | None = None
 
 
 @attrs.frozen
@@ -679,17 +682,23 @@ def parse_recipe(doc: Any, origin: str = "<recipe>", check_components: bool = Tr
     if "quantize_stage" in body:
         c = root.child("quantize_stage")
         s = _mapping(body["quantize_stage"], c, ("targets", "ignore", "quantizer", "overrides", "sequential",
-                                                  "precision", "experts"))
-        if "quantizer" not in s:
-            raise c.error("quantize_stage needs a 'quantizer', e.g. {name: nf, bits: 4, group_size: 64}")
+                                                  "precision", "experts", "from"))
+        source = _str(s["from"], c.child("from")) if "from" in s else None
+        if "quantizer" not in s and source is None:
+            raise c.error("quantize_stage needs a 'quantizer', e.g. {name: nf, bits: 4, group_size: 64}, or "
+                          "'from': a quantized checkpoint whose Q to take")
+        if source is not None and "allocate_stage" in body:
+            raise c.child("from").error("an imported Q is fixed: there is nothing for an allocate_stage to choose")
         stage = QuantizeStage(
-            quantizer=_component(s["quantizer"], c.child("quantizer"), "quantizer"),
+            # with 'from' and no quantizer: rtn stands for the imported format in planning (no statistics)
+            quantizer=_component(s.get("quantizer", "rtn"), c.child("quantizer"), "quantizer"),
             targets=_patterns(s.get("targets", ["Linear"]), c.child("targets")),
             ignore=_patterns(s.get("ignore", []), c.child("ignore")),
             overrides=_overrides(s.get("overrides"), c.child("overrides"), "quantizer"),
             sequential=_str(s.get("sequential", "block"), c.child("sequential")),
             precision=_str(s.get("precision", "float64"), c.child("precision")),
             experts=_experts(s.get("experts"), c.child("experts")),
+            source=source,
         )
         if stage.sequential not in SEQUENTIAL_MODES:
             raise c.child("sequential").error(f"must be 'block' or 'layer', got {stage.sequential!r}")

@@ -1,0 +1,118 @@
+"""Q from another tool's checkpoint (``quantize_stage.from``, lqframe.imports): GPTQ (v1, v2) and
+compressed-tensors pack-quantized read back to exactly the codes and scales that were written, a
+correction on an imported Q gives the very checkpoint lqframe writes when it quantizes itself, and what
+cannot be represented or does not match the model is refused naming the layer or tensor."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lqframe
+from lqframe.errors import CheckpointError, RecipeError
+from lqframe.export import export
+from lqframe.imports import read_quantized, unpack_rows
+from lqframe.recipe import parse_recipe
+from lqframe.run import run
+from tests.tiny import tiny_llama_dir
+
+
+def _doc(quantize: dict) -> dict:
+    return {"data": {"seq_len": 32, "calibration_windows": 2, "evaluation_windows": 2, "source": "pydoc"},
+            "quantize_stage": quantize, "reconstruct_stage": {"reconstructor": {"name": "qera-exact", "rank": 4}},
+            "evaluate_stage": {}, "save_stage": {}}
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A float model, lqframe's own GPTQ + QERA checkpoint of it (asymmetric and symmetric), and the
+    exports of their Q in every format lqframe reads."""
+    root = tmp_path_factory.mktemp("imports")
+    model = tiny_llama_dir(root / "float", layers=2)
+    out = {"float": model}
+    for sym in (False, True):
+        ckpt = root / f"own-{sym}"
+        report = run(parse_recipe(_doc({"quantizer": {"name": "gptq", "bits": 4, "group_size": 32, "symmetric": sym}}),
+                                  "<own>"), str(model), ckpt, progress=False, log=lambda s: None)
+        out[("own", sym)] = (ckpt, report)
+        for fmt, extra in (("gptq", {}), ("gptq_v2", {"gptq_version": 2}), ("compressed-tensors", {})):
+            folder = root / f"{fmt}-{sym}"
+            export(ckpt, fmt.split("_")[0], folder, **extra)
+            out[(fmt, sym)] = folder
+    return out
+
+
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2", "compressed-tensors"])
+def test_q_reads_back_exactly(made, fmt, sym):
+    ckpt, _ = made[("own", sym)]
+    model = lqframe.load(ckpt)
+    method, layers = read_quantized(made[(fmt, sym)])
+    assert method == fmt.split("_")[0] and len(layers) == 14
+    for name, qw in layers.items():
+        mine = model.get_submodule(name).quantized_weight()
+        assert torch.equal(qw.unpacked_codes(), mine.unpacked_codes()), name
+        assert torch.equal(qw.block_scales(), mine.block_scales()), name
+        assert torch.equal(qw.block_zeros(), mine.block_zeros()), name
+        assert torch.equal(qw.dequantize(), mine.dequantize()), name
+        assert qw.storage_bits() == mine.storage_bits()
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_correcting_an_imported_q_gives_lqframes_own_checkpoint(made, tmp_path, fmt):
+    """QERA-exact on the imported Q, with statistics from the float model: the same bytes as the run
+    that quantized the model itself (its GPTQ Q, then the same QERA)."""
+    ckpt, ref = made[("own", False)]
+    messages: list[str] = []
+    report = run(parse_recipe(_doc({"from": str(made[(fmt, False)])}), "<imported>"), str(made["float"]),
+                 tmp_path / "o", progress=False, log=messages.append)
+    assert any(f"Q of 14 layers read from the {fmt} checkpoint" in m for m in messages)
+    assert report["ppl"] == ref["ppl"]
+    assert {r["quantizer"] for r in report["layers"]} == {f"imported:{fmt}"}
+    a, b = load_file(ckpt / "model.safetensors"), load_file(tmp_path / "o" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # and the checkpoint reloads as any other
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(lqframe.load(tmp_path / "o")(ids).logits, lqframe.load(ckpt)(ids).logits)
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_the_layer(made, tmp_path):
+    other = tiny_llama_dir(tmp_path / "other", layers=2, hidden=32, intermediate=96)
+    with pytest.raises(RecipeError, match=r"quantize_stage.from: layer model\.layers\.0\.mlp\.down_proj is "
+                                          r"\(64, 160\) in .* and \(32, 96\) in the model: it was not made from"):
+        run(parse_recipe(_doc({"from": str(made[("gptq", False)])}), "<imported>"), str(other), tmp_path / "o",
+            progress=False, log=lambda s: None)
+
+
+def test_what_lqframe_cannot_hold_is_refused_naming_the_tensor(made, tmp_path):
+    import shutil
+
+    folder = tmp_path / "actorder"
+    shutil.copytree(made[("gptq", False)], folder)
+    state = load_file(folder / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.g_idx"
+    state[name] = state[name].flip(0).contiguous()  # act-order: groups no longer contiguous runs
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.down_proj\.g_idx permutes the input channels"):
+        read_quantized(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"quant_method 'awq': lqframe reads Q from gptq, compressed-tensors"):
+        read_quantized(folder)
+    with pytest.raises(RecipeError, match=r"quantize_stage.from: an imported Q is fixed"):
+        parse_recipe({**_doc({"from": "x"}), "allocate_stage": {"allocator": "ilp", "budget_bits": 3,
+                                                               "candidates": [{"quantizer": {"bits": 4}}]}}, "<r>")
+
+
+def test_unpack_reads_rows_least_significant_bit_first():
+    words = torch.tensor([[0x76543210, 0x00000098]], dtype=torch.int64).to(torch.int32)
+    assert unpack_rows(words, 4, 10).tolist() == [list(range(10))]
+    three = torch.tensor([[(1 << 30) | (5 << 3) | 7, 0b1]], dtype=torch.int64).to(torch.int32)  # element 10 straddles
+    assert unpack_rows(three, 3, 12).tolist()[0][:3] == [7, 5, 0] and unpack_rows(three, 3, 12)[0, 10] == 5
