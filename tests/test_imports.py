@@ -116,3 +116,54 @@ def test_unpack_reads_rows_least_significant_bit_first():
     assert unpack_rows(words, 4, 10).tolist() == [list(range(10))]
     three = torch.tensor([[(1 << 30) | (5 << 3) | 7, 0b1]], dtype=torch.int64).to(torch.int32)  # element 10 straddles
     assert unpack_rows(three, 3, 12).tolist()[0][:3] == [7, 5, 0] and unpack_rows(three, 3, 12)[0, 10] == 5
+
+
+def _library_checkpoint(model_dir, folder, symmetric: bool) -> dict[str, torch.Tensor]:
+    """An llm-compressor-style pack-quantized checkpoint of the model at ``model_dir``, written with the
+    compressed-tensors library (its qparams, its compressor, its config); returns the library's own
+    dequantization of every layer."""
+    compressed_tensors = pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=32)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    state, decoded = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            w = module.weight.detach()
+            blocks = w.reshape(w.shape[0], -1, 32)
+            scale, zero = calculate_qparams(blocks.amin(-1), blocks.amax(-1), args)
+            packed = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale,
+                                                            "weight_zero_point": zero}, scheme)
+            state.update({f"{name}.{k}": v.contiguous() for k, v in packed.items()})
+            decoded[name] = PackedQuantizationCompressor.decompress(dict(packed), scheme)["weight"]
+    state.update({k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] not in decoded})
+    folder.mkdir(parents=True)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["quantization_config"] = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
+                                                       quantization_status="compressed",
+                                                       ignore=["lm_head"]).model_dump()
+    config["quantization_config"]["version"] = compressed_tensors.__version__
+    (folder / "config.json").write_text(json.dumps(config, default=str))
+    save_file(state, folder / "model.safetensors")
+    return decoded
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_a_checkpoint_the_compressed_tensors_library_wrote_is_corrected(made, tmp_path, symmetric):
+    decoded = _library_checkpoint(made["float"], tmp_path / "ct", symmetric)
+    _, layers = read_quantized(tmp_path / "ct")
+    assert layers.keys() == decoded.keys() and len(layers) == 14
+    for name, qw in layers.items():  # the library's own dequantization, exactly
+        assert torch.equal(qw.dequantize(), decoded[name].float()), name
+    report = run(parse_recipe(_doc({"from": str(tmp_path / "ct")}), "<library>"), str(made["float"]),
+                 tmp_path / "o", progress=False, log=lambda s: None)
+    model = lqframe.load(tmp_path / "o")
+    for name, weight in decoded.items():
+        assert torch.equal(model.get_submodule(name).dequantized_weight(), weight.float()), name
+    # the correction helps: every layer's output error with L·R is below its imported Q's alone
+    assert all(r["info"]["output_error"] < r["info"]["output_error_none"] for r in report["layers"])
