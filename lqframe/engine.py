@@ -59,7 +59,7 @@ from lqframe.pipeline import (
 from lqframe.recipe import Recipe
 from lqframe.registry import registry
 from lqframe.stats import StatsStore
-from lqframe.structure import routing_all, unfold, unfolded
+from lqframe.structure import routing_all, unfold
 from lqframe.types import Decomposition
 
 __all__ = ["RunState", "Stage", "STAGES", "GradientContext", "prepare", "execute", "COMPRESSION_STAGES"]
@@ -197,8 +197,7 @@ def prepare(state: RunState) -> RunState:
     """Plan the layers, check that every statistic they need can be produced, and place the
     model on the device."""
     recipe = state.recipe
-    before = unfolded(state.model)
-    found = {n: k for n, k in unfold(state.model).items() if n not in before}
+    found = unfold(state.model)  # (a streamed model is unfolded when it is loaded)
     if found:
         kinds = sorted(set(found.values()))
         state.log("unfolded into linears: " + ", ".join(

@@ -228,6 +228,11 @@ def load_streaming(spec: str, dtype: torch.dtype = torch.float32) -> tuple[Loade
 
         with torch.device("meta"):
             swap_in_skeletons(model, layers, unfolded)
+    else:  # fused experts and Conv1D as linears, read from the shards in whatever layout they have there
+        from lqframe.structure import unfold
+
+        with torch.device("meta"):
+            unfold(model)
     path, blocks = find_blocks(model)
     prefix = path + "."
     tied = getattr(config, "tie_word_embeddings", False)

@@ -359,3 +359,16 @@ def test_a_killed_moe_run_resumes_to_the_same_checkpoint(moe_dir, tmp_path, inte
     assert report["ppl"] == ref["ppl"] and report["data_free"] == ref["data_free"]
     for name in ("model.safetensors", "config.json"):
         assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+
+
+def test_lqframe_eval_streams_a_float_moe_model(moe_dir, capsys):
+    """A float MoE folder streamed block by block (experts stored one by one on disk) scores what the
+    resident model scores."""
+    from lqframe.cli import main
+
+    scores = []
+    for stream in ("--stream", "--no-stream"):
+        assert main(["eval", str(moe_dir), "--data", "pydoc", "--windows", "2", "--seq-len", "32", stream, "--json",
+                     "--device", "cpu"]) == 0
+        scores.append(json.loads(capsys.readouterr().out)["ppl"])
+    assert scores[0] == pytest.approx(scores[1], rel=1e-6)
