@@ -119,3 +119,25 @@ def test_formats_it_cannot_hold_are_refused_with_the_layer_named(model_dir, tmp_
     qw = registry().create("quantizer", "rtn", bits=4, group_size=48).quantize(torch.randn(8, 64))
     with pytest.raises(CheckpointError, match=r"layer x cannot .* 64 input channels are not a whole number of groups"):
         ct_layer("x", qw, None)
+
+
+def test_transformers_serves_the_pair_quantized_base_plus_adapter(model_dir, tmp_path):
+    """The serving pair: transformers loads Q from the compressed-tensors export, PEFT attaches L·R from
+    the PEFT export of the same checkpoint, and the result computes lqframe's model (Q + L·R)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ckpt = _checkpoint(model_dir, tmp_path, {"name": "gptq", "bits": 4, "group_size": 32, "symmetric": True})
+    export(ckpt, "compressed-tensors", tmp_path / "base")
+    export(ckpt, "peft", tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # transformers decompresses Q on the first forward; PEFT needs the weights there
+        base(input_ids=ids[:, :2])
+    served = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        got, want = served(input_ids=ids).logits, lqframe.load(ckpt)(input_ids=ids).logits
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+    with torch.no_grad(), served.disable_adapter():  # Q alone computes something else: the adapter counts
+        alone = served(input_ids=ids).logits
+    assert float((alone - want).abs().max() / want.abs().max()) > 1e-3
