@@ -101,19 +101,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         info = {"kind": "dir", "path": str(target)} if checkpoint else resolve_model(args.target)
         if should_stream("true" if args.stream else "auto", info):
             return _eval_streamed(args, target, checkpoint)
+    model, tokenizer = _load_target(args.target, checkpoint)
     if checkpoint:
-        from lqframe.checkpoint import load_checkpoint, load_tokenizer
-        from lqframe.hf import register_with_transformers
-
-        register_with_transformers()  # explicitly, as lqframe.load does
-        model = load_checkpoint(target)
-        tokenizer = load_tokenizer(target)
         recipe_path = target / "recipe.yaml"
-    else:
-        from lqframe.models import load_model
-
-        loaded = load_model(args.target)
-        model, tokenizer = loaded.model, loaded.tokenizer
     from lqframe.executor import resolve_device
 
     data = _eval_windows(args.data, recipe_path, tokenizer, args.windows, args.seq_len)
@@ -167,20 +157,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     target = Path(args.target)
     checkpoint = target.is_dir() and (target / "config.json").is_file() and _is_lqframe_dir(target)
     device = resolve_device(args.device)
-    if checkpoint:
-        from lqframe.checkpoint import load_checkpoint, load_tokenizer
-        from lqframe.hf import register_with_transformers
-
-        register_with_transformers()
-        model, tokenizer = load_checkpoint(target), load_tokenizer(target)
-    else:
-        from lqframe.models import load_model
-
-        loaded = load_model(args.target)
-        model, tokenizer = loaded.model, loaded.tokenizer
+    model, tokenizer = _load_target(args.target, checkpoint)
     float_spec = None
     if args.compare:
-        float_spec = args.model or (_recorded_model(target) if checkpoint else None)
+        from lqframe.checkpoint import _read_report
+
+        float_spec = args.model or ((_read_report(target) or {}).get("model") if checkpoint else None)
         if float_spec is None:
             raise LqframeError(f"--compare needs the float model: {args.target} records none (no report.json); "
                                "pass --model")
@@ -222,12 +204,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _recorded_model(folder) -> str | None:
-    """The model spec a checkpoint's report.json says it was compressed from."""
-    try:
-        return json.loads((folder / "report.json").read_text(encoding="utf-8")).get("model")
-    except (OSError, ValueError):
-        return None
+def _load_target(spec: str, checkpoint: bool):
+    """``(model, tokenizer)`` of an lqframe checkpoint folder (``checkpoint``) or of any model spec."""
+    if checkpoint:
+        from lqframe.checkpoint import load_checkpoint, load_tokenizer
+        from lqframe.hf import register_with_transformers
+
+        register_with_transformers()  # explicitly, as lqframe.load does
+        return load_checkpoint(spec), load_tokenizer(spec)
+    from lqframe.models import load_model
+
+    loaded = load_model(spec)
+    return loaded.model, loaded.tokenizer
 
 
 def _leave_group() -> None:

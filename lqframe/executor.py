@@ -488,10 +488,8 @@ class BlockExecutor:
             with torch.inference_mode(), self.computing(self.model, exclude=self.source.blocks):
                 try:
                     self.model(input_ids=window[None].to(self.device), use_cache=False)
-                except _Stop:
-                    pass
-                except Exception:  # noqa: BLE001 - a model that cannot run on stand-ins: block 0's for all
-                    pass
+                except Exception:  # noqa: BLE001 - _Stop after the last block, or a model that cannot run on
+                    pass  # stand-ins (then block 0's arguments serve every block)
         finally:
             set_module(self.model, self.source.path, self.source.blocks)
         seen = [r.seen for r in recorders]

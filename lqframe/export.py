@@ -47,7 +47,7 @@ from lqframe.errors import CheckpointError
 from lqframe.kernels import pack_bits
 from lqframe.lqlinear import LQLinear
 from lqframe.models import _task_of_class
-from lqframe.structure import fold_state, unfolded
+from lqframe.structure import expert_weight, fold_state, fused_name, unfolded
 from lqframe.types import QuantizedWeight
 
 __all__ = ["EXPORT_FORMATS", "export", "export_peft", "export_gptq", "export_compressed_tensors", "export_dense",
@@ -357,11 +357,6 @@ def export_compressed_tensors(model: nn.Module, out: str | Path, tokenizer: Any 
     return qc
 
 
-def ct_unpack_reference(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """(rows × count) unsigned codes from compressed-tensors words (rows × k), bit by bit."""
-    return gptq_unpack_reference(words, bits, count)
-
-
 # --------------------------------------------------------------------------- dense
 
 
@@ -389,15 +384,6 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(path)
-
-
-def gptq_unpack_reference(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """(rows × count) codes from int32 words (rows × k) by reading the bit stream one bit at a time
-    (a different route from :func:`gptq_pack`, for the self-check)."""
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    bit = (w.unsqueeze(-1) >> torch.arange(32)) & 1  # rows × k × 32, least significant first
-    stream = bit.reshape(w.shape[0], -1)[:, :count * bits].reshape(w.shape[0], count, bits)
-    return (stream << torch.arange(bits)).sum(-1)
 
 
 def _dense_base(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
@@ -429,21 +415,19 @@ def check_export(model: nn.Module, fmt: str, out: str | Path, log: Callable[[str
     out = Path(out)
     layers = _layers(model)
     result: dict[str, Any] = {"format": fmt, "layers": 0}
-    if fmt == "gptq":
-        state = _read(out / "model.safetensors")
-        qc = json.loads((out / "config.json").read_text(encoding="utf-8"))["quantization_config"]
-        bits, offset = qc["bits"], 1 if qc["checkpoint_format"] == "gptq" else 0
+    if fmt in ("gptq", "compressed-tensors"):
+        # read back by the importer (lqframe.imports: its own bit reader, not the writer's packing)
+        from lqframe.imports import read_quantized
+
+        label = "GPTQ" if fmt == "gptq" else "compressed-tensors"
+        _, read = read_quantized(out)
         for name, m in layers.items():
-            qweight, qzeros = state[f"{name}.qweight"], state[f"{name}.qzeros"]
-            scales, g_idx = state[f"{name}.scales"].float(), state[f"{name}.g_idx"].long()
-            codes = gptq_unpack_reference(qweight.T.contiguous(), bits, m.in_features).T  # in × out
-            zeros = gptq_unpack_reference(qzeros, bits, m.out_features) + offset  # groups × out
-            w = ((codes - zeros[g_idx]).float() * scales[g_idx]).T  # out × in
-            if not torch.equal(w, m.dequantized_weight().detach().to("cpu", torch.float32)):
-                diff = float((w - m.dequantized_weight().cpu()).abs().max())
-                raise CheckpointError(f"GPTQ self-check: layer {name} reads back different weights (max |Δ| {diff})")
+            w, mine = read[name].dequantize(), m.dequantized_weight().detach().to("cpu", torch.float32)
+            if not torch.equal(w, mine):
+                raise CheckpointError(f"{label} self-check: layer {name} reads back different weights "
+                                      f"(max |Δ| {float((w - mine).abs().max())})")
             result["layers"] += 1
-        log(f"self-check: {result['layers']} GPTQ layers unpack to exactly the model's Q")
+        log(f"self-check: {result['layers']} {label} layers unpack to exactly the model's Q")
     elif fmt == "peft":
         state = _read(out / "adapter_model.safetensors")
         weights = {}
@@ -477,27 +461,6 @@ def check_export(model: nn.Module, fmt: str, out: str | Path, log: Callable[[str
                                   f"(max relative difference {err:.2e})")
         log(f"self-check: PEFT {sys.modules['peft'].__version__} on Q reproduces the model's logits (max relative "
             f"difference {err:.1e})")
-    elif fmt == "compressed-tensors":
-        state = _read(out / "model.safetensors")
-        qc = json.loads((out / "config.json").read_text(encoding="utf-8"))["quantization_config"]
-        schemes = list(qc["config_groups"].values())
-        for name, m in layers.items():
-            group = next(g for g in schemes if g["targets"] == ["Linear"] or name in g["targets"])
-            bits = group["weights"]["num_bits"]
-            rows, cols = (int(v) for v in state[f"{name}.weight_shape"].tolist())
-            codes = ct_unpack_reference(state[f"{name}.weight_packed"], bits, cols)  # out × in, unsigned
-            scale = state[f"{name}.weight_scale"].float()
-            per = cols // scale.shape[1]
-            zp = state.get(f"{name}.weight_zero_point")
-            zeros = (ct_unpack_reference(zp.T.contiguous(), bits, rows).T if zp is not None
-                     else torch.full_like(scale, 2 ** (bits - 1)))
-            w = (codes - zeros.repeat_interleave(per, 1)).float() * scale.repeat_interleave(per, 1)
-            if not torch.equal(w, m.dequantized_weight().detach().to("cpu", torch.float32)):
-                diff = float((w - m.dequantized_weight().cpu()).abs().max())
-                raise CheckpointError(f"compressed-tensors self-check: layer {name} reads back different weights "
-                                      f"(max |Δ| {diff})")
-            result["layers"] += 1
-        log(f"self-check: {result['layers']} compressed-tensors layers unpack to exactly the model's Q")
     elif fmt == "dense":
         state = _read(out / "model.safetensors")
         record = unfolded(model)
@@ -523,16 +486,7 @@ def _unfolded_weight(model: nn.Module, record: dict[str, str], state: dict[str, 
     if record.get(experts) != "experts":
         return state[f"{name}.weight"]
     module = model.get_submodule(experts)
-    fused = "down_proj" if part == "down_proj" else "gate_up_proj" if module.has_gate else "up_proj"
-    w = state[f"{experts}.{fused}"][int(e)]
-    w = w.T if module.is_transposed else w
-    if part != "down_proj" and module.has_gate:
-        half = w.shape[0] // 2
-        if module.is_concatenated:
-            w = w[:half] if part == "gate_proj" else w[half:]
-        else:
-            w = w[0::2] if part == "gate_proj" else w[1::2]
-    return w
+    return expert_weight(module, state[f"{experts}.{fused_name(module, part)}"], int(e), part)
 
 
 def export(source: str | Path, fmt: str, out: str | Path, *, merge: bool = False, gptq_version: int | None = None,

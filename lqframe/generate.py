@@ -38,15 +38,15 @@ class _Streamer:
             self.prompt_seen = True
             return
         self.tokens += [int(t) for t in value.reshape(-1).tolist()]
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-            return
-        if len(text) > self.shown:
-            self.on_text(text[self.shown:])
-            self.shown = len(text)
+        self._emit(final=False)
 
     def end(self) -> None:
+        self._emit(final=True)
+
+    def _emit(self, final: bool) -> None:
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            return
         if len(text) > self.shown:
             self.on_text(text[self.shown:])
             self.shown = len(text)

@@ -275,6 +275,7 @@ class ShardSource:
         self.reader = reader
         self.dtype = dtype
         self.restore: Callable[[int, nn.Module, torch.device], bool] = lambda index, block, device: False
+        self._aliases: dict[str, str] | None = None  # on-disk names transformers renames (structure.stored_names)
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -293,9 +294,11 @@ class ShardSource:
     def stored(self, names: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Tensors ``names`` of the model from the folder, in the run's dtype, laid out as the model
         holds them (unfolded experts and Conv1D: :func:`lqframe.structure.stored_tensors`)."""
-        from lqframe.structure import stored_tensors
+        from lqframe.structure import stored_names, stored_tensors
 
-        return stored_tensors(self.model, names, self.reader, self.dtype, device)
+        if self._aliases is None and any(name not in self.reader for name in names):  # once per source
+            self._aliases = stored_names(self.model, list(self.reader.files))
+        return stored_tensors(self.model, names, self.reader, self.dtype, device, self._aliases)
 
     def _load_compressed(self, block: nn.Module, prefix: str, device: torch.device) -> None:
         """Empty compressed layers whose tensors the shards hold (a compressed checkpoint streamed):

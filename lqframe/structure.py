@@ -41,7 +41,7 @@ from torch import nn
 from lqframe.errors import CheckpointError
 
 __all__ = ["KINDS", "LQExperts", "Expert", "unfold", "unfolded", "routing_all", "fold_state", "experts_layout",
-           "is_conv1d"]
+           "is_conv1d", "expert_weight", "fused_name", "stored_tensors", "stored_names"]
 
 KINDS = ("experts", "conv1d")
 _RECORD = "_lqframe_unfolded"  # attribute of the model: {module name: kind}
@@ -298,52 +298,62 @@ def fold_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, to
     return out
 
 
+def expert_weight(module: nn.Module, fused: torch.Tensor, e: int, part: str, what: str = "weight") -> torch.Tensor:
+    """Expert ``e``'s ``part`` (``gate_proj``, ``up_proj``, ``down_proj``) weight (out × in) or bias, cut
+    from the unfolded experts ``module``'s fused tensor of that part as the model's own class stores it
+    (``gate_up_proj`` / ``up_proj`` / ``down_proj`` [E, …]: transposed, concatenated or interleaved as
+    the module's flags say)."""
+    t = fused[e]
+    if what == "weight" and module.is_transposed:
+        t = t.T
+    if part in ("gate_proj", "up_proj") and module.has_gate:
+        t = _split_gate_up(t, module.is_concatenated, 0)[0 if part == "gate_proj" else 1]
+    return t
+
+
+def fused_name(module: nn.Module, part: str, what: str = "weight") -> str:
+    """The name (relative to the experts module) of the fused tensor an expert's ``part`` is cut from."""
+    name = "down_proj" if part == "down_proj" else "gate_up_proj" if module.has_gate else "up_proj"
+    return name + ("_bias" if what == "bias" else "")
+
+
 def stored_tensors(model: nn.Module, names: list[str], reader: Any, dtype: torch.dtype | None = None,
-                   device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+                   device: torch.device | str = "cpu", aliases: Mapping[str, str] | None = None
+                   ) -> dict[str, torch.Tensor]:
     """Tensors ``names`` of the unfolded ``model`` from a model folder's weights (``reader``: a
     :class:`lqframe.streaming.ShardReader`), stored in the model's own layout: a Conv1D weight is
     transposed, an expert's linear is read under its own name where the files hold experts one by one
-    (``experts.{e}.gate_proj.weight``, the Qwen/DeepSeek layout on disk) and cut from the fused 3-D
-    tensor otherwise."""
+    (``experts.{e}.gate_proj.weight``, the Qwen/DeepSeek layout on disk), under the name transformers
+    renames it from (``aliases``: :func:`stored_names`, computed once by the caller), and cut from the
+    fused 3-D tensor otherwise."""
     record = unfolded(model)
-    out: dict[str, torch.Tensor] = {}
-    plain, cut = [], []
-    aliases: dict[str, str] | None = None
+    aliases = aliases or {}
+
+    def on_disk(name: str) -> str | None:
+        return name if name in reader else aliases.get(name)
+
+    keys, cut = {}, []
     for name in names:
         owner, _, what = name.rpartition(".")
         m_e, _, part = owner.rpartition(".")
         experts, _, e = m_e.rpartition(".")
-        if name not in reader:
-            aliases = aliases if aliases is not None else stored_names(model, list(reader.files))
-        if name not in reader and name in aliases:
-            plain.append(name)
-        elif name not in reader and record.get(experts) == "experts" and e.isdigit():
+        if on_disk(name) is None and record.get(experts) == "experts" and e.isdigit():
             cut.append((name, experts, int(e), part, what))
         else:
-            plain.append(name)
-    on_disk = {name: aliases.get(name, name) if aliases and name not in reader else name for name in plain}
-    read = reader.get_many(list(on_disk.values()), dtype, device)
-    out.update({name: read[key] for name, key in on_disk.items()})
-    for name in plain:
+            keys[name] = on_disk(name) or name  # (a name the files lack: the reader's error names it)
+    read = reader.get_many(list(keys.values()), dtype, device)
+    out = {name: read[key] for name, key in keys.items()}
+    for name in keys:
         owner, _, what = name.rpartition(".")
         if record.get(owner) == "conv1d" and what == "weight":
             out[name] = out[name].T.contiguous()
     fused: dict[str, torch.Tensor] = {}
     for name, experts, e, part, what in cut:
         module = model.get_submodule(experts)
-        gated = module.has_gate
-        key = f"{experts}.{'down_proj' if part == 'down_proj' else 'gate_up_proj' if gated else 'up_proj'}"
-        key += "_bias" if what == "bias" else ""
+        key = f"{experts}.{fused_name(module, part, what)}"
         if key not in fused:
-            if key not in reader:
-                aliases = aliases if aliases is not None else stored_names(model, list(reader.files))
-            fused[key] = reader.get(aliases.get(key, key) if key not in reader else key, dtype, device)
-        t = fused[key][e]
-        if what == "weight" and module.is_transposed:
-            t = t.T
-        if part in ("gate_proj", "up_proj") and gated:
-            t = _split_gate_up(t, module.is_concatenated, 0)[0 if part == "gate_proj" else 1]
-        out[name] = t.contiguous().clone()
+            fused[key] = reader.get(on_disk(key) or key, dtype, device)
+        out[name] = expert_weight(module, fused[key], e, part, what).contiguous().clone()
     return out
 
 
