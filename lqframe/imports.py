@@ -1,9 +1,10 @@
 """Q from another tool's quantized checkpoint, read exactly (``quantize_stage.from: PATH``).
 
-A user holding a GPTQ or compressed-tensors checkpoint gets lqframe's corrections on it (QERA's
-closed form, RILQ tuning) without re-quantizing: :func:`read_quantized` reads every quantized layer
-of the folder into lqframe's :class:`~lqframe.QuantizedWeight` — the same codes, scales and zero
-points, so its ``dequantize()`` equals the producing tool's dequantization — and the run's
+A user holding a GPTQ, compressed-tensors or bitsandbytes 4-bit (QLoRA) checkpoint gets lqframe's
+corrections on it (QERA's closed form, RILQ tuning) without re-quantizing: :func:`read_quantized`
+reads every quantized layer of the folder into lqframe's :class:`~lqframe.QuantizedWeight` — the
+same codes, scales and zero points, so its ``dequantize()`` equals the producing tool's
+dequantization — and the run's
 decompose stage hands each layer's reconstructor a :class:`FixedQuantizer` that always answers with
 that Q (an alternating reconstructor then converges in one step: Q never moves). ``--model`` names
 the float model the checkpoint was made from; its calibration statistics drive the corrections.
@@ -18,6 +19,15 @@ least significant first along the input dimension), ``qzeros`` (groups × out·b
 ``compressed-tensors`` ``pack-quantized`` (llm-compressor): ``weight_packed`` (out × ⌈in·bits/32⌉,
 each row packed densely), ``weight_scale`` (out × groups, or out × 1 per channel),
 ``weight_zero_point`` packed along the output dimension when asymmetric, ``weight_shape``.
+
+``bitsandbytes`` 4-bit (transformers' ``BitsAndBytesConfig(load_in_4bit=True)``, QLoRA's base): per
+layer the ``weight`` bytes (two codes per byte, the first in the high nibble, over the flattened
+out × in weight), ``weight.quant_map`` (the 16 code values: NF4 or FP4), ``weight.absmax`` (one
+scale per block of ``blocksize`` — float32, or 8-bit codes when double-quantized, with
+``nested_absmax``, ``nested_quant_map`` and the ``nested_offset`` of the ``quant_state`` JSON) — read
+into lqframe's codebook format, double quantization as ``nf``'s ``double_quant: qlora``. Blocks run
+over the flattened weight, so ``in_features`` must be a multiple of ``blocksize`` (every model
+bitsandbytes is used on) for them to be lqframe's per-row blocks.
 
 A ``g_idx`` that permutes the input channels (act-order without static groups) cannot be held by
 lqframe's blockwise format (groups are contiguous runs of input channels), and is refused naming the
@@ -40,7 +50,7 @@ from lqframe.types import QuantizedWeight
 
 __all__ = ["IMPORT_FORMATS", "read_quantized", "unpack_rows", "FixedQuantizer"]
 
-IMPORT_FORMATS = ("gptq", "compressed-tensors")
+IMPORT_FORMATS = ("gptq", "compressed-tensors", "bitsandbytes")
 
 
 def unpack_rows(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
@@ -177,8 +187,57 @@ def _compressed_tensors(folder: Path, qc: dict[str, Any], state: dict[str, torch
     return out
 
 
+_BNB_STATE = ".weight.quant_state.bitsandbytes__"
+
+
+def _bitsandbytes(folder: Path, qc: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, QuantizedWeight]:
+    if not qc.get("load_in_4bit", qc.get("_load_in_4bit")):
+        raise CheckpointError(f"{folder}: a bitsandbytes 8-bit (LLM.int8) checkpoint: lqframe reads bitsandbytes' "
+                              "4-bit (NF4, FP4) weights")
+    out = {}
+    for key in sorted(state):
+        if _BNB_STATE not in key:
+            continue
+        name = key[: key.index(_BNB_STATE)]
+        try:
+            meta = json.loads(bytes(state[key].to(torch.uint8).tolist()).decode("utf-8"))
+            rows, cols = (int(v) for v in meta["shape"])
+            block = int(meta["blocksize"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{folder}: {key}: unreadable quant_state ({exc})") from None
+        if cols % block:
+            raise CheckpointError(f"{folder}: {name}.weight: {cols} input channels are not a multiple of bitsandbytes' "
+                                  f"block of {block} (its blocks cross rows; lqframe's blocks are runs of one row)")
+        packed = state[f"{name}.weight"].contiguous().view(torch.uint8).reshape(-1)  # any quant_storage dtype
+        if packed.numel() * 2 < rows * cols:
+            raise CheckpointError(f"{folder}: {name}.weight holds {packed.numel() * 2} codes for a "
+                                  f"{rows}×{cols} weight")
+        codes = torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1)[: rows * cols].reshape(rows, cols)
+        absmax = state[f"{name}.weight.absmax"]
+        if "nested_blocksize" in meta:
+            offset = torch.tensor([float(meta["nested_offset"])], dtype=torch.float32)
+            scale: torch.Tensor | QuantizedWeight = QuantizedWeight.from_codes(
+                absmax.to(torch.int64).reshape(-1), 8, int(meta["nested_blocksize"]),
+                state[f"{name}.weight.nested_absmax"].to(torch.float32).reshape(-1),
+                codebook=state[f"{name}.weight.nested_quant_map"].to(torch.float32).contiguous(), offset=offset,
+                format="dynamic8")
+        else:
+            scale = absmax.to(torch.float32).reshape(-1)
+        kind = str(meta.get("quant_type", key.rsplit("__", 1)[-1]))
+        out[name] = QuantizedWeight.from_codes(
+            codes.to(torch.int64), 4, block, scale,
+            codebook=state[f"{name}.weight.quant_map"].to(torch.float32).contiguous(), format=kind,
+            meta={"imported": "bitsandbytes", "double_quant": "qlora" if "nested_blocksize" in meta else "none",
+                  "dtype": str(meta.get("dtype", ""))})
+    return out
+
+
+_READERS = {"gptq": _gptq, "compressed-tensors": _compressed_tensors, "bitsandbytes": _bitsandbytes}
+
+
 def read_quantized(path: str | Path) -> tuple[str, dict[str, QuantizedWeight]]:
-    """``(format, {layer name: Q})`` of a GPTQ or compressed-tensors checkpoint folder (module doc)."""
+    """``(format, {layer name: Q})`` of a GPTQ, compressed-tensors or bitsandbytes 4-bit checkpoint
+    folder (module doc)."""
     from lqframe.checkpoint import read_state
 
     folder = Path(path)
@@ -188,7 +247,7 @@ def read_quantized(path: str | Path) -> tuple[str, dict[str, QuantizedWeight]]:
         raise CheckpointError(f"{folder}: quant_method {method!r}: lqframe reads Q from {', '.join(IMPORT_FORMATS)} "
                               "checkpoints")
     state = read_state(folder, check_sizes=False)
-    layers = _gptq(folder, qc, state) if method == "gptq" else _compressed_tensors(folder, qc, state)
+    layers = _READERS[method](folder, qc, state)
     if not layers:
         raise CheckpointError(f"{folder}: a {method} checkpoint without quantized layers")
     return method, layers

@@ -167,3 +167,98 @@ def test_a_checkpoint_the_compressed_tensors_library_wrote_is_corrected(made, tm
         assert torch.equal(model.get_submodule(name).dequantized_weight(), weight.float()), name
     # the correction helps: every layer's output error with L·R is below its imported Q's alone
     assert all(r["info"]["output_error"] < r["info"]["output_error_none"] for r in report["layers"])
+
+
+@pytest.fixture(scope="module")
+def qlora(tmp_path_factory):
+    """A float model whose widths are whole bitsandbytes blocks (64) and its 4-bit checkpoints, written
+    by transformers + bitsandbytes (``BitsAndBytesConfig(load_in_4bit=True)``, on CPU): QLoRA's NF4 with
+    double-quantized scales, and FP4 with float32 scales."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    root = tmp_path_factory.mktemp("qlora")
+    out = {"float": tiny_llama_dir(root / "float", layers=2, intermediate=128)}
+    for kind, double in (("nf4", True), ("fp4", False)):
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=double,
+                                    bnb_4bit_compute_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(out["float"], quantization_config=config, device_map="cpu")
+        model.save_pretrained(root / kind)
+        out[kind] = root / kind
+    return out
+
+
+def _bnb_dequantized(folder) -> dict[str, torch.Tensor]:
+    """bitsandbytes' own dequantization of every 4-bit layer stored in ``folder``."""
+    from bitsandbytes.functional import QuantState, dequantize_4bit
+
+    state = load_file(folder / "model.safetensors")
+    names = {k.split(".weight.quant_state.")[0] for k in state if ".weight.quant_state." in k}
+    out = {}
+    for name in names:
+        parts = {k[len(name) + len(".weight."):]: v for k, v in state.items() if k.startswith(f"{name}.weight.")}
+        out[name] = dequantize_4bit(state[f"{name}.weight"], QuantState.from_dict(parts, device=torch.device("cpu")))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+def test_a_bitsandbytes_4bit_checkpoint_reads_to_the_librarys_dequantization(qlora, kind):
+    from lqframe.registry import registry
+
+    method, layers = read_quantized(qlora[kind])
+    want = _bnb_dequantized(qlora[kind])
+    assert method == "bitsandbytes" and layers.keys() == want.keys() and len(layers) == 14
+    for name, qw in layers.items():
+        assert torch.equal(qw.dequantize(), want[name]), name
+        assert qw.format == kind and qw.block_size == 64
+    if kind == "nf4":  # QLoRA's layout is nf's double_quant: qlora, bit for bit in what it stores
+        nf = registry().create("quantizer", "nf", bits=4, group_size=64, double_quant="qlora")
+        assert all(qw.storage_bits() == nf.storage_bits(qw.shape) for qw in layers.values())
+        assert all(torch.equal(qw.codebook, nf.quantize(torch.randn(2, 64)).codebook) for qw in layers.values())
+
+
+def test_a_qlora_base_is_corrected_and_its_adapter_serves_on_the_original_checkpoint(qlora, tmp_path):
+    """QERA on QLoRA's NF4 base: the corrected checkpoint holds the base's Q unchanged, so the original
+    bitsandbytes checkpoint loaded by transformers plus lqframe's PEFT adapter computes lqframe's model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    report = run(parse_recipe(_doc({"from": str(qlora["nf4"])}), "<qlora>"), str(qlora["float"]), tmp_path / "o",
+                 progress=False, log=lambda s: None)
+    assert {r["quantizer"] for r in report["layers"]} == {"imported:bitsandbytes"}
+    assert all(r["info"]["output_error"] < r["info"]["output_error_none"] for r in report["layers"])
+    model = lqframe.load(tmp_path / "o")
+    for name, weight in _bnb_dequantized(qlora["nf4"]).items():
+        assert torch.equal(model.get_submodule(name).dequantized_weight(), weight), name
+    export(tmp_path / "o", "peft", tmp_path / "adapter", base_model=str(qlora["nf4"]))
+    base = AutoModelForCausalLM.from_pretrained(qlora["nf4"], device_map="cpu")
+    # train mode (no dropout anywhere here): bitsandbytes then computes with its dequantized weight; in
+    # eval mode on a CPU with AVX512-BF16 it switches to a bfloat16 kernel (≈ 3e-3 relative per layer)
+    served = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).train()
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, want = served(input_ids=ids).logits, model(input_ids=ids).logits
+        with served.disable_adapter():
+            alone = served(input_ids=ids).logits
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+    assert float((alone - want).abs().max() / want.abs().max()) > 1e-3
+
+
+def test_bitsandbytes_layouts_lqframe_cannot_hold_are_refused(made, qlora, tmp_path):
+    import shutil
+
+    folder = tmp_path / "int8"
+    shutil.copytree(qlora["nf4"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"].update(load_in_4bit=False, _load_in_4bit=False, load_in_8bit=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"bitsandbytes 8-bit \(LLM.int8\) checkpoint: lqframe reads"):
+        read_quantized(folder)
+    # the block of 64 runs over the flattened weight: 160 input channels put blocks across rows
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    AutoModelForCausalLM.from_pretrained(made["float"], quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32), device_map="cpu").save_pretrained(tmp_path / "odd")
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.down_proj\.weight: 160 input channels are not "
+                                              r"a multiple of bitsandbytes' block of 64"):
+        read_quantized(tmp_path / "odd")
