@@ -50,7 +50,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lqframe.recipe import load_recipe
     from lqframe.run import format_table, run
 
-    recipe = load_recipe(args.recipe, args.set or ())
+    sets = list(args.set or ())
+    if args.source is not None:  # (a JSON string is a YAML scalar whatever the path holds)
+        sets.insert(0, f"quantize_stage.from={json.dumps(args.source)}")
+    recipe = load_recipe(args.recipe, sets)
     report = run(recipe, args.model, args.output, overwrite=args.overwrite, device=args.device,
                  offload=True if args.offload else None, stream=args.stream, activations=args.activations,
                  progress=not args.quiet)
@@ -332,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output folder (default: runs/<model name>)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set quantize_stage.quantizer.bits=3 (repeatable)")
+    p.add_argument("--from", dest="source", metavar="QUANTIZED_DIR",
+                   help="take Q from this GPTQ, compressed-tensors or bitsandbytes 4-bit checkpoint of --model "
+                        "instead of quantizing (quantize_stage.from); the recipe's other stages correct it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--device", type=_device, help="compute device: auto (CUDA when present), cpu, cuda, cuda:N "
                                                    "(default: the recipe's device, auto)")

@@ -46,6 +46,7 @@ from lqframe.pipeline import (
     LayerPlan,
     LayerResult,
     allocation_needs,
+    components,
     cost_table,
     coverage,
     decompose_candidate,
@@ -516,7 +517,8 @@ def _allocate(state: RunState) -> None:
     try:
         table, per_layer, decs = cost_table(state.model, recipe, state.plans, lambda n: _layer_stats(state, n),
                                             state.progress,
-                                            cache=cache, device=state.device, rows=rows if group.active else None)
+                                            cache=cache, device=state.device, rows=rows if group.active else None,
+                                            fixed=state.imported)
     finally:
         if cache is not None:
             cache.close()
@@ -553,7 +555,10 @@ def _allocate(state: RunState) -> None:
         # a cost from the cache has no decomposition yet: its owner makes it as the table would have
         if owners[i] == group.rank and (i, j) not in decs:
             w = state.model.get_submodule(plan.name).weight.detach().to(state.device)
-            decs[(i, j)] = decompose_candidate(w, chosen, _layer_stats(state, plan.name), j)
+            parts = None
+            if plan.name in state.imported:  # (the imported Q, not the nominal quantizer)
+                parts = (state.imported[plan.name], components(chosen.quantizer, chosen.reconstructor)[1])
+            decs[(i, j)] = decompose_candidate(w, chosen, _layer_stats(state, plan.name), j, parts=parts)
         state.prepared[plan.name] = group.broadcast(decs.get((i, j)), owners[i], state.device)
     decs.clear()
     state.plans = plans

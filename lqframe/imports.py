@@ -90,6 +90,14 @@ class FixedQuantizer(Quantizer):
         return {"source": self.source, "format": self.qweight.format, "bits": self.qweight.bits,
                 "group_size": self.qweight.block_size}
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this Q in the allocation cost cache: its options and every stored tensor."""
+        from lqframe.costcache import tensor_digest
+
+        tensors, header = self.qweight.to_state()
+        return {"name": "imported", "options": self.options(), "header": json.dumps(header, sort_keys=True),
+                "tensors": {k: tensor_digest(t) for k, t in sorted(tensors.items())}}
+
 
 def _config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"

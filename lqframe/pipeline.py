@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Container, Sequence
+from collections.abc import Container, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -308,6 +308,7 @@ def decompose_candidate(w: torch.Tensor, plan: LayerPlan, stats: LayerStats | No
 
 def cost_table(model: nn.Module, recipe: Recipe, plans: Sequence[LayerPlan], stats_of, progress: bool = True,
                cache: CostCache | None = None, device: torch.device | None = None, rows: Container[int] | None = None,
+               fixed: Mapping[str, Quantizer] | None = None,
                ) -> tuple[CostTable, list[list[LayerPlan]], dict[tuple[int, int], tuple[Decomposition, float]]]:
     """Decompose every layer with every candidate once: costs (see :func:`layer_cost`, with the
     stage's ``metric``), exact bits from the components' ``storage_bits(shape)`` (+
@@ -320,7 +321,9 @@ def cost_table(model: nn.Module, recipe: Recipe, plans: Sequence[LayerPlan], sta
     pair then has no decomposition here: the allocate stage makes the chosen one with
     :func:`decompose_candidate` and the same statistics, so a warm cache changes nothing in the
     result). Weights are decomposed on ``device`` (default: where they are). ``rows``: decompose
-    only these matrices (one process's share; the others' costs are left 0, their bits filled)."""
+    only these matrices (one process's share; the others' costs are left 0, their bits filled).
+    ``fixed``: per layer, an imported Q (``quantize_stage.from``) that every candidate of the layer
+    takes instead of quantizing — the candidates then differ in their reconstructor (rank) only."""
     from lqframe import __version__
 
     stage = recipe.allocate
@@ -342,8 +345,10 @@ def cost_table(model: nn.Module, recipe: Recipe, plans: Sequence[LayerPlan], sta
         stats = stats_of(plan.name) if mine else None
         w_digest = tensor_digest(w) if cache is not None and mine else ""
         shared: dict[str, SharedQuantizer] = {}
+        imported = (fixed or {}).get(plan.name)
         for j, cand in enumerate(per_layer[i]):
             q, rec = components(cand.quantizer, cand.reconstructor)
+            q = imported if imported is not None else q
             bits[i, j] = q.storage_bits(shape) + (rec.lowrank_bits(shape) if stage.include_lowrank else 0)
             if not mine:
                 continue
@@ -353,7 +358,8 @@ def cost_table(model: nn.Module, recipe: Recipe, plans: Sequence[LayerPlan], sta
                 if stage.metric == "auto":
                     needs = needs | (stats.available() & {"rxx", "fisher"} if stats is not None else frozenset())
                 fingerprint = {"lqframe": __version__, "metric": stage.metric,
-                               "quantizer": _component_fingerprint(cand.quantizer, "quantizer", q),
+                               "quantizer": imported.fingerprint() if imported is not None
+                               else _component_fingerprint(cand.quantizer, "quantizer", q),
                                "reconstructor": _component_fingerprint(cand.reconstructor, "reconstructor", rec)}
                 key = cache.key(w_digest, stats_digest(stats, frozenset(needs)), fingerprint, w.device.type)
                 hit = cache.get(key)

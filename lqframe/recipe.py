@@ -687,8 +687,6 @@ def parse_recipe(doc: Any, origin: str = "<recipe>", check_components: bool = Tr
         if "quantizer" not in s and source is None:
             raise c.error("quantize_stage needs a 'quantizer', e.g. {name: nf, bits: 4, group_size: 64}, or "
                           "'from': a quantized checkpoint whose Q to take")
-        if source is not None and "allocate_stage" in body:
-            raise c.child("from").error("an imported Q is fixed: there is nothing for an allocate_stage to choose")
         stage = QuantizeStage(
             # with 'from' and no quantizer: rtn stands for the imported format in planning (no statistics)
             quantizer=_component(s.get("quantizer", "rtn"), c.child("quantizer"), "quantizer"),
@@ -752,6 +750,17 @@ def parse_recipe(doc: Any, origin: str = "<recipe>", check_components: bool = Tr
             cache=cache,
             reuse=_bool(s.get("reuse", False), c.child("reuse")),
         )
+        if kw["quantize"].source is not None:  # the quantizer is the imported Q: ranks are what is left to choose
+            listed = len(cands)
+            for i, cand in enumerate(candidates):
+                if cand["quantizer"]:
+                    where = c.child("candidates").child(i) if i < listed else c.child("grid").child(i - listed)
+                    raise where.error(f"quantize_stage.from fixes Q: a candidate may set only reconstructor options "
+                                      f"(e.g. {{reconstructor: {{rank: 16}}}}), not quantizer {cand['quantizer']}")
+            if not stage.include_lowrank:
+                raise c.child("include_lowrank").error(
+                    "with quantize_stage.from every candidate stores the same Q: set include_lowrank: true so the "
+                    "budget counts the low-rank terms the allocation chooses between")
         if check_components:
             _check_component(stage.allocator, "allocator", c.child("allocator"))
             recon = kw["reconstruct"].reconstructor if "reconstruct" in kw else ComponentSpec("none")

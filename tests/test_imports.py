@@ -106,9 +106,48 @@ def test_what_lqframe_cannot_hold_is_refused_naming_the_tensor(made, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"quant_method 'awq': lqframe reads Q from gptq, compressed-tensors"):
         read_quantized(folder)
-    with pytest.raises(RecipeError, match=r"quantize_stage.from: an imported Q is fixed"):
-        parse_recipe({**_doc({"from": "x"}), "allocate_stage": {"allocator": "ilp", "budget_bits": 3,
-                                                               "candidates": [{"quantizer": {"bits": 4}}]}}, "<r>")
+    with pytest.raises(RecipeError, match=r"allocate_stage.candidates\[1\]: quantize_stage.from fixes Q: a candidate "
+                                          r"may set only reconstructor options .* not quantizer \{'bits': 4\}"):
+        parse_recipe({**_doc({"from": "x"}), "allocate_stage": {
+            "allocator": "ilp", "budget_bits": 3, "include_lowrank": True,
+            "candidates": [{"reconstructor": {"rank": 2}}, {"quantizer": {"bits": 4}}]}}, "<r>")
+    with pytest.raises(RecipeError, match=r"allocate_stage.include_lowrank: with quantize_stage.from every candidate "
+                                          r"stores the same Q"):
+        parse_recipe({**_doc({"from": "x"}), "allocate_stage": {
+            "allocator": "ilp", "budget_bits": 3, "grid": {"reconstructor": {"rank": [2, 4]}}}}, "<r>")
+
+
+def test_ranks_are_allocated_on_an_imported_q(made, tmp_path):
+    """allocate_stage on an imported Q: the ILP chooses each matrix's rank under a budget that counts
+    Q + L·R; Q stays the checkpoint's in every layer, and the cost cache tells two imported Qs apart."""
+    _, layers = read_quantized(made[("gptq", False)])
+    q_bits = sum(qw.storage_bits() for qw in layers.values()) / sum(qw.numel for qw in layers.values())
+    doc = {**_doc({"from": str(made[("gptq", False)])}), "allocate_stage": {
+        "allocator": "ilp", "budget_bits": q_bits + 1.0, "include_lowrank": True, "metric": "output",
+        "cache": str(tmp_path / "costs.sqlite"), "grid": {"reconstructor": {"rank": [1, 2, 4, 8]}}}}
+    messages: list[str] = []
+    report = run(parse_recipe(doc, "<ranks>"), str(made["float"]), tmp_path / "o", progress=False,
+                 log=messages.append)
+    ranks = {r["name"]: r["rank"] for r in report["layers"]}
+    assert len(set(ranks.values())) >= 2, ranks  # a real choice, not one rank everywhere
+    rows = report["layers"]
+    spent = sum(r["storage_bits"] + r["lowrank_bits"] for r in rows) / sum(r["numel"] for r in rows)
+    assert q_bits < spent <= q_bits + 1.0 + 1e-9
+    model = lqframe.load(tmp_path / "o")
+    for name, qw in layers.items():
+        assert torch.equal(model.get_submodule(name).dequantized_weight(), qw.dequantize()), name
+    assert any("0 from the cache" in m and "56 computed" in m for m in messages)
+    # the same Q again: every cost from the cache, the same checkpoint
+    messages.clear()
+    run(parse_recipe(doc, "<ranks>"), str(made["float"]), tmp_path / "again", progress=False, log=messages.append)
+    assert any("56 from the cache" in m for m in messages)
+    assert torch.equal(load_file(tmp_path / "o" / "model.safetensors")["model.layers.0.mlp.up_proj.left"],
+                       load_file(tmp_path / "again" / "model.safetensors")["model.layers.0.mlp.up_proj.left"])
+    # another Q of the same model: nothing from the cache
+    messages.clear()
+    other = {**doc, "quantize_stage": {"from": str(made[("gptq", True)])}}
+    run(parse_recipe(other, "<ranks>"), str(made["float"]), tmp_path / "sym", progress=False, log=messages.append)
+    assert any("0 from the cache" in m for m in messages)
 
 
 def test_unpack_reads_rows_least_significant_bit_first():
