@@ -56,7 +56,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _reference(x: torch.Tensor, qweight: Any, left, right, bias) -> torch.Tensor:
-    return lq_linear(x, qweight.dequantize(compute_dtype(x)), left, right, bias)
+    return lq_linear(x, qweight.dequantize(compute_dtype(x), stored=True), left, right, bias)
 
 
 REFERENCE = Backend("torch-reference", lambda x, qweight: True, _reference)
@@ -136,5 +136,12 @@ def select_backend(x: torch.Tensor, qweight: Any) -> Backend:
 
 def lq_linear_packed(x: torch.Tensor, qweight: Any, left: torch.Tensor | None, right: torch.Tensor | None,
                      bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x·Qᵀ + (x·Rᵀ)·Lᵀ + b`` from the packed ``qweight`` (see module doc); result in ``x``'s dtype."""
+    """``x·Qᵀ + (x·Rᵀ)·Lᵀ + b`` from the packed ``qweight`` (see module doc); result in ``x``'s dtype.
+
+    For a weight whose columns are stored permuted (``qweight.perm``, act-order imports) ``x`` and
+    ``R`` are put in stored order here, so every backend reads the stored columns as they are."""
+    perm = getattr(qweight, "perm", None)
+    if perm is not None:
+        x = x.index_select(-1, perm)
+        right = right.index_select(1, perm) if right is not None else None
     return select_backend(x, qweight).run(x, qweight, left, right, bias)

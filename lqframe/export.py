@@ -187,13 +187,23 @@ def _check_gptq_weight(name: str, qw: QuantizedWeight) -> None:
                               "a float16 scale and zero point per group, e.g. the rtn or gptq quantizers)")
 
 
+def _input_order(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes (int64, out × in) with the columns in the input's order, and each input channel's
+    group (int32 ``g_idx``): a weight stored in act-order (``perm``) is written back the way GPTQ
+    reads act-order groups."""
+    codes = qw.unpacked_codes().to(torch.int64)
+    inverse = qw.inverse_perm()
+    if inverse is None:
+        return codes, (torch.arange(qw.cols) // qw.block_size).to(torch.int32)
+    return codes.index_select(1, inverse), (inverse // qw.block_size).to(torch.int32)
+
+
 def gptq_layer(name: str, qw: QuantizedWeight, bias: torch.Tensor | None, version: int = 1
                ) -> dict[str, torch.Tensor]:
     """The GPTQ tensors of one layer (``version`` 1: the original ``gptq`` format, zeros stored
     minus one; 2: ``gptq_v2``)."""
     _check_gptq_weight(name, qw)
-    out_f, in_f = qw.shape
-    codes = qw.unpacked_codes().to(torch.int64)  # out × in
+    codes, g_idx = _input_order(qw)  # out × in
     zeros = qw.block_zeros().to(torch.int64)  # out × groups
     stored_zeros = zeros - 1 if version == 1 else zeros
     if version == 1 and bool((stored_zeros < 0).any()):
@@ -203,7 +213,7 @@ def gptq_layer(name: str, qw: QuantizedWeight, bias: torch.Tensor | None, versio
         f"{name}.qweight": gptq_pack(codes, qw.bits).T.contiguous(),  # (in·bits/32) × out
         f"{name}.qzeros": gptq_pack(stored_zeros.T.contiguous(), qw.bits),  # groups × (out·bits/32)
         f"{name}.scales": qw.block_scales().T.contiguous().to(torch.float16),  # groups × out
-        f"{name}.g_idx": (torch.arange(in_f) // qw.block_size).to(torch.int32),
+        f"{name}.g_idx": g_idx,
     }
     if bias is not None:
         tensors[f"{name}.bias"] = bias.detach().to("cpu", torch.float16)
@@ -246,7 +256,8 @@ def export_gptq(model: nn.Module, out: str | Path, tokenizer: Any = None, versio
     for name, m in layers.items():
         tensors.update(gptq_layer(name, m.quantized_weight(), m.bias, version))
     config = _config_dict(model)
-    qc = {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": False, "sym": sym,
+    desc_act = any(m.quantized_weight().perm is not None for m in layers.values())
+    qc = {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": desc_act, "sym": sym,
           "true_sequential": True, "static_groups": False, "damp_percent": 0.01,
           "checkpoint_format": "gptq" if version == 1 else "gptq_v2",
           "modules_in_block_to_quantize": None,
@@ -278,6 +289,9 @@ def _check_ct_weight(name: str, qw: QuantizedWeight) -> None:
         zeros = qw.block_zeros()
         if not torch.equal(zeros, zeros.round()) or bool((zeros < 0).any()) or bool((zeros >= 2 ** qw.bits).any()):
             why = f"its zero points are not integers in [0, {2 ** qw.bits - 1}]"
+        elif qw.perm is not None:
+            why = ("its groups are act-order sets of input channels (g_idx), which compressed-tensors no longer "
+                   "holds (0.20 removed actorder: group); --to gptq writes them (desc_act)")
     if why:
         raise CheckpointError(f"layer {name} cannot be written as compressed-tensors pack-quantized: {why} (it needs "
                               "an integer format with a scale and an integer zero point per group, e.g. the rtn or "

@@ -29,9 +29,12 @@ into lqframe's codebook format, double quantization as ``nf``'s ``double_quant: 
 over the flattened weight, so ``in_features`` must be a multiple of ``blocksize`` (every model
 bitsandbytes is used on) for them to be lqframe's per-row blocks.
 
-A ``g_idx`` that permutes the input channels (act-order without static groups) cannot be held by
-lqframe's blockwise format (groups are contiguous runs of input channels), and is refused naming the
-tensor, as is any other layout lqframe cannot represent.
+A ``g_idx`` (GPTQ) or ``weight_g_idx`` (compressed-tensors ``actorder: group``) that puts input
+channels in groups other than contiguous runs — act-order without static groups — is read as a
+column order: the Q keeps its codes with the columns sorted by group (``QuantizedWeight.perm``), so
+each group is one block, exactly as the producing tool groups them. Every group must hold
+``group_size`` channels (what GPTQ makes); any other layout lqframe cannot represent is refused
+naming the tensor.
 """
 
 from __future__ import annotations
@@ -112,16 +115,36 @@ def _config(folder: Path) -> dict[str, Any]:
     return qc
 
 
+def _column_order(g_idx: torch.Tensor | None, group: int, where: str) -> torch.Tensor | None:
+    """The stored column order that makes ``g_idx``'s groups contiguous blocks (None: already so)."""
+    if g_idx is None:
+        return None
+    g = g_idx.to(torch.int64).reshape(-1)
+    cols = g.numel()
+    if torch.equal(g, torch.arange(cols) // group):
+        return None
+    groups = -(-cols // group)
+    sizes = torch.bincount(g.clamp(0, groups), minlength=groups + 1)
+    full = torch.full((groups,), group, dtype=torch.int64)
+    full[-1] = cols - group * (groups - 1)
+    if bool((g < 0).any()) or bool((g >= groups).any()) or not torch.equal(sizes[:groups], full):
+        raise CheckpointError(f"{where}: its groups are not {groups} sets of {group} input channels (sizes "
+                              f"{sorted(set(sizes[:groups].tolist()))}); lqframe holds act-order groups of equal size")
+    return torch.argsort(g, stable=True).to(torch.int32)
+
+
 def _qweight(codes: torch.Tensor, bits: int, group: int, scales: torch.Tensor, zeros: torch.Tensor,
-             source: str) -> QuantizedWeight:
+             source: str, perm: torch.Tensor | None = None) -> QuantizedWeight:
     symmetric = bool((zeros == 2 ** (bits - 1)).all())
     zero: int | torch.Tensor = 2 ** (bits - 1) if symmetric else zeros.to(torch.int64)
     for narrow in (torch.float16, torch.bfloat16):  # float32 scales holding 16-bit values: stored in 16 bits
         if scales.dtype == torch.float32 and torch.equal(scales.to(narrow).to(torch.float32), scales):
             scales = scales.to(narrow)
             break
+    if perm is not None:  # codes in stored order: each group's channels together
+        codes = codes.index_select(1, perm.to(torch.int64))
     return QuantizedWeight.from_codes(codes.to(torch.int64), bits, group, scales.contiguous(), zero=zero,
-                                      format=int_format(bits, symmetric), meta={"imported": source})
+                                      format=int_format(bits, symmetric), meta={"imported": source}, perm=perm)
 
 
 def _gptq(folder: Path, qc: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, QuantizedWeight]:
@@ -146,13 +169,10 @@ def _gptq(folder: Path, qc: dict[str, Any], state: dict[str, torch.Tensor]) -> d
         group = in_f // groups if in_f % groups == 0 else None
         if group is None:
             raise CheckpointError(f"{folder}: {name}.scales has {groups} groups for {in_f} input channels")
-        if g_idx is not None and not torch.equal(g_idx.to(torch.int64), torch.arange(in_f) // group):
-            raise CheckpointError(f"{folder}: {name}.g_idx permutes the input channels (act-order without static "
-                                  "groups); lqframe's groups are contiguous runs of input channels, so it cannot "
-                                  "hold this layer exactly")
+        perm = _column_order(g_idx, group, f"{folder}: {name}.g_idx")
         codes = unpack_rows(qweight.T.contiguous(), bits, in_f)  # out × in
         zeros = unpack_rows(qzeros, bits, out_f).T + (1 if version == 1 else 0)  # out × groups
-        out[name] = _qweight(codes, bits, group, scales.T.contiguous(), zeros, "gptq")
+        out[name] = _qweight(codes, bits, group, scales.T.contiguous(), zeros, "gptq", perm)
     return out
 
 
@@ -175,9 +195,6 @@ def _compressed_tensors(folder: Path, qc: dict[str, Any], state: dict[str, torch
         if w.get("type", "int") != "int" or w.get("strategy") not in ("group", "channel"):
             raise CheckpointError(f"{folder}: {key}: {w.get('type')} weights with strategy {w.get('strategy')!r}; "
                                   "lqframe reads integer group or channel quantization")
-        if f"{name}.weight_g_idx" in state:
-            raise CheckpointError(f"{folder}: {name}.weight_g_idx permutes the input channels (group act-order); "
-                                  "lqframe's groups are contiguous runs of input channels")
         bits = int(w["num_bits"])
         out_f, in_f = (int(v) for v in state[f"{name}.weight_shape"].tolist())
         scales = state[f"{name}.weight_scale"]
@@ -191,7 +208,8 @@ def _compressed_tensors(folder: Path, qc: dict[str, Any], state: dict[str, torch
             zeros = torch.full(scales.shape, 2 ** (bits - 1), dtype=torch.int64)
         else:
             zeros = unpack_rows(zp.T.contiguous(), bits, out_f).T
-        out[name] = _qweight(codes, bits, group, scales, zeros, "compressed-tensors")
+        perm = _column_order(state.get(f"{name}.weight_g_idx"), group, f"{folder}: {name}.weight_g_idx")
+        out[name] = _qweight(codes, bits, group, scales, zeros, "compressed-tensors", perm)
     return out
 
 

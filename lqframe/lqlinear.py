@@ -35,7 +35,8 @@ from lqframe.types import Decomposition, QuantizedWeight
 
 __all__ = ["PackedStorage", "LQLinear"]
 
-_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.uint8, torch.float16, torch.bfloat16, torch.float32)}
+_DTYPES = {str(d).removeprefix("torch."): d
+           for d in (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.int32)}
 
 
 class PackedStorage(nn.Module):

@@ -12,6 +12,13 @@ other lookup formats) or an integer grid with a zero point. Scales may themselve
            = q - zero[block]        (integer formats; zero a constant or packed per block)
 
 so kernels and checkpoints need to know nothing about the method that produced the codes.
+
+A weight may carry ``perm`` (int32, one entry per column): its columns are *stored* in that order
+— stored column ``j`` holds input channel ``perm[j]`` — so that groups may be any equal-sized sets
+of input channels, as GPTQ's act-order (``desc_act``, ``g_idx``) makes them. Codes, scales and zero
+points are in stored order; :meth:`QuantizedWeight.dequantize` returns the matrix in the input's
+order. Kernels read the stored columns and take the input in stored order
+(:func:`lqframe.kernels.lq_linear_packed` permutes it).
 """
 
 from __future__ import annotations
@@ -64,6 +71,7 @@ class QuantizedWeight:
     offset: torch.Tensor | None = attrs.field(default=None)
     format: str = attrs.field(default="")
     meta: Mapping[str, Any] = attrs.field(factory=dict)
+    perm: torch.Tensor | None = attrs.field(default=None)
 
     def __attrs_post_init__(self) -> None:
         if not 1 <= self.bits <= 8:
@@ -91,6 +99,12 @@ class QuantizedWeight:
                 self.nblocks_total, self.bits
             ):
                 raise ValueError("zero points must be packed uint8, one per block")
+        if self.perm is not None:
+            p = self.perm
+            if p.dtype != torch.int32 or p.dim() != 1 or p.numel() != self.cols:
+                raise ValueError(f"perm must be a 1-d int32 tensor of {self.cols} column indices")
+            if not torch.equal(torch.sort(p.to(torch.int64)).values, torch.arange(self.cols, device=p.device)):
+                raise ValueError("perm must be a permutation of the columns")
 
     # ----------------------------------------------------------------- geometry
     @property
@@ -114,8 +128,13 @@ class QuantizedWeight:
         return self.rows * self.blocks_per_row
 
     # ----------------------------------------------------------------- decoding
+    def inverse_perm(self) -> torch.Tensor | None:
+        """Where each input channel is stored (int64: ``stored[:, inverse[i]]`` is input channel i),
+        or None without ``perm``."""
+        return None if self.perm is None else torch.argsort(self.perm.to(torch.int64))
+
     def unpacked_codes(self) -> torch.Tensor:
-        """Codes as int64 in the logical shape."""
+        """Codes as int64 in the logical shape (columns in stored order, see ``perm``)."""
         return unpack_bits(self.codes, self.bits, self.numel).reshape(self.shape)
 
     def block_scales(self) -> torch.Tensor:
@@ -136,8 +155,9 @@ class QuantizedWeight:
     def _expand(self, per_block: torch.Tensor) -> torch.Tensor:
         return expand_blocks(per_block, self.block_size, self.cols).reshape(self.shape)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dense tensor these codes represent."""
+    def dequantize(self, dtype: torch.dtype = torch.float32, *, stored: bool = False) -> torch.Tensor:
+        """The dense tensor these codes represent (``stored``: its columns in stored order, see
+        ``perm``; the kernels compute in that order)."""
         values = decode_blocks(
             self.unpacked_codes().reshape(self.rows, self.cols),
             self.block_size,
@@ -146,6 +166,8 @@ class QuantizedWeight:
             zero=self.block_zeros(),
             offset=self.offset,
         )
+        if self.perm is not None and not stored:  # back to the input's order
+            values = values.index_select(1, self.inverse_perm().to(values.device))
         return values.reshape(self.shape).to(dtype)
 
     def error_bound(self, reference: torch.Tensor) -> torch.Tensor:
@@ -160,6 +182,8 @@ class QuantizedWeight:
         x = reference.to(torch.float32).reshape(self.rows, self.cols)
         if x.numel() == 0:
             return x.reshape(self.shape)
+        if self.perm is not None:  # compare in stored order; answered in the input's order
+            x = x.index_select(1, self.perm.to(device=x.device, dtype=torch.int64))
         scale = expand_blocks(self.block_scales(), self.block_size, self.cols)
         offset = self.offset.to(torch.float32) if self.offset is not None else 0.0  # broadcast as decoded
         if self.codebook is not None:
@@ -175,13 +199,15 @@ class QuantizedWeight:
         for step in (-2, -1, 0, 1):
             candidate = lut[(index + step).clamp(0, lut.numel() - 1)]
             best = torch.minimum(best, (x - ((candidate - shift) * scale + offset)).abs())
+        if self.perm is not None:
+            best = best.index_select(1, self.inverse_perm().to(best.device))
         return best.reshape(self.shape)
 
     # ----------------------------------------------------------------- storage
     def storage_bits(self) -> int:
         """Exact number of bits this weight occupies on disk: packed codes, scales (recursively),
-        zero points and offsets. A codebook is a format constant shared by every matrix of the
-        format and is not counted per matrix."""
+        zero points, offsets and a column order. A codebook is a format constant shared by every
+        matrix of the format and is not counted per matrix."""
         bits = self.codes.numel() * 8
         bits += self.scale.storage_bits() if isinstance(self.scale, QuantizedWeight) else _tensor_bits(
             self.scale
@@ -190,6 +216,8 @@ class QuantizedWeight:
             bits += self.zero.numel() * 8
         if self.offset is not None:
             bits += _tensor_bits(self.offset)
+        if self.perm is not None:
+            bits += _tensor_bits(self.perm)
         return bits
 
     def bits_per_param(self) -> float:
@@ -220,6 +248,8 @@ class QuantizedWeight:
             tensors[prefix + "codebook"] = self.codebook
         if self.offset is not None:
             tensors[prefix + "offset"] = self.offset
+        if self.perm is not None:
+            tensors[prefix + "perm"] = self.perm
         return tensors, header
 
     @classmethod
@@ -242,6 +272,7 @@ class QuantizedWeight:
             offset=tensors.get(prefix + "offset"),
             format=header.get("format", ""),
             meta=header.get("meta", {}),
+            perm=tensors.get(prefix + "perm"),
         )
 
     # ----------------------------------------------------------------- construction helper

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import lqframe
 from lqframe.errors import CheckpointError, RecipeError
-from lqframe.export import export
+from lqframe.export import export, gptq_pack
 from lqframe.imports import read_quantized, unpack_rows
 from lqframe.recipe import parse_recipe
 from lqframe.run import run
@@ -90,6 +90,82 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_layer(made, tmp_pat
             progress=False, log=lambda s: None)
 
 
+def _act_order(source, folder, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A GPTQ act-order (``desc_act``) checkpoint made from the GPTQ folder ``source``: in every layer a
+    random permutation gives the input channels to the groups (``g_idx``) and the codes move with their
+    channels. Returns each layer's weight decoded straight from the published layout: input channel i
+    takes the scale and zero point of group ``g_idx[i]``."""
+    import shutil
+
+    shutil.copytree(source, folder)
+    state = load_file(folder / "model.safetensors")
+    gen = torch.Generator().manual_seed(seed)
+    decoded = {}
+    for key in sorted(k for k in state if k.endswith(".qweight")):
+        name = key[: -len(".qweight")]
+        scales = state[f"{name}.scales"].float()  # groups × out
+        groups, out_f = scales.shape
+        in_f = state[key].shape[0] * 8
+        codes = unpack_rows(state[key].T.contiguous(), 4, in_f)  # out × in, groups contiguous runs
+        order = torch.randperm(in_f, generator=gen)
+        moved = torch.empty_like(codes)
+        moved[:, order] = codes
+        g_idx = torch.empty(in_f, dtype=torch.int32)
+        g_idx[order] = (torch.arange(in_f) // (in_f // groups)).to(torch.int32)
+        state[key] = gptq_pack(moved, 4).T.contiguous()
+        state[f"{name}.g_idx"] = g_idx
+        zeros = unpack_rows(state[f"{name}.qzeros"], 4, out_f) + 1  # groups × out (v1: stored minus one)
+        decoded[name] = (moved - zeros[g_idx.long()].T) * scales[g_idx.long()].T
+    save_file(state, folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["desc_act"] = True
+    (folder / "config.json").write_text(json.dumps(config))
+    return decoded
+
+
+def test_a_gptq_act_order_checkpoint_is_read_as_its_layout_says(made, tmp_path):
+    """act-order groups (g_idx) are read as a column order: Q decodes to the published layout's weight,
+    a QERA correction on it is saved and reloaded as any other, and the GPTQ export writes the same
+    codes, scales and g_idx back (desc_act); compressed-tensors, which dropped group act-order, refuses."""
+    decoded = _act_order(made[("gptq", False)], tmp_path / "actorder")
+    _, layers = read_quantized(tmp_path / "actorder")
+    for name, qw in layers.items():
+        assert qw.perm is not None, name
+        assert torch.equal(qw.dequantize(), decoded[name]), name
+    plain = read_quantized(made[("gptq", False)])[1]
+    assert all(qw.storage_bits() == plain[n].storage_bits() + 32 * qw.cols for n, qw in layers.items())
+    config = {"data": {"seq_len": 32, "calibration_windows": 2, "evaluation_windows": 2, "source": "pydoc"},
+              "reconstruct_stage": {"reconstructor": {"name": "qera-exact", "rank": 4}}, "save_stage": {}}
+    (tmp_path / "recipe.yaml").write_text(json.dumps(config))
+    from lqframe.cli import main
+
+    assert main(["run", str(tmp_path / "recipe.yaml"), "--model", str(made["float"]), "--from",
+                 str(tmp_path / "actorder"), "--output", str(tmp_path / "o"), "--quiet", "--json"]) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert {r["quantizer"] for r in report["layers"]} == {"imported:gptq"}
+    assert all(r["info"]["output_error"] < r["info"]["output_error_none"] for r in report["layers"])
+    model = lqframe.load(tmp_path / "o")
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    for name, weight in decoded.items():
+        layer = model.get_submodule(name)
+        assert torch.equal(layer.dequantized_weight(), weight), name
+        if layer.in_features == 64:  # the packed forward computes in the input's order
+            want = x @ layer.dense_weight().T + (layer.bias if layer.bias is not None else 0)
+            assert torch.allclose(layer(x), want, rtol=1e-5, atol=1e-5), name
+    export(tmp_path / "o", "gptq", tmp_path / "back")
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["quantization_config"]["desc_act"] is True
+    again = read_quantized(tmp_path / "back")[1]
+    source = load_file(tmp_path / "actorder" / "model.safetensors")
+    written = load_file(tmp_path / "back" / "model.safetensors")
+    for name, qw in layers.items():
+        assert torch.equal(again[name].perm, qw.perm) and torch.equal(again[name].dequantize(), qw.dequantize())
+        for part in ("qweight", "qzeros", "scales", "g_idx"):
+            assert torch.equal(written[f"{name}.{part}"], source[f"{name}.{part}"]), (name, part)
+    with pytest.raises(CheckpointError, match=r"layer model\.layers\.0\.self_attn\.q_proj cannot be written as "
+                                              r"compressed-tensors pack-quantized: its groups are act-order sets"):
+        export(tmp_path / "o", "compressed-tensors", tmp_path / "ct")
+
+
 def test_what_lqframe_cannot_hold_is_refused_naming_the_tensor(made, tmp_path):
     import shutil
 
@@ -97,9 +173,10 @@ def test_what_lqframe_cannot_hold_is_refused_naming_the_tensor(made, tmp_path):
     shutil.copytree(made[("gptq", False)], folder)
     state = load_file(folder / "model.safetensors")
     name = "model.layers.1.mlp.down_proj.g_idx"
-    state[name] = state[name].flip(0).contiguous()  # act-order: groups no longer contiguous runs
+    state[name] = torch.zeros_like(state[name])  # every channel in group 0: groups of unequal size
     save_file(state, folder / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.down_proj\.g_idx permutes the input channels"):
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.down_proj\.g_idx: its groups are not 5 sets "
+                                              r"of 32 input channels \(sizes \[0, 160\]\)"):
         read_quantized(folder)
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "awq", "bits": 4}

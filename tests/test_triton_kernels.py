@@ -342,3 +342,29 @@ def test_cuda_kernels_every_format_both_paths(name, opts, path, dtype, monkeypat
     monkeypatch.setenv("LQFRAME_KERNELS", "auto")
     qw = _qweight(name, opts, 8, 64, 16, 0, "cuda")
     assert dispatch.select_backend(torch.zeros(1, 64, device="cuda"), qw).name == "triton"  # auto: CUDA → kernels
+
+
+@pytest.mark.parametrize("mode", ["reference", "triton"])
+def test_act_order_weights_compute_in_the_inputs_order(monkeypatch, mode):
+    """A weight stored in act-order (``perm``: stored column j is input channel perm[j], imported from
+    GPTQ ``g_idx``): both backends compute x·Qᵀ + (x·Rᵀ)·Lᵀ + b with Q in the input's order, and the
+    gradients to L and R are those of that product."""
+    import attrs
+
+    stored = _qweight("rtn", {"bits": 4, "symmetric": False}, 8, 48, 16, 3)
+    perm = torch.randperm(48, generator=torch.Generator().manual_seed(0)).to(torch.int32)
+    qw = attrs.evolve(stored, perm=perm)
+    q = qw.dequantize()
+    assert torch.equal(q[:, perm.long()], stored.dequantize()) and not torch.equal(q, stored.dequantize())
+    x, left, right, b = _operands(3, 8, 48, 2, True, torch.float32, 0, DEVICE)
+    monkeypatch.setenv("LQFRAME_KERNELS", mode)
+    qw = _on(qw, DEVICE)
+    assert dispatch.select_backend(x, qw).name == ("torch-reference" if mode == "reference" else "triton")
+    with torch.no_grad():
+        testing.check_linear_output(dispatch.lq_linear_packed(x, qw, left, right, b), x, q, left, right, b)
+    left, right = left.clone().requires_grad_(), right.clone().requires_grad_()
+    dispatch.lq_linear_packed(x, qw, left, right, b).square().sum().backward()
+    want_l, want_r = left.detach().clone().requires_grad_(), right.detach().clone().requires_grad_()
+    (x @ q.to(DEVICE).T + (x @ want_r.T) @ want_l.T + b).square().sum().backward()
+    assert torch.allclose(left.grad, want_l.grad, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(right.grad, want_r.grad, rtol=1e-5, atol=1e-5)
