@@ -61,6 +61,7 @@ EXAMPLE_RECONSTRUCTOR = ROOT / "examples" / "lqframe-example-reconstructor"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK_ENV = "LQFRAME_BLOCK_PLUGINS"
 NOT_CODE = "not code: "
+NOT_RUN = "not run here: "
 
 #: every fenced block of README.md and docs/*.md → the test that runs or checks it, or why it is not code
 COVERAGE: dict[tuple[str, str], str] = {
@@ -102,6 +103,9 @@ COVERAGE: dict[tuple[str, str], str] = {
     ("docs/recipes.md", "quantize_stage:\n  quantizer: {name: gptq, bits: 4, group_size: 128}\n  experts:"):
         "test_experts_options_parse",
     ("docs/recipes.md", "lqframe run recipes/nf4-svd32.yaml --set"): "test_set_command",
+    ("docs/recipes.md", "lqframe run recipes/correct-qera32.yaml"): "test_correct_and_serve_blocks",
+    ("docs/recipes.md", "import torch\nfrom peft import PeftModel"): "test_correct_and_serve_blocks",
+    ("docs/recipes.md", "vllm serve"): NOT_RUN + "vLLM serves on a GPU; this machine has none (the docs say so)",
 }
 
 #: `lqframe run` commands compress the tiny model (tests/tiny.py) with this little data
@@ -408,6 +412,21 @@ def _kernel_generate(shell: Shell, cmd: Command) -> None:
     shell.run(cmd, [*argv, "--new-tokens", "4"])
 
 
+def _correct(shell: Shell, cmd: Command) -> None:
+    """The commands of "Correcting an existing quantized model": the placeholders are the tiny float
+    model and a quantized checkpoint of it; ``lqframe run`` gets SMALL's data."""
+    words = {"path/to/float-model": str(shell.context["float"]),
+             "path/to/quantized-model": str(shell.context["quantized"])}
+    argv = [*shell.program(cmd.argv[0]), *(words.get(w, w) for w in cmd.argv[1:])]
+    if cmd.argv[1] == "run":
+        for s in SMALL:
+            argv += ["--set", s]
+    shell.run(cmd, argv)
+
+
+CORRECT = ("lqframe run recipes/correct-qera32.yaml --model path/to/float-model --from path/to/quantized-model "
+           "--output runs/corrected")
+
 #: every command of the docs that is not set-up (venv, pip) or `cd`, with how it runs
 COMMANDS = {
     ".venv/bin/lqframe run": _lqframe_run,
@@ -425,6 +444,9 @@ COMMANDS = {
     "OMP_NUM_THREADS=1 ~/.venvs/lqframe-peers/bin/python benchmarks/peers.py": _help,
     "python benchmarks/kernel_speed.py --device cuda": _kernel_layers,
     "python benchmarks/kernel_speed.py --device cuda --generate DIR": _kernel_generate,
+    CORRECT: _correct,
+    "lqframe export runs/corrected --to peft runs/corrected-adapter --base-model path/to/quantized-model": _correct,
+    "lqframe generate runs/corrected def fibonacci(n): --compare --max-new-tokens 24": _correct,
 }
 
 
@@ -498,7 +520,7 @@ def test_every_fenced_block_is_covered():
         n = sum(_matches(b, key) for b in blocks)
         if n != 1:
             problems.append(f"COVERAGE entry {key} matches {n} blocks")
-        if not how.startswith(NOT_CODE) and not (how.startswith("test_") and callable(globals().get(how))):
+        if not how.startswith((NOT_CODE, NOT_RUN)) and not (how.startswith("test_") and callable(globals().get(how))):
             problems.append(f"COVERAGE entry {key}: no test {how!r} in this file")
     assert not problems, "\n\n".join(problems)
 
@@ -662,6 +684,43 @@ def test_set_command(tmp_path, installer, tiny_model):
     for layer in report["layers"]:
         assert (layer["quantizer"], layer["bits"], layer["reconstructor"]) == ("nf", 3, "svd")
         assert layer["rank"] == min(64, *shapes[layer["name"]])
+
+
+@pytest.mark.slow
+def test_correct_and_serve_blocks(tmp_path, installer):
+    """"Correcting an existing quantized model" on the tiny model and a compressed-tensors checkpoint
+    of it written by the compressed-tensors library (llm-compressor's layout): the commands run as
+    written (Q imported, QERA's term added, the adapter exported, both continuations printed), and
+    the "Serving it" block — transformers loading that checkpoint, PEFT attaching the adapter —
+    computes lqframe's corrected model."""
+    import lqframe
+    from lqframe.testing import byte_tokenizer
+    from tests.test_imports import _library_checkpoint
+
+    float_dir = tiny_llama_dir(tmp_path / "float", layers=2)
+    quantized = tmp_path / "quantized"
+    _library_checkpoint(float_dir, quantized, symmetric=True)
+    byte_tokenizer().save_pretrained(quantized)
+    shell = Shell(tmp_path / "shell", installer, float=float_dir, quantized=quantized)
+    commands = shell_commands(block_for(("docs/recipes.md", "lqframe run recipes/correct-qera32.yaml")).text)
+    shell.execute(commands)
+    runs = shell.home / "runs"
+    report = json.loads((runs / "corrected" / "report.json").read_text())
+    assert {r["quantizer"] for r in report["layers"]} == {"imported:compressed-tensors"}
+    assert all(r["info"]["output_error"] < r["info"]["output_error_none"] for r in report["layers"])
+    assert (runs / "corrected-adapter" / "adapter_config.json").is_file()
+    assert shell.results[commands[-1].text].stdout.strip()
+    code = block_for(("docs/recipes.md", "import torch\nfrom peft import PeftModel")).text
+    assert code.count('"path/to/quantized-model"') == 2
+    code = code.replace('"path/to/quantized-model"', repr(str(quantized)))
+    code = _replace(code, '"runs/corrected-adapter"', repr(str(runs / "corrected-adapter")))
+    namespace: dict = {}
+    exec(compile(code, str(block_for(("docs/recipes.md", "import torch\nfrom peft import PeftModel"))), "exec"),
+         namespace)
+    with torch.no_grad():
+        got = namespace["model"](input_ids=namespace["ids"]).logits
+        want = lqframe.load(runs / "corrected")(input_ids=namespace["ids"]).logits
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
 
 
 # --------------------------------------------------------------------------- docs/kernels.md, docs/peers.md
