@@ -16,6 +16,7 @@ docs/peers.md); a peer whose package is not importable is skipped with a message
     python benchmarks/peers.py --peers gptq-static --force
     python benchmarks/peers.py --tiny               # random 2-layer Llama, random windows: plumbing check
     python benchmarks/peers.py --table              # only print the table of --out
+    python benchmarks/peers.py --peers gptq-static --save DIR   # also save the checkpoint to DIR
 
 Peers (``--peers``):
 
@@ -28,6 +29,13 @@ Peers (``--peers``):
   ``actorder`` static / none, run by ``oneshot`` with the sequential (decoder-layer) pipeline on the
   calibration windows, passed as a tokenized dataset of ``input_ids``. The result is evaluated as
   llm-compressor leaves it: every weight is on its int4 grid (checked), the plain forward.
+
+``--save DIR`` (one GPTQ peer only) also writes the evaluated model as a compressed-tensors checkpoint,
+after its perplexity is measured: llm-compressor's own ``model.save_pretrained(DIR,
+save_compressed=True)`` (``pack-quantized``: ``config.json`` with its ``quantization_config``,
+``recipe.yaml``, safetensors) plus the tokenizer. It is written to ``DIR.tmp`` and renamed to ``DIR``
+when complete; a previous checkpoint in ``DIR`` is replaced. The peer is measured even if its row is
+cached, and its row is written as with ``--force``. See :func:`save_gptq`.
 
 Both tools are used as published with one exception, patched at run time (nothing in site-packages
 is edited): PEFT's ``loftq_init`` hard-codes its compute device to CUDA (or XPU); see
@@ -43,6 +51,7 @@ import importlib.util
 import inspect
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -97,11 +106,22 @@ def parser() -> argparse.ArgumentParser:
                     help="a random 2-layer Llama (hidden 64) and random token windows instead of the model "
                          "and its data: checks the plumbing in seconds; rows go to a temporary file")
     ap.add_argument("--verbose", action="store_true", help="keep the peers' own logging and progress bars")
+    ap.add_argument("--save", metavar="DIR",
+                    help="save the GPTQ peer's model (one of gptq-static / gptq-none in --peers) as a "
+                         "compressed-tensors checkpoint in DIR with llm-compressor's save_pretrained, plus the "
+                         "tokenizer; measures the peer even if its row is cached")
     return ap
 
 
 def main() -> None:
-    args = parser().parse_args()
+    ap = parser()
+    args = ap.parse_args()
+    save_peer = None
+    if args.save and not args.table:
+        gptq = [n for n in dict.fromkeys(args.peers) if n != "loftq"]
+        if len(gptq) != 1:
+            ap.error(f"--save takes exactly one GPTQ peer (gptq-static or gptq-none) in --peers, not {gptq or 'none'}")
+        save_peer = gptq[0]
     out = Path(args.out or (Path(tempfile.gettempdir()) / "lqframe-peers-tiny.jsonl" if args.tiny
                             else Path(__file__).resolve().parent / "results" / "peers.jsonl"))
     if args.table:
@@ -115,7 +135,7 @@ def main() -> None:
     for name in args.peers:
         row = _row_stub(name, args, cal_sources)
         cached = done.get(methods_table._row_key(row))
-        if cached is not None and not args.force and all(s in cached.get("perplexity", {})
+        if cached is not None and not args.force and name != save_peer and all(s in cached.get("perplexity", {})
                                                          for s in args.evaluation_sources):
             print(f"{name:12} ppl {cached['ppl']:10.4f} (cached in {out})", flush=True)
             continue
@@ -125,6 +145,8 @@ def main() -> None:
                   f"docs/peers.md)", flush=True)
             continue
         todo.append((name, row, cached))
+    if save_peer is not None and save_peer not in [t[0] for t in todo]:
+        raise SystemExit(f"--save: {save_peer} was skipped, nothing saved")
     if not todo:
         print(table(methods_table._read(out)))
         return
@@ -161,6 +183,8 @@ def main() -> None:
         print(f"{name:12} " + "  ".join(f"{s} {v['compressed']:.4f} ×{v['ratio']:.3f}"
                                          for s, v in row["perplexity"].items())
               + f"  bits {row['avg_bits']:.4f}/{row['avg_bits_with_lowrank']:.4f}  {seconds:7.1f} s", flush=True)
+        if name == save_peer:  # after the evaluation: saving compresses the model in place
+            print(f"{name:12} saved to {save_gptq(work, tokenizer, Path(args.save))}", flush=True)
         del work
     print()
     print(table(methods_table._read(out)))
@@ -440,6 +464,55 @@ def run_gptq(work: nn.Module, reference: nn.Module, calibration: torch.Tensor, t
                 "num_calibration_samples": len(calibration), "max_seq_length": seq_len, "batch_size": 1,
                 "evaluated": "weights as left by oneshot (on the int4 grid), plain forward"}
     return result, seconds, acct, settings
+
+
+def save_gptq(model: nn.Module, tokenizer, folder: Path) -> Path:
+    """Save ``model`` as oneshot left it with llm-compressor's own saving; returns the folder.
+
+    ``oneshot`` wraps ``model.save_pretrained`` (``modify_save_pretrained``, applied here too in case it
+    did not); ``save_pretrained(DIR, save_compressed=True)`` compresses the model in place (int4
+    ``pack-quantized``: ``weight_packed``, ``weight_scale``, ``weight_zero_point``, ``weight_shape``),
+    writes the safetensors, rewrites ``config.json`` from the config at ``config.name_or_path``, adds
+    its ``quantization_config`` and writes ``recipe.yaml``. The model is not usable for a float forward
+    afterwards. It also looks at ``config.name_or_path`` for a recipe and for ``.py`` files and would go
+    to the Hub if that were no folder, so ``name_or_path`` points at a temporary folder holding the
+    config (lqframe's model comes from a GGUF file). ``config.architectures`` is set to the model class
+    when missing (a GGUF-loaded config has none), as transformers' ``save_pretrained`` would. The
+    tokenizer, if any, is saved beside it.
+
+    Everything is written to ``DIR.tmp`` and renamed to ``DIR`` at the end. An existing ``DIR`` is
+    replaced when it is empty or holds a ``config.json`` (a previous checkpoint); anything else is refused.
+    """
+    from llmcompressor.transformers.compression.compressed_tensors_utils import modify_save_pretrained
+
+    folder = Path(folder).expanduser().resolve()
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / "config.json").is_file())):
+        raise SystemExit(f"--save: {folder} exists and is not a checkpoint folder; not replacing it")
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    modify_save_pretrained(model)  # a no-op when oneshot has wrapped save_pretrained already
+    if not getattr(model.config, "architectures", None):
+        # what transformers' save_pretrained writes; a GGUF-loaded config has none, and llm-compressor
+        # rewrites config.json from the config file at name_or_path
+        model.config.architectures = [type(model).__name__]
+    with tempfile.TemporaryDirectory() as config_folder:
+        model.config.save_pretrained(config_folder)
+        model.config.name_or_path = config_folder
+        model.save_pretrained(str(tmp), save_compressed=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(folder)
+    return folder
 
 
 class _NoProcessor:

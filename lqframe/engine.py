@@ -311,7 +311,8 @@ def _import(state: RunState) -> None:
         raise RecipeError(f"{state.recipe.origin}: quantize_stage.from: {source} quantizes none of the targeted "
                           f"layers (it has {', '.join(sorted(layers)[:3])} …)")
     state.imported = {p.name: FixedQuantizer(layers[p.name], fmt) for p in state.plans}
-    state.log(f"Q of {len(state.imported)} layers read from the {fmt} checkpoint {source}"
+    state.log(f"Q of {len(state.imported)} layers read from the {fmt} checkpoint {source} (the recipe's quantizer is "
+              "not used)"
               + (f"; {len(outside)} of its quantized layers are outside the targets and stay as the model has them "
                  f"({', '.join(outside[:3])})" if outside else ""))
 

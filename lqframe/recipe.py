@@ -712,7 +712,8 @@ def parse_recipe(doc: Any, origin: str = "<recipe>", check_components: bool = Tr
         if "reconstructor" not in s:
             raise c.error("reconstruct_stage needs a 'reconstructor', e.g. {name: svd, rank: 32}")
         if "quantize_stage" not in body:
-            raise c.error("a reconstruct_stage needs a quantize_stage (it corrects a quantizer's error)")
+            raise c.error("a reconstruct_stage needs a quantize_stage (it corrects a quantizer's error): a "
+                          "quantizer, or from: a quantized checkpoint (lqframe run --from)")
         stage = ReconstructStage(
             reconstructor=_component(s["reconstructor"], c.child("reconstructor"), "reconstructor"),
             overrides=_overrides(s.get("overrides"), c.child("overrides"), "reconstructor"),

@@ -77,6 +77,8 @@ COVERAGE: dict[tuple[str, str], str] = {
     ("docs/kernels.md", "python benchmarks/kernel_speed.py --device cuda "): "test_kernel_benchmark_commands",
     ("docs/kernels.md", "python -m pytest tests/test_triton_kernels.py "): "test_shell_block",
     ("docs/peers.md", "python3 -m venv ~/.venvs/lqframe-peers"): "test_peers_commands",
+    ("docs/peers.md", "V=~/.venvs/lqframe-peers"):
+        NOT_RUN + "a second venv installed from PyPI (llmcompressor); run by hand, its figures are in the text",
     ("docs/plugins.md", "min over rank-r C of ‖S (Δ − C) T‖_F"): NOT_CODE + "the weighted low-rank problem (math)",
     ("docs/plugins.md", "@attrs.frozen\nclass QERAApproxReconstructor"): "test_lowrank_class_quotes",
     ("docs/plugins.md", "Q_1 = q(W)"): NOT_CODE + "pseudocode of the alternation",
