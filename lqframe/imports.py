@@ -4,10 +4,10 @@ A user holding a GPTQ, compressed-tensors or bitsandbytes 4-bit (QLoRA) checkpoi
 corrections on it (QERA's closed form, RILQ tuning) without re-quantizing: :func:`read_quantized`
 reads every quantized layer of the folder into lqframe's :class:`~lqframe.QuantizedWeight` — the
 same codes, scales and zero points, so its ``dequantize()`` equals the producing tool's
-dequantization — and the run's
-decompose stage hands each layer's reconstructor a :class:`FixedQuantizer` that always answers with
-that Q (an alternating reconstructor then converges in one step: Q never moves). ``--model`` names
-the float model the checkpoint was made from; its calibration statistics drive the corrections.
+dequantization — and the run's decompose stage hands each layer's reconstructor a
+:class:`FixedQuantizer` that always answers with that Q (an alternating reconstructor then converges
+in one step: Q never moves). ``--model`` names the float model the checkpoint was made from; its
+calibration statistics drive the corrections.
 
 Formats:
 

@@ -132,6 +132,7 @@ def test_a_gptq_act_order_checkpoint_is_read_as_its_layout_says(made, tmp_path):
     for name, qw in layers.items():
         assert qw.perm is not None, name
         assert torch.equal(qw.dequantize(), decoded[name]), name
+        assert float(qw.error_bound(decoded[name]).max()) == 0.0, name  # on its grid, channel by channel
     plain = read_quantized(made[("gptq", False)])[1]
     assert all(qw.storage_bits() == plain[n].storage_bits() + 32 * qw.cols for n, qw in layers.items())
     config = {"data": {"seq_len": 32, "calibration_windows": 2, "evaluation_windows": 2, "source": "pydoc"},
