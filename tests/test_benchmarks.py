@@ -141,3 +141,16 @@ def test_copy_bandwidth_on_a_cpu_tensor():
     """The kernel benchmark's bandwidth measurement gives a figure on any device (CPU here: 4 MiB)."""
     gbs = kernel_speed.copy_bandwidth(torch.device("cpu"), nbytes=1 << 22, repeats=3)
     assert math.isfinite(gbs) and gbs > 0
+
+
+def test_interop_table_is_the_scripts_rendering_of_its_rows():
+    """benchmarks/results/interop.md is what benchmarks/interop.py renders from interop.jsonl (no hand
+    edits), every row names the versions it was measured with, and each imported row's recipe reads Q
+    from a checkpoint (quantize_stage.from) while the reference row quantizes."""
+    interop = _script("interop")
+    rows = interop._read(RESULTS / "interop.jsonl")
+    assert rows and (RESULTS / "interop.md").read_text() == interop.render(rows)
+    for row in rows:
+        assert row["versions"]["lqframe"] and row["versions"]["torch"]
+        imported = "from" in row["recipe"]["quantize_stage"]
+        assert imported == (interop.ROWS[row["row"]][1] is not None), row["row"]
