@@ -153,6 +153,11 @@ def test_a_gptq_act_order_checkpoint_is_read_as_its_layout_says(made, tmp_path):
         if layer.in_features == 64:  # the packed forward computes in the input's order
             want = x @ layer.dense_weight().T + (layer.bias if layer.bias is not None else 0)
             assert torch.allclose(layer(x), want, rtol=1e-5, atol=1e-5), name
+    from transformers import AutoModelForCausalLM  # the column order survives transformers' loader too
+
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "o")(ids).logits, model(ids).logits)
     export(tmp_path / "o", "gptq", tmp_path / "back")
     assert json.loads((tmp_path / "back" / "config.json").read_text())["quantization_config"]["desc_act"] is True
     again = read_quantized(tmp_path / "back")[1]
