@@ -82,6 +82,16 @@ def test_correcting_an_imported_q_gives_lqframes_own_checkpoint(made, tmp_path, 
         assert torch.equal(lqframe.load(tmp_path / "o")(ids).logits, lqframe.load(ckpt)(ids).logits)
 
 
+def test_a_streamed_correction_of_an_imported_q_writes_the_same_bytes(made, tmp_path):
+    """A model larger than memory corrected from an imported Q: streamed block by block from its shards,
+    the checkpoint is byte for byte the resident run's."""
+    doc = parse_recipe(_doc({"from": str(made[("compressed-tensors", False)])}), "<imported>")
+    run(doc, str(made["float"]), tmp_path / "resident", progress=False, log=lambda s: None)
+    run(doc, str(made["float"]), tmp_path / "streamed", stream=True, progress=False, log=lambda s: None)
+    a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("resident", "streamed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_checkpoint_of_another_model_is_refused_naming_the_layer(made, tmp_path):
     other = tiny_llama_dir(tmp_path / "other", layers=2, hidden=32, intermediate=96)
     with pytest.raises(RecipeError, match=r"quantize_stage.from: layer model\.layers\.0\.mlp\.down_proj is "
