@@ -77,6 +77,7 @@ class FixedQuantizer(Quantizer):
     def __init__(self, qweight: QuantizedWeight, source: str = "imported"):
         self.qweight = qweight
         self.source = source
+        self._fingerprint: dict[str, Any] | None = None
 
     def quantize(self, weight, stats=None) -> QuantizedWeight:
         if tuple(weight.shape) != tuple(self.qweight.shape):
@@ -94,12 +95,16 @@ class FixedQuantizer(Quantizer):
                 "group_size": self.qweight.block_size}
 
     def fingerprint(self) -> dict[str, Any]:
-        """What identifies this Q in the allocation cost cache: its options and every stored tensor."""
-        from lqframe.costcache import tensor_digest
+        """What identifies this Q in the allocation cost cache: its options and every stored tensor
+        (hashed once: every candidate of the layer asks)."""
+        if self._fingerprint is None:
+            from lqframe.costcache import tensor_digest
 
-        tensors, header = self.qweight.to_state()
-        return {"name": "imported", "options": self.options(), "header": json.dumps(header, sort_keys=True),
-                "tensors": {k: tensor_digest(t) for k, t in sorted(tensors.items())}}
+            tensors, header = self.qweight.to_state()
+            self._fingerprint = {"name": "imported", "options": self.options(),
+                                 "header": json.dumps(header, sort_keys=True),
+                                 "tensors": {k: tensor_digest(t) for k, t in sorted(tensors.items())}}
+        return self._fingerprint
 
 
 def _config(folder: Path) -> dict[str, Any]:

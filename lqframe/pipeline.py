@@ -137,11 +137,11 @@ def decompose_layer(
     ``fixed``: a :class:`lqframe.imports.FixedQuantizer` holding the layer's imported Q, used instead of
     the plan's quantizer."""
     quantizer, recon = components(plan.quantizer, plan.reconstructor)
-    quantizer_name, quantizer_meta = plan.quantizer.name, plan.quantizer.to_dict()
+    quantizer_name, quantizer_options = plan.quantizer.name, dict(plan.quantizer.options)
+    quantizer_meta = plan.quantizer.to_dict()
     if fixed is not None:
-        quantizer = fixed
-        quantizer_name = f"imported:{fixed.source}"
-        quantizer_meta = {"name": "imported", **fixed.options()}
+        quantizer, quantizer_name, quantizer_options = fixed, f"imported:{fixed.source}", fixed.options()
+        quantizer_meta = {"name": "imported", **quantizer_options}
     w = linear.weight.detach()
     if prepared is None:
         t0 = time.perf_counter()
@@ -172,7 +172,7 @@ def decompose_layer(
         rel_weight_error=rel_w,
         rel_output_error=rel_out,
         seconds=seconds,
-        quantizer_options=dict(plan.quantizer.options) if fixed is None else fixed.options(),
+        quantizer_options=quantizer_options,
         reconstructor_options=dict(plan.reconstructor.options),
         info={k: v for k, v in dec.info.items() if isinstance(v, int | float | str | bool)},
     )
